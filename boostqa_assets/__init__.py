@@ -1,0 +1,1 @@
+"""BoostQA: a Dagster code location that turns seed corpora into a quality-gated QA dataset."""

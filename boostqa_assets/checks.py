@@ -1,0 +1,98 @@
+"""Data checks as pure functions: a frame in, an outcome with numbers out (no Dagster here).
+
+Each returns ``CheckOutcome(passed, metadata)``; the Dagster asset checks in ``defs/`` call them per
+partition and report the numbers, not just pass/fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+
+@dataclass
+class CheckOutcome:
+    passed: bool
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def all_of(*outcomes: CheckOutcome) -> CheckOutcome:
+        meta: dict[str, Any] = {}
+        for o in outcomes:
+            meta.update(o.metadata)
+        return CheckOutcome(all(o.passed for o in outcomes), meta)
+
+
+def schema_matches(df: pl.DataFrame, schema: pl.Schema) -> CheckOutcome:
+    expected = dict(schema)
+    actual = dict(df.schema)
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    wrong = sorted(c for c in set(expected) & set(actual) if expected[c] != actual[c])
+    return CheckOutcome(not (missing or extra or wrong), {
+        "columns": len(actual), "missing_columns": ", ".join(missing) or "-",
+        "extra_columns": ", ".join(extra) or "-", "wrong_types": ", ".join(wrong) or "-"})
+
+
+def no_nulls(df: pl.DataFrame, columns: list[str], non_empty_strings: bool = True) -> CheckOutcome:
+    bad: dict[str, int] = {}
+    for c in columns:
+        expr = pl.col(c).is_null()
+        if non_empty_strings and df.schema[c] == pl.Utf8:
+            expr = expr | (pl.col(c).str.strip_chars() == "")
+        n = int(df.select(expr.sum()).item()) if df.height else 0
+        if n:
+            bad[c] = n
+    return CheckOutcome(not bad, {"rows": df.height, "null_or_empty": str(bad) if bad else "none"})
+
+
+def values_in(df: pl.DataFrame, allowed: dict[str, list[str]]) -> CheckOutcome:
+    bad: dict[str, list[str]] = {}
+    for c, values in allowed.items():
+        outside = df.filter(~pl.col(c).is_in(values))[c].unique().to_list() if df.height else []
+        if outside:
+            bad[c] = sorted(str(v) for v in outside)[:10]
+    return CheckOutcome(not bad, {"values_outside_taxonomy": str(bad) if bad else "none"})
+
+
+def unique(df: pl.DataFrame, column: str) -> CheckOutcome:
+    dupes = df.height - df[column].n_unique() if df.height else 0
+    return CheckOutcome(dupes == 0, {f"duplicate_{column}": dupes})
+
+
+def non_empty(df: pl.DataFrame) -> CheckOutcome:
+    return CheckOutcome(df.height > 0, {"rows": df.height})
+
+
+def column_equals(df: pl.DataFrame, column: str, value: str) -> CheckOutcome:
+    bad = df.filter(pl.col(column) != value).height if df.height else 0
+    return CheckOutcome(bad == 0, {f"rows_with_other_{column}": bad})
+
+
+def joins_back(df: pl.DataFrame, column: str, reference: pl.Series) -> CheckOutcome:
+    """Every value of ``df[column]`` exists in ``reference`` (lineage: mixture rows join back to seeds)."""
+    ref = set(reference.to_list())
+    orphans = [v for v in df[column].unique().to_list() if v not in ref] if df.height else []
+    return CheckOutcome(not orphans, {f"orphan_{column}s": len(orphans),
+                                      "examples": ", ".join(map(str, orphans[:5])) or "-"})
+
+
+def table_checks(df: pl.DataFrame, schema: pl.Schema, *, not_null: list[str], unique_on: str | None = None,
+                 allowed: dict[str, list[str]] | None = None, equals: dict[str, str] | None = None,
+                 require_rows: bool = False) -> CheckOutcome:
+    """The basic checks every asset gets; stops after a schema mismatch (the rest would be meaningless)."""
+    outcome = schema_matches(df, schema)
+    if not outcome.passed:
+        return outcome
+    parts = [outcome, no_nulls(df, not_null)]
+    if require_rows:
+        parts.append(non_empty(df))
+    if unique_on:
+        parts.append(unique(df, unique_on))
+    if allowed:
+        parts.append(values_in(df, allowed))
+    for column, value in (equals or {}).items():
+        parts.append(column_equals(df, column, value))
+    return CheckOutcome.all_of(*parts)

@@ -1,0 +1,205 @@
+"""``boostqa``: run the pipeline end to end, inspect the data with DuckDB, validate configuration.
+
+- ``boostqa demo``: materialize every asset, every partition, on the configured endpoints (the embedded
+  local model by default), then print where the data is, rows per asset, rejects and tokens per role.
+- ``boostqa duckdb``: a DuckDB shell with one view per asset and the reports (coverage, rejects, lineage).
+- ``boostqa sql "SELECT ..."``: run one query over the same views and print the result.
+- ``boostqa check-config``: validate the configuration files and print a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from boostqa_assets.configs import ConfigError
+from boostqa_assets.settings import get_settings
+
+
+def _print(msg: str = "") -> None:
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _store():  # type: ignore[no-untyped-def]
+    from boostqa_assets.storage import Store
+
+    settings = get_settings()
+    return Store(settings.data_root, settings.storage_options)
+
+
+def cmd_check_config(_: argparse.Namespace) -> int:
+    from boostqa_assets.resources import project_config
+
+    project = project_config()
+    _print(f"configuration in {project.config_dir} is valid:")
+    _print(f"  taxonomy: {len(project.taxonomy.disciplines)} disciplines x {len(project.taxonomy.grades)} grades")
+    _print(f"  sources: {', '.join(s.name for s in project.sources.sources)}")
+    for role, cfg in project.llm.roles.items():
+        where = "embedded llama.cpp" if cfg.is_embedded else cfg.base_url
+        _print(f"  {role}: {cfg.model} at {where} ({cfg.api}, {cfg.structured_output})")
+    _print(f"  recipes: {', '.join(r.name for r in project.recipes.recipes)}")
+    return 0
+
+
+def _duckdb_cli() -> str | None:
+    found = shutil.which("duckdb")
+    if found:
+        return found
+    local = Path(sys.executable).parent / "duckdb"
+    return str(local) if local.exists() else None
+
+
+def cmd_duckdb(_: argparse.Namespace) -> int:
+    from boostqa_assets.inspect import connect, init_script
+
+    store = _store()
+    cli = _duckdb_cli()
+    if store.is_local and cli:
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+            f.write(init_script(store))
+        _print(f"DuckDB over {store.root}: views seeds, annotated_seeds, synthesized_qa, refined_qa, qa_mixture, "
+               "rejects, coverage, rejects_summary, lineage")
+        return subprocess.call([cli, "-init", f.name])
+    # S3 roots (and machines without the CLI): a small shell on the Python API with s3fs registered.
+    con = connect(store)
+    _print(f"DuckDB over {store.root} (Python shell; end statements with ';', quit with .quit)")
+    buffer = ""
+    while True:
+        try:
+            line = input("D " if not buffer else ". ")
+        except EOFError:
+            break
+        if line.strip() in (".quit", ".exit"):
+            break
+        buffer += line + "\n"
+        if buffer.strip().endswith(";"):
+            try:
+                _print(str(con.sql(buffer)))
+            except Exception as exc:  # a shell reports the error and goes on
+                _print(f"Error: {exc}")
+            buffer = ""
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from boostqa_assets.inspect import connect
+
+    con = connect(_store())
+    rel = con.sql(args.query)
+    if rel is not None:
+        _print(str(rel.pl()) if args.polars else str(rel))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from boostqa_assets.definitions import STAGES
+    from boostqa_assets.llm.embedded import EmbeddedServer
+    from boostqa_assets.resources import project_config
+    from boostqa_assets.runner import StageResult, ensure_dagster_home, run_pipeline
+
+    settings = get_settings()
+    home = ensure_dagster_home(str(settings.home / "dagster_home"))
+    project = project_config()
+    stages = args.stages or list(STAGES)
+    _print(f"BoostQA: data root {settings.data_root}, Dagster instance {home}")
+    llm_roles = {"annotated_seeds": "annotator", "synthesized_qa": "synthesizer", "refined_qa": "refiner"}
+    needs_embedded = any(project.llm.roles[llm_roles[s]].is_embedded  # type: ignore[index]
+                         for s in stages if s in llm_roles)
+    # A SIGTERM (a CI timeout, `kill`) must still stop the model server: turn it into SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    server = None
+    started = time.perf_counter()
+    if needs_embedded and not settings.embedded_base_url:
+        server = EmbeddedServer(settings.models_dir, project.llm.embedded, settings.home / "logs").start()
+        os.environ["BOOSTQA_EMBEDDED_BASE_URL"] = server.base_url
+        _print(f"embedded model (llama.cpp, Gemma 3 270M) serving at {server.base_url}")
+
+    def on_stage(res: StageResult) -> None:
+        status = "ok" if res.success else "FAILED"
+        meta = res.metadata
+        extra = ""
+        if "tokens_in" in meta:
+            extra = f", tokens in/out {meta['tokens_in']}/{meta['tokens_out']}, cache hits {meta['llm_cache_hits']}"
+        _print(f"  {res.asset:<16} {status:<6} {res.seconds:7.1f}s  {res.partitions:>3} partitions  "
+               f"rows {meta.get('rows', '?')}, rejected {meta.get('rows_rejected', 0)}{extra}  "
+               f"checks {res.checks_passed} passed / {res.checks_failed} failed  (run {res.run_id[:8]})")
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            instance = dg.DagsterInstance.get()
+            _print("materializing " + " -> ".join(stages))
+            results = run_pipeline(instance, stages, on_stage)
+    finally:
+        if server is not None:
+            server.stop()
+    pipeline_s = time.perf_counter() - started
+    ok = all(r.success for r in results) and len(results) == len(stages)
+    _print(f"pipeline {'finished' if ok else 'FAILED'} in {pipeline_s:.1f}s")
+    _summary(results)
+    return 0 if ok else 1
+
+
+def _summary(results: list) -> None:  # type: ignore[type-arg]
+    from boostqa_assets.inspect import connect
+
+    store = _store()
+    con = connect(store)
+    _print("")
+    _print(f"data: {store.root}")
+    for view in ("seeds", "annotated_seeds", "synthesized_qa", "refined_qa", "qa_mixture", "rejects"):
+        n = con.sql(f"SELECT count(*) FROM {view}").fetchall()[0][0]
+        _print(f"  {view:<16} {n:>6} rows")
+    rejects = con.sql("SELECT stage, reason, count(*) AS n FROM rejects GROUP BY ALL ORDER BY stage, n DESC").fetchall()
+    if rejects:
+        _print("rejected rows by reason:")
+        for stage, reason, n in rejects:
+            _print(f"  {stage:<16} {reason:<20} {n}")
+    tokens = [(r.asset, r.metadata) for r in results if "tokens_in" in r.metadata]
+    if tokens:
+        _print("LLM tokens per role:")
+        for asset, meta in tokens:
+            llm = meta.get("llm") or {}
+            _print(f"  {llm.get('role', asset):<12} requests {meta['llm_requests']:>5}  in {meta['tokens_in']:>7}  "
+                   f"out {meta['tokens_out']:>6}  cache hits {meta['llm_cache_hits']}  p50 {meta['latency_p50_s']}s")
+    _print("")
+    _print("inspect: .venv/bin/boostqa duckdb    (or: make duckdb)")
+    _print("e.g.:    .venv/bin/boostqa sql \"SELECT * FROM coverage\"")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="boostqa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="materialize the whole pipeline, every partition")
+    demo.add_argument("--stages", nargs="*", help="only these assets, in order")
+    demo.set_defaults(fn=cmd_demo)
+    sub.add_parser("duckdb", help="open a DuckDB shell with the views loaded").set_defaults(fn=cmd_duckdb)
+    sql = sub.add_parser("sql", help="run one SQL query over the views")
+    sql.add_argument("query")
+    sql.add_argument("--polars", action="store_true", help="print as a polars frame (all rows)")
+    sql.set_defaults(fn=cmd_sql)
+    sub.add_parser("check-config", help="validate the configuration files").set_defaults(fn=cmd_check_config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"configuration error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Configuration files (taxonomy, sources, LLM roles, pipeline, recipes): pydantic models and one loader.
+
+Every file is validated on load; a bad file raises ``ConfigError`` whose message names the file, the field
+and the fix, so a user never has to read a pydantic traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SLUG = r"^[a-z][a-z0-9_]*$"
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid. The message says where and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- taxonomy ------------------------------------------------------------------------------------------
+
+
+class Discipline(_Strict):
+    name: str = Field(pattern=SLUG)
+    category: str = Field(pattern=SLUG)
+
+
+class TaxonomyConfig(_Strict):
+    """Grades (ordered, easiest first), difficulty levels within a grade, and disciplines with a category."""
+
+    grades: list[str] = Field(min_length=1)
+    difficulties: list[str] = Field(min_length=1)
+    disciplines: list[Discipline] = Field(min_length=1)
+    stem_category: str = "stem"
+
+    @field_validator("grades", "difficulties")
+    @classmethod
+    def _unique_slugs(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if not re.match(SLUG, v)]
+        if bad:
+            raise ValueError(f"values must be lower_snake_case slugs, got {bad}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"values must be unique, got {values}")
+        return values
+
+    @model_validator(mode="after")
+    def _unique_disciplines(self) -> TaxonomyConfig:
+        names = [d.name for d in self.disciplines]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"discipline names must be unique; duplicated: {dupes}")
+        return self
+
+    @cached_property
+    def discipline_names(self) -> list[str]:
+        return [d.name for d in self.disciplines]
+
+    @cached_property
+    def categories(self) -> list[str]:
+        return sorted({d.category for d in self.disciplines})
+
+    def category_of(self, discipline: str) -> str:
+        for d in self.disciplines:
+            if d.name == discipline:
+                return d.category
+        raise KeyError(f"unknown discipline {discipline!r}; known: {self.discipline_names}")
+
+    def is_stem(self, discipline: str) -> bool:
+        return self.category_of(discipline) == self.stem_category
+
+    def grade_rank(self, grade: str) -> int:
+        return self.grades.index(grade)
+
+    def difficulty_rank(self, difficulty: str) -> int:
+        return self.difficulties.index(difficulty)
+
+
+# --- sources -------------------------------------------------------------------------------------------
+
+SeedField = Literal["id", "question", "answer", "text", "url", "title", "license", "language"]
+
+
+class SourceConfig(_Strict):
+    """One seed source: where it is, how to read it, and how its fields map onto the seed record."""
+
+    name: str = Field(pattern=SLUG, description="partition key of `seeds[source]`")
+    path: str = Field(
+        min_length=1,
+        description="local path (relative to the config file), s3://, https:// or pkg://<package>/<file>",
+    )
+    format: Literal["jsonl", "json", "parquet", "csv"] | None = None
+    compression: Literal["infer", "gzip", "none"] = "infer"
+    kind: Literal["qa", "problem", "passage"]
+    language: str = "en"
+    license: str = "unknown"
+    fields: dict[SeedField, str] = Field(
+        default_factory=dict, description="seed field -> column in the source (dotted paths allowed in JSON)"
+    )
+    meta_fields: list[str] = Field(default_factory=list, description="source columns kept in `meta`")
+    json_records: Literal["list", "dict_values", "jsonl"] | str = Field(
+        "list",
+        description="JSON layout: a list of records, a dict whose values are records, or a key holding the list",
+    )
+    limit: int | None = Field(None, ge=1, description="keep at most this many valid rows (a seeded sample)")
+    sample_seed: int = 0
+    max_chars: int = Field(20_000, ge=1, description="rows whose text is longer go to rejects (oversize)")
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> SourceConfig:
+        need = {"qa": ("question", "answer"), "problem": ("question",), "passage": ("text",)}[self.kind]
+        missing = [f for f in need if f not in self.fields]
+        if missing:
+            raise ValueError(
+                f"a source of kind {self.kind!r} needs a field mapping for {missing}: "
+                f"add e.g. `fields: {{{missing[0]}: <column>}}`"
+            )
+        return self
+
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        name = self.path.lower()
+        for suffix in (".gz", ".zst", ".bz2"):
+            name = name.removesuffix(suffix)
+        for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".parquet", "parquet"),
+                         (".csv", "csv")):
+            if name.endswith(ext):
+                return fmt
+        raise ConfigError(
+            f"source {self.name!r}: cannot infer the format of {self.path!r}; "
+            "fix: set `format:` to one of jsonl, json, parquet, csv"
+        )
+
+
+class SourcesConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SourcesConfig:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; duplicated: {dupes}")
+        return self
+
+    def get(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(f"no source named {name!r}; configured: {[s.name for s in self.sources]}")
+
+
+# --- LLM roles -----------------------------------------------------------------------------------------
+
+StructuredMode = Literal["json_schema", "json_object_schema", "json_object", "gbnf", "none"]
+
+
+class RoleConfig(_Strict):
+    """How one role talks to its endpoint. ``base_url: embedded`` means the local llama.cpp server."""
+
+    base_url: str = "embedded"
+    model: str = "gemma-3-270m"
+    api: Literal["chat", "completions"] = "completions"
+    structured_output: StructuredMode = "gbnf"
+    api_key_env: str | None = Field(
+        None, description="name of the environment variable holding the API key (the key itself never goes here)"
+    )
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    seed: int | None = 0
+    stop: list[str] | None = Field(None, description="stop sequences (few-shot prompts end each example with a blank line)")
+    timeout_s: float = Field(120.0, gt=0)
+    max_concurrency: int = Field(4, ge=1)
+    max_retries: int = Field(6, ge=0, description="transport retries on 429, 5xx, timeouts, dropped connections")
+    max_parse_retries: int = Field(2, ge=0, description="re-asks after an invalid or truncated reply")
+    backoff_base_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    price_per_mtok_in: float = Field(0.0, ge=0)
+    price_per_mtok_out: float = Field(0.0, ge=0)
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.base_url == "embedded"
+
+
+class EmbeddedConfig(_Strict):
+    n_ctx: int = 2048
+    n_threads: int = 2
+    start_timeout_s: float = 60.0
+
+
+Role = Literal["annotator", "synthesizer", "refiner"]
+ROLES: tuple[str, ...] = ("annotator", "synthesizer", "refiner")
+
+
+class LLMConfig(_Strict):
+    roles: dict[Role, RoleConfig]
+    embedded: EmbeddedConfig = EmbeddedConfig()
+
+    @model_validator(mode="after")
+    def _all_roles(self) -> LLMConfig:
+        missing = [r for r in ROLES if r not in self.roles]
+        if missing:
+            raise ValueError(f"every role needs a configuration; missing: {missing}")
+        return self
+
+    def with_env_overrides(self, env: dict[str, str] | None = None) -> LLMConfig:
+        """Apply ``BOOSTQA_<ROLE>_<FIELD>`` (or ``BOOSTQA_LLM_<FIELD>`` for every role) from the environment.
+
+        Fields: BASE_URL, MODEL, API, STRUCTURED_OUTPUT, API_KEY_ENV, TEMPERATURE, MAX_TOKENS, TIMEOUT_S,
+        MAX_CONCURRENCY. ``BOOSTQA_<ROLE>_API_KEY`` set directly makes API_KEY_ENV point at it.
+        """
+        env = dict(os.environ) if env is None else env
+        overridable = ("base_url", "model", "api", "structured_output", "api_key_env", "temperature",
+                       "top_p", "max_tokens", "timeout_s", "max_concurrency", "max_retries", "max_parse_retries",
+                       "price_per_mtok_in", "price_per_mtok_out")
+        roles: dict[str, RoleConfig] = {}
+        for role, cfg in self.roles.items():
+            updates: dict[str, Any] = {}
+            for prefix in ("BOOSTQA_LLM_", f"BOOSTQA_{role.upper()}_"):
+                for field in overridable:
+                    value = env.get(prefix + field.upper())
+                    if value not in (None, ""):
+                        updates[field] = value
+                if env.get(prefix + "API_KEY"):
+                    updates["api_key_env"] = prefix + "API_KEY"
+            if updates:
+                try:
+                    cfg = RoleConfig.model_validate({**cfg.model_dump(), **updates})
+                except ValidationError as exc:
+                    raise ConfigError(_explain(exc, f"environment overrides for role {role!r}")) from None
+            roles[role] = cfg
+        return self.model_copy(update={"roles": roles})
+
+
+# --- pipeline ------------------------------------------------------------------------------------------
+
+
+class AnnotationConfig(_Strict):
+    max_chars_in_prompt: int = Field(1200, ge=100)
+
+
+class SynthesisConfig(_Strict):
+    qa_per_seed: int = Field(1, ge=1, le=16)
+    multi_grade_categories: list[str] = Field(default_factory=lambda: ["stem"])
+    non_stem_grades: Literal["own", "all"] = "own"
+    high_difficulty_grades: list[str] = Field(default_factory=lambda: ["undergraduate", "graduate"])
+    high_difficulty_min_seed_difficulty: str = "hard"
+    max_seeds_per_partition: int | None = Field(None, ge=1, description="cap per discipline x grade (demo sizing)")
+    max_chars_in_prompt: int = Field(1200, ge=100)
+
+
+class RefinementConfig(_Strict):
+    min_answer_chars: int = Field(2, ge=0)
+    max_answer_chars: int = Field(4000, ge=1)
+    length_outlier_iqr: float = Field(3.0, gt=0, description="reject answers beyond Q3 + k*IQR (per partition)")
+    min_rows_for_outliers: int = Field(8, ge=4)
+    check_language: bool = True
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"\bI(?:'m| am) (?:sorry|unable|not able)\b",
+            r"\bI can(?:not|'t) (?:help|assist|answer|provide)\b",
+            r"\bas an AI(?: language model)?\b",
+            r"\bI (?:won't|will not) (?:help|answer)\b",
+        ]
+    )
+    reject_flags: list[str] = Field(
+        default_factory=lambda: ["refusal", "empty", "truncated", "too_short", "too_long", "length_outlier",
+                                 "language_mismatch"]
+    )
+
+
+class PipelineConfig(_Strict):
+    annotation: AnnotationConfig = AnnotationConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
+    refinement: RefinementConfig = RefinementConfig()
+
+
+# --- recipes -------------------------------------------------------------------------------------------
+
+
+class Recipe(_Strict):
+    """A training mixture: a token budget filled by seeded, weighted sampling of kept QA."""
+
+    name: str = Field(pattern=SLUG)
+    token_budget: int = Field(ge=1)
+    seed: int = 0
+    encoding: Literal["o200k_base", "cl100k_base"] = "o200k_base"
+    category_weights: dict[str, float] = Field(default_factory=dict)
+    grade_weights: dict[str, float] = Field(default_factory=dict)
+    track_weights: dict[str, float] = Field(default_factory=dict)
+    template: str = "Question: {question}\nAnswer: {answer}"
+    shard_rows: int = Field(100_000, ge=1)
+
+    @field_validator("category_weights", "grade_weights", "track_weights")
+    @classmethod
+    def _non_negative(cls, weights: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in weights.items() if v < 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0, got {bad}")
+        return weights
+
+
+class RecipesConfig(_Strict):
+    recipes: list[Recipe] = Field(min_length=1)
+
+    def get(self, name: str) -> Recipe:
+        for r in self.recipes:
+            if r.name == name:
+                return r
+        raise KeyError(f"no recipe named {name!r}; configured: {[r.name for r in self.recipes]}")
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+FILES: dict[str, type[BaseModel]] = {
+    "taxonomy.yaml": TaxonomyConfig,
+    "sources.yaml": SourcesConfig,
+    "llm.yaml": LLMConfig,
+    "pipeline.yaml": PipelineConfig,
+    "recipes.yaml": RecipesConfig,
+}
+
+
+def _fix_hint(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "missing":
+        return "add this field"
+    if kind == "extra_forbidden":
+        return "remove it (unknown field: check the spelling)"
+    if kind in ("literal_error", "enum"):
+        return f"use one of {ctx.get('expected', 'the allowed values')}"
+    if kind == "string_pattern_mismatch":
+        return "use a lower_snake_case name (letters, digits, underscores; starts with a letter)"
+    if kind.startswith(("greater_than", "less_than")):
+        return "use a value within the allowed range"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"give a value of the right type ({kind.replace('_type', '').replace('_parsing', '')})"
+    if kind == "value_error":
+        return "see the message above"
+    return "see the message above"
+
+
+def _explain(exc: ValidationError, where: str) -> str:
+    lines = [f"invalid configuration in {where}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  - field `{loc}`: {msg}; fix: {_fix_hint(err)}")
+    return "\n".join(lines)
+
+
+def parse_config(model: type[M], data: Any, where: str) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, where)) from None
+
+
+def load_config(filename: str, config_dir: Path) -> BaseModel:
+    """Load and validate one config file from ``config_dir``."""
+    model = FILES[filename]
+    path = Path(config_dir) / filename
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} not found; fix: create it or set BOOSTQA_CONFIG_DIR")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty; fix: see the package's default {filename} for the layout")
+    return parse_config(model, data, str(path))
+
+
+class ProjectConfig(BaseModel):
+    """All configuration files of one config folder, validated together (cross-file checks included)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    config_dir: Path
+    taxonomy: TaxonomyConfig
+    sources: SourcesConfig
+    llm: LLMConfig
+    pipeline: PipelineConfig
+    recipes: RecipesConfig
+
+    def check_cross_references(self) -> None:
+        """Names used in one file must exist in another (grades, categories, tracks)."""
+        tax = self.taxonomy
+        syn = self.pipeline.synthesis
+        problems = []
+        for g in syn.high_difficulty_grades:
+            if g not in tax.grades:
+                problems.append(f"pipeline.yaml synthesis.high_difficulty_grades: {g!r} is not a grade in "
+                                f"taxonomy.yaml; use one of {tax.grades}")
+        if syn.high_difficulty_min_seed_difficulty not in tax.difficulties:
+            problems.append(f"pipeline.yaml synthesis.high_difficulty_min_seed_difficulty: use one of "
+                            f"{tax.difficulties}")
+        for c in syn.multi_grade_categories:
+            if c not in tax.categories:
+                problems.append(f"pipeline.yaml synthesis.multi_grade_categories: {c!r} is not a category; "
+                                f"use one of {tax.categories}")
+        for r in self.recipes.recipes:
+            for field, allowed in (("category_weights", tax.categories), ("grade_weights", tax.grades),
+                                   ("track_weights", ["multi_grade", "high_difficulty"])):
+                for key in getattr(r, field):
+                    if key not in allowed:
+                        problems.append(f"recipes.yaml recipe {r.name!r} {field}: {key!r} is unknown; "
+                                        f"use one of {allowed}")
+        if problems:
+            raise ConfigError("invalid configuration in " + str(self.config_dir) + ":\n  - "
+                              + "\n  - ".join(problems))
+
+
+def load_project_config(config_dir: Path, env: dict[str, str] | None = None) -> ProjectConfig:
+    """Load every config file; LLM roles get their environment overrides applied."""
+    llm = load_config("llm.yaml", config_dir)
+    assert isinstance(llm, LLMConfig)
+    project = ProjectConfig(
+        config_dir=Path(config_dir),
+        taxonomy=load_config("taxonomy.yaml", config_dir),  # type: ignore[arg-type]
+        sources=load_config("sources.yaml", config_dir),  # type: ignore[arg-type]
+        llm=llm.with_env_overrides(env),
+        pipeline=load_config("pipeline.yaml", config_dir),  # type: ignore[arg-type]
+        recipes=load_config("recipes.yaml", config_dir),  # type: ignore[arg-type]
+    )
+    project.check_cross_references()
+    return project

@@ -1,0 +1,94 @@
+"""``qa_mixture[recipe]``: the token-budgeted training mixture of one recipe."""
+
+
+import json
+
+import dagster as dg
+import polars as pl
+
+from boostqa_assets import checks
+from boostqa_assets.defs.support import md_table, report_partition_checks
+from boostqa_assets.logic.mixture import build_mixture, shard_files
+from boostqa_assets.partitions import Partitions
+from boostqa_assets.records import MIXTURE_SCHEMA, REFINED_SCHEMA, SEED_SCHEMA
+from boostqa_assets.resources import StoreResource, project_config
+
+
+def _coverage_table(docs: pl.DataFrame, grades: list[str]) -> dg.MetadataValue:
+    """Discipline x grade token counts: where the mixture's tokens are."""
+    if docs.is_empty():
+        return dg.MetadataValue.md("_empty mixture_")
+    pivot = docs.group_by("discipline", "grade").agg(pl.col("n_tokens").sum())
+    rows = []
+    for discipline in sorted(pivot["discipline"].unique().to_list()):
+        sub = {g: t for _, g, t in pivot.filter(pl.col("discipline") == discipline).iter_rows()}
+        rows.append({"discipline": discipline, **{g: sub.get(g, 0) for g in grades}})
+    return md_table(rows, ["discipline", *grades])
+
+
+def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+    @dg.asset(
+        partitions_def=parts.recipe_partitions,
+        deps=[dg.AssetDep("refined_qa", partition_mapping=dg.AllPartitionMapping())],
+        group_name="boostqa",
+        kinds={"parquet", "jsonl"},
+        code_version="mixture-v1",
+    )
+    def qa_mixture(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
+        """One row per training document of the recipe: `template` applied to a kept QA pair.
+
+        Seeded weighted sampling without replacement (weights per category, grade and track) fills the
+        recipe's token budget, counted with tiktoken. Written as Parquet and JSONL shards plus
+        `manifest.json` (token totals by discipline, grade, track and source; the recipe and its hash; the
+        sampling seed), replacing the recipe's folder as a whole.
+        """
+        project = project_config()
+        st = store.get()
+        refined = st.read_asset("refined_qa", REFINED_SCHEMA)
+        results = {}
+        for key in context.partition_keys:
+            recipe = project.recipes.get(key)
+            docs, manifest = build_mixture(refined, recipe)
+            files = shard_files(docs, manifest)
+            target = st.write_directory("qa_mixture", {"recipe": key}, files)
+            results[key] = (docs, manifest, target)
+            context.log.info(f"qa_mixture[{key}]: {docs.height} docs, {manifest['tokens_total']} tokens "
+                             f"({manifest['budget_filled']:.0%} of the budget) from {refined.height} kept QA")
+        docs, manifest, target = results[context.partition_keys[-1]]
+        return dg.MaterializeResult(metadata={
+            "rows": docs.height, "dagster/row_count": docs.height, "tokens_total": manifest["tokens_total"],
+            "token_budget": manifest["token_budget"], "budget_filled": manifest["budget_filled"],
+            "recipe_hash": manifest["recipe_hash"], "sampling_seed": manifest["sampling_seed"],
+            "path": target, "coverage_tokens": _coverage_table(docs, project.taxonomy.grades),
+            "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),
+            "tokens_by_source": dg.MetadataValue.json(manifest["tokens_by_source"]),
+        })
+
+    @dg.asset_check(asset=qa_mixture, partitions_def=parts.recipe_partitions, blocking=True)
+    def qa_mixture_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
+        """Per recipe (blocking): the mixture schema, unique `qa_id` and `doc_id`, no empty text, at least one
+        document, tokens within the budget, the manifest's totals equal to the shards', and every row's
+        `seed_id` joining back to `seeds` (lineage)."""
+        st = store.get()
+        project = project_config()
+        seed_ids = st.read_asset("seeds", SEED_SCHEMA)["seed_id"]
+
+        def evaluate(key: str) -> checks.CheckOutcome:
+            folder = st.path("qa_mixture", f"recipe={key}")
+            manifest = json.loads(st.read_bytes(f"{folder}/manifest.json"))
+            shards = [st.read_parquet(f"{folder}/{f}") for f in manifest["files"] if f.endswith(".parquet")]
+            df = pl.concat(shards) if shards else pl.DataFrame(schema=MIXTURE_SCHEMA)
+            outcome = checks.table_checks(df, MIXTURE_SCHEMA, not_null=["doc_id", "qa_id", "seed_id", "text"],
+                                          unique_on="qa_id", require_rows=True)
+            if not outcome.passed:
+                return outcome
+            tokens = int(df["n_tokens"].sum())
+            budget = project.recipes.get(key).token_budget
+            within = checks.CheckOutcome(tokens <= budget and tokens == manifest["tokens_total"],
+                                         {"tokens": tokens, "budget": budget,
+                                          "manifest_tokens": manifest["tokens_total"]})
+            return checks.CheckOutcome.all_of(outcome, within, checks.joins_back(df, "seed_id", seed_ids))
+
+        return report_partition_checks(context, "qa_mixture", "qa_mixture_valid", evaluate)
+
+    return [qa_mixture, qa_mixture_valid]

@@ -1,0 +1,91 @@
+"""Glue shared by the asset modules: progress logs, metadata tables, per-partition check reporting."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from boostqa_assets.checks import CheckOutcome
+from boostqa_assets.llm.client import ProgressFn
+from boostqa_assets.llm.types import LLMStats
+
+
+def progress_logger(log: Any, label: str, every_s: float = 10.0) -> ProgressFn:
+    """Log counts and rates every ``every_s`` seconds and at the end of an LLM batch."""
+    started = time.monotonic()
+    last = [started]
+
+    def report(done: int, total: int, stats: LLMStats) -> None:
+        now = time.monotonic()
+        if done != total and now - last[0] < every_s:
+            return
+        last[0] = now
+        rate = done / max(now - started, 1e-9)
+        log.info(f"{label}: {done}/{total} requests ({100 * done / total:.0f}%), {rate:.2f}/s, "
+                 f"{stats.cache_hits} cache hits, {stats.failed} failed, {stats.retries} retries, "
+                 f"{stats.tokens_in} in / {stats.tokens_out} out tokens")
+
+    return report
+
+
+def md_table(rows: Iterable[dict[str, Any]], columns: list[str] | None = None) -> dg.MetadataValue:
+    rows = list(rows)
+    if not rows:
+        return dg.MetadataValue.md("_no rows_")
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def counts_by(df: pl.DataFrame, column: str) -> dict[str, int]:
+    if df.is_empty():
+        return {}
+    return {str(k): int(v) for k, v in df.group_by(column).len().sort(column).iter_rows()}
+
+
+def llm_metadata(stats: LLMStats) -> dict[str, Any]:
+    meta = stats.to_metadata()
+    return {
+        "llm_requests": meta["requests"],
+        "llm_http_requests": meta["http_requests"],
+        "llm_cache_hits": meta["cache_hits"],
+        "llm_failed": meta["failed"],
+        "llm_retries": meta["retries"],
+        "llm_429s": meta["http_429"],
+        "tokens_in": meta["tokens_in"],
+        "tokens_out": meta["tokens_out"],
+        "latency_p50_s": meta["latency_p50_s"],
+        "latency_p95_s": meta["latency_p95_s"],
+        "est_cost_usd": meta["est_cost_usd"],
+        "llm": dg.MetadataValue.json(meta),
+    }
+
+
+def report_partition_checks(context: dg.AssetCheckExecutionContext, asset: str, check_name: str,
+                            evaluate: Callable[[str], CheckOutcome]) -> dg.AssetCheckResult:
+    """Evaluate a check for every partition of the run.
+
+    A run of one partition returns that partition's result. A run of many (single-run backfill) records
+    one evaluation per partition in the event log, then returns a summary (passed only if all passed),
+    which is what blocks downstream steps when the check is blocking.
+    """
+    keys = context.partition_keys
+    if len(keys) == 1:
+        outcome = evaluate(keys[0])
+        return dg.AssetCheckResult(passed=outcome.passed, metadata=outcome.metadata)
+    failed = []
+    for key in keys:
+        outcome = evaluate(key)
+        if not outcome.passed:
+            failed.append(key)
+        context.op_execution_context.log_event(dg.AssetCheckEvaluation(
+            asset_key=dg.AssetKey(asset), check_name=check_name, passed=outcome.passed, partition=key,
+            metadata={k: v for k, v in outcome.metadata.items() if isinstance(v, (str, int, float, bool))}))
+    return dg.AssetCheckResult(passed=not failed, metadata={
+        "partitions_checked": len(keys), "partitions_failed": len(failed),
+        "failed_partitions": ", ".join(failed[:50]) or "-"})

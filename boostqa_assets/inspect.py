@@ -1,0 +1,79 @@
+"""DuckDB over the Parquet assets: a read-only connection with one view per asset plus the reports.
+
+Views come from ``sql/views/<name>.sql`` (``{root}`` is the data root); reports from ``sql/reports``.
+An asset with no files yet gets an empty view with its record's columns, so every query binds. For
+``s3://`` roots the s3fs filesystem is registered with DuckDB (its httpfs extension is not installable
+offline).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from boostqa_assets.records import (
+    ANNOTATED_SCHEMA,
+    MIXTURE_SCHEMA,
+    REFINED_SCHEMA,
+    REJECT_SCHEMA,
+    SEED_SCHEMA,
+    SYNTHESIZED_SCHEMA,
+)
+from boostqa_assets.settings import SQL_DIR
+from boostqa_assets.storage import Store
+
+logger = logging.getLogger(__name__)
+
+VIEW_SCHEMAS: dict[str, pl.Schema] = {
+    "seeds": SEED_SCHEMA,
+    "annotated_seeds": ANNOTATED_SCHEMA,
+    "synthesized_qa": SYNTHESIZED_SCHEMA,
+    "refined_qa": REFINED_SCHEMA,
+    "qa_mixture": MIXTURE_SCHEMA,
+    "rejects": REJECT_SCHEMA,
+}
+
+_DUCK_TYPES: dict[type, str] = {pl.Utf8: "VARCHAR", pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.Boolean: "BOOLEAN"}
+
+
+def _duck_type(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.List):
+        return _duck_type(dtype.inner) + "[]"
+    return _DUCK_TYPES[type(dtype)]
+
+
+def _empty_view(schema: pl.Schema) -> str:
+    cols = ", ".join(f"CAST(NULL AS {_duck_type(t)}) AS {name}" for name, t in schema.items())
+    return f"SELECT {cols} WHERE false"
+
+
+def view_statements(store: Store, sql_dir: Path = SQL_DIR) -> list[str]:
+    """CREATE VIEW statements for the assets (over files that exist) and the reports."""
+    root = store.root if "://" in store.root else Path(store.root).resolve().as_posix()
+    statements = []
+    for name, schema in VIEW_SCHEMAS.items():
+        body = (sql_dir / "views" / f"{name}.sql").read_text().replace("{root}", root)
+        glob = body.split("read_parquet('", 1)[1].split("'", 1)[0]
+        has_files = bool(store.fs.glob(glob.split("://", 1)[-1] if store.protocol == "s3" else glob))
+        select = "\n".join(line for line in body.splitlines() if not line.startswith("--"))
+        statements.append(f"CREATE OR REPLACE VIEW {name} AS {select if has_files else _empty_view(schema)};")
+    for path in sorted((sql_dir / "reports").glob("*.sql")):
+        statements.append(path.read_text())
+    return statements
+
+
+def connect(store: Store, sql_dir: Path = SQL_DIR) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    if store.protocol == "s3":
+        con.register_filesystem(store.fs)
+    for stmt in view_statements(store, sql_dir):
+        con.execute(stmt)
+    return con
+
+
+def init_script(store: Store, sql_dir: Path = SQL_DIR) -> str:
+    """The same views as one SQL script (for ``duckdb -init``)."""
+    return "\n".join(view_statements(store, sql_dir)) + "\n"

@@ -1,0 +1,411 @@
+"""An OpenAI-compatible client for one role: concurrency cap, retries with backoff, structured output,
+bounded re-asks for bad replies, a request cache, and accounting.
+
+Transport retries use ``tenacity`` (well kept, async-aware, composable waits) with exponential backoff and
+jitter, raised to the server's ``Retry-After`` when it sends one. Bad replies (invalid JSON, schema mismatch,
+truncation) are re-asked a bounded number of times with a changed seed; then the row is rejected with its
+raw output, and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from boostqa_assets.configs import ConfigError, RoleConfig
+from boostqa_assets.llm.cache import ResponseCache
+from boostqa_assets.llm.reasoning import split_reasoning
+from boostqa_assets.llm.types import LLMRequest, LLMResult, LLMStats, Validator, request_hash
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, LLMStats], None]
+
+
+class LLMEndpointError(RuntimeError):
+    """The endpoint is dead or refusing: the circuit breaker opened. The run fails with this message."""
+
+
+class ReplayMissError(RuntimeError):
+    """Replay-only mode and a request that is not in the cache."""
+
+
+class _Retryable(Exception):
+    def __init__(self, kind: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+class _Fatal(Exception):
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass
+class _Reply:
+    content: str
+    reasoning: str
+    finish_reason: str | None
+    tokens_in: int
+    tokens_out: int
+    latency_s: float
+    cached: bool
+
+
+def _retry_after_seconds(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+    reset = response.headers.get("x-ratelimit-reset-requests") or response.headers.get("x-ratelimit-reset-tokens")
+    if reset:
+        match = re.fullmatch(r"(?:(\d+)m)?([\d.]+)(ms|s)?", reset.strip())
+        if match:
+            minutes = float(match.group(1) or 0)
+            secs = float(match.group(2))
+            return minutes * 60 + (secs / 1000 if match.group(3) == "ms" else secs)
+    return None
+
+
+def _extract_json(text: str) -> Any:
+    """Parse a JSON object from a reply, tolerating code fences and chatter around it."""
+    text = text.strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start = text.find("{")
+        end = text.rfind("}")
+        if start != -1 and end > start:
+            return json.loads(text[start : end + 1])
+        raise
+
+
+class LLMClient:
+    """Calls one role's endpoint. Build one per role per materialization; read ``stats`` afterwards."""
+
+    def __init__(
+        self,
+        role: str,
+        cfg: RoleConfig,
+        base_url: str,
+        cache: ResponseCache | None = None,
+        replay_only: bool = False,
+        circuit_breaker_failures: int = 5,
+    ) -> None:
+        self.role = role
+        self.cfg = cfg
+        self.base_url = base_url.rstrip("/")
+        self.cache = cache
+        self.replay_only = replay_only
+        self.circuit_breaker_failures = circuit_breaker_failures
+        self.stats = LLMStats(role=role, model=cfg.model, price_per_mtok_in=cfg.price_per_mtok_in,
+                              price_per_mtok_out=cfg.price_per_mtok_out)
+        self.__api_key = self._read_api_key()
+        self._grammar_cache: dict[str, str] = {}
+        self._consecutive_failures = 0
+        self._last_failure = ""
+
+    def __repr__(self) -> str:  # never show the key
+        return f"LLMClient(role={self.role!r}, model={self.cfg.model!r}, base_url={self.base_url!r})"
+
+    def _read_api_key(self) -> str | None:
+        name = self.cfg.api_key_env
+        if not name:
+            return None
+        value = os.environ.get(name)
+        if not value:
+            raise ConfigError(f"role {self.role!r}: api_key_env names {name!r}, but that environment variable "
+                              "is not set; fix: export it, or unset api_key_env for an endpoint without a key")
+        return value
+
+    def redact(self, text: str) -> str:
+        """Remove the API key from any text that may reach a log, metadata or an exception."""
+        if self.__api_key and self.__api_key in text:
+            text = text.replace(self.__api_key, "***")
+        return text
+
+    # --- request bodies ----------------------------------------------------------------------------
+
+    def _gbnf(self, schema: dict[str, Any]) -> str:
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammar_cache:
+            # llama.cpp's own converter keeps the grammar identical to what its server would build.
+            from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+            self._grammar_cache[key] = json_schema_to_gbnf(key)
+        return self._grammar_cache[key]
+
+    def build_body(self, req: LLMRequest, attempt: int = 0, max_tokens: int | None = None) -> dict[str, Any]:
+        """The exact JSON body sent for ``req`` at ``attempt`` (re-asks change the seed, so the hash)."""
+        cfg = self.cfg
+        temperature = req.temperature if req.temperature is not None else cfg.temperature
+        if attempt > 0 and temperature == 0:
+            temperature = 0.7  # a greedy re-ask would repeat the same bad reply
+        body: dict[str, Any] = {
+            "model": cfg.model,
+            "max_tokens": max_tokens or req.max_tokens or cfg.max_tokens,
+            "temperature": temperature,
+            "top_p": cfg.top_p,
+        }
+        if cfg.stop:
+            body["stop"] = list(cfg.stop)
+        if cfg.seed is not None:
+            body["seed"] = cfg.seed + req.seed_offset + attempt
+        if cfg.api == "chat":
+            messages = [{"role": "system", "content": req.system}] if req.system else []
+            messages.append({"role": "user", "content": req.prompt})
+            body["messages"] = messages
+        else:
+            prompt = (req.system + "\n\n" + req.prompt) if req.system else req.prompt
+            body["prompt"] = prompt + " " + req.prefill if req.prefill else prompt
+        if req.schema is not None:
+            mode = cfg.structured_output
+            if mode == "json_schema":
+                body["response_format"] = {"type": "json_schema",
+                                           "json_schema": {"name": req.prompt_id, "schema": req.schema,
+                                                           "strict": True}}
+            elif mode == "json_object_schema":
+                body["response_format"] = {"type": "json_object", "schema": req.schema}
+            elif mode == "json_object":
+                body["response_format"] = {"type": "json_object"}
+            elif mode == "gbnf":
+                body["grammar"] = self._gbnf(req.schema)
+        body.update(cfg.extra_body)
+        return body
+
+    # --- transport ---------------------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if self.__api_key:
+            headers["authorization"] = f"Bearer {self.__api_key}"
+        return headers
+
+    def _wait(self, state: RetryCallState) -> float:
+        base = wait_exponential_jitter(initial=self.cfg.backoff_base_s, max=self.cfg.backoff_max_s)(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return min(self.cfg.backoff_max_s, max(exc.retry_after, 0.05) + 0.1 * base)
+        return base
+
+    async def _post_once(self, http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+        path = "/chat/completions" if self.cfg.api == "chat" else "/completions"
+        self.stats.http_requests += 1
+        try:
+            response = await http.post(self.base_url + path, json=body, headers=self._headers())
+        except httpx.TimeoutException as exc:
+            self.stats.timeouts += 1
+            raise _Retryable("timeout", f"timed out after {self.cfg.timeout_s}s ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            self.stats.transport_errors += 1
+            raise _Retryable("transport", f"{type(exc).__name__}: {self.redact(str(exc))[:200]}") from None
+        if response.status_code == 429:
+            self.stats.http_429 += 1
+            raise _Retryable("http_429", "rate limited (429)", _retry_after_seconds(response))
+        if response.status_code >= 500:
+            self.stats.http_5xx += 1
+            raise _Retryable(f"http_{response.status_code}", f"server error {response.status_code}: "
+                             f"{self.redact(response.text)[:200]}", _retry_after_seconds(response))
+        if response.status_code >= 400:
+            raise _Fatal(f"http_{response.status_code}",
+                         f"HTTP {response.status_code}: {self.redact(response.text)[:300]}")
+        try:
+            return response.json()
+        except ValueError:
+            raise _Retryable("bad_http_body", "the server answered 200 with a body that is not JSON") from None
+
+    async def _send(self, http: httpx.AsyncClient, sem: asyncio.Semaphore, body: dict[str, Any]) -> _Reply:
+        rhash = request_hash(body)
+        if self.cache is not None:
+            hit = self.cache.get(rhash)
+            if hit is not None:
+                self.stats.cache_hits += 1
+                return _Reply(hit["content"], hit.get("reasoning", ""), hit.get("finish_reason"),
+                              hit.get("tokens_in", 0), hit.get("tokens_out", 0), 0.0, True)
+        if self.replay_only:
+            raise ReplayMissError(f"role {self.role!r}: replay-only mode and request {rhash[:16]} is not cached")
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.cfg.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
+            reraise=True,
+            before_sleep=lambda s: setattr(self.stats, "retries", self.stats.retries + 1),
+        )
+        latency = 0.0
+        async for attempt in retrying:
+            with attempt:
+                async with sem:  # latency counts time on the wire, not time queued for a slot
+                    started = time.perf_counter()
+                    try:
+                        payload = await self._post_once(http, body)
+                    finally:
+                        latency = time.perf_counter() - started
+        reply = self._parse_payload(payload, latency)
+        if self.cache is not None:
+            self.cache.put(rhash, {
+                "request_hash": rhash, "role": self.role, "model": self.cfg.model, "request": body,
+                "content": reply.content, "reasoning": reply.reasoning, "finish_reason": reply.finish_reason,
+                "tokens_in": reply.tokens_in, "tokens_out": reply.tokens_out, "latency_s": round(latency, 4),
+            })
+        return reply
+
+    def _parse_payload(self, payload: dict[str, Any], latency: float) -> _Reply:
+        choice = (payload.get("choices") or [{}])[0]
+        if self.cfg.api == "chat":
+            message = choice.get("message") or {}
+            content = message.get("content") or ""
+            field_reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+        else:
+            content = choice.get("text") or ""
+            field_reasoning = ""
+        content, tag_reasoning = split_reasoning(content)
+        reasoning = "\n".join(r for r in (field_reasoning, tag_reasoning) if r)
+        usage = payload.get("usage") or {}
+        return _Reply(content, reasoning, choice.get("finish_reason"), int(usage.get("prompt_tokens") or 0),
+                      int(usage.get("completion_tokens") or 0), latency, False)
+
+    # --- one logical request -----------------------------------------------------------------------
+
+    def _validate(self, req: LLMRequest, reply: _Reply, validator: Validator) -> tuple[Any, str | None, str]:
+        text = reply.content
+        try:
+            obj: Any = _extract_json(text) if req.schema is not None else text
+        except (json.JSONDecodeError, ValueError) as exc:
+            if reply.finish_reason == "length":
+                return None, "truncated", "reply cut at max_tokens before the JSON closed"
+            return None, "invalid_json", f"not JSON: {exc}"[:200]
+        try:
+            return validator(obj), None, ""
+        except (ValueError, TypeError, KeyError) as exc:
+            if reply.finish_reason == "length":
+                return None, "truncated", f"reply cut at max_tokens: {exc}"[:200]
+            return None, "schema_mismatch", str(exc)[:300]
+
+    async def _run_one(self, http: httpx.AsyncClient, sem: asyncio.Semaphore, req: LLMRequest,
+                       validator: Validator) -> LLMResult:
+        self.stats.logical_requests += 1
+        max_tokens = req.max_tokens or self.cfg.max_tokens
+        result = LLMResult(key=req.key, prompt_id=req.prompt_id, prompt_version=req.prompt_version,
+                           model=self.cfg.model, request_hash="", ok=False)
+        for attempt in range(self.cfg.max_parse_retries + 1):
+            body = self.build_body(req, attempt, max_tokens)
+            result.request_hash = request_hash(body)
+            result.attempts = attempt + 1
+            try:
+                reply = await self._send(http, sem, body)
+                if req.prefill and self.cfg.api == "completions":
+                    reply.content = req.prefill + reply.content
+            except _Retryable as exc:
+                result.error, result.detail = "transport", f"{exc.kind} after {self.cfg.max_retries} retries: {exc}"
+                self._note_failure(result.detail)
+                break
+            except _Fatal as exc:
+                result.error, result.detail = exc.kind, str(exc)
+                break
+            self._consecutive_failures = 0
+            result.tokens_in += reply.tokens_in
+            result.tokens_out += reply.tokens_out
+            result.latency_s += reply.latency_s
+            result.cached = reply.cached
+            if not reply.cached:
+                self.stats.tokens_in += reply.tokens_in
+                self.stats.tokens_out += reply.tokens_out
+                self.stats.latencies.append(reply.latency_s)
+            value, error, detail = self._validate(req, reply, validator)
+            result.content, result.reasoning, result.finish_reason = reply.content, reply.reasoning, reply.finish_reason
+            result.raw_output = reply.content
+            if error is None:
+                result.ok, result.value, result.error, result.detail = True, value, None, ""
+                break
+            result.error, result.detail = error, detail
+            if error == "truncated":
+                max_tokens = min(max_tokens * 2, 8 * (req.max_tokens or self.cfg.max_tokens))
+            if attempt < self.cfg.max_parse_retries:
+                self.stats.reasks += 1
+        if result.ok:
+            self.stats.ok += 1
+        else:
+            self.stats.failed += 1
+            self.stats.failures_by_reason[result.error or "unknown"] = (
+                self.stats.failures_by_reason.get(result.error or "unknown", 0) + 1)
+        return result
+
+    def _note_failure(self, detail: str) -> None:
+        self._consecutive_failures += 1
+        self._last_failure = detail
+        if self._consecutive_failures >= self.circuit_breaker_failures:
+            raise LLMEndpointError(
+                f"role {self.role!r}: the endpoint {self.base_url} failed {self._consecutive_failures} requests in a "
+                f"row, each after {self.cfg.max_retries} retries; last error: {self.redact(detail)}. "
+                "Check that the server is up and the model name and limits are right; completed responses are "
+                "cached, so a re-run pays only for the rest."
+            )
+
+    # --- batches -----------------------------------------------------------------------------------
+
+    async def _run_all(self, requests: Sequence[LLMRequest], validator: Validator,
+                       progress: ProgressFn | None) -> list[LLMResult]:
+        sem = asyncio.Semaphore(self.cfg.max_concurrency)
+        limits = httpx.Limits(max_connections=self.cfg.max_concurrency * 2,
+                              max_keepalive_connections=self.cfg.max_concurrency * 2)
+        timeout = httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s))
+        results: list[LLMResult | None] = [None] * len(requests)
+        done = 0
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+            # A bounded window of tasks keeps memory flat for very large batches.
+            window = max(64, self.cfg.max_concurrency * 4)
+            pending: set[asyncio.Task[tuple[int, LLMResult]]] = set()
+
+            async def run(i: int) -> tuple[int, LLMResult]:
+                return i, await self._run_one(http, sem, requests[i], validator)
+
+            try:
+                for i in range(len(requests)):
+                    pending.add(asyncio.create_task(run(i)))
+                    if len(pending) >= window:
+                        finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                        for task in finished:
+                            j, res = task.result()
+                            results[j] = res
+                            done += 1
+                            if progress:
+                                progress(done, len(requests), self.stats)
+                while pending:
+                    finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in finished:
+                        j, res = task.result()
+                        results[j] = res
+                        done += 1
+                        if progress:
+                            progress(done, len(requests), self.stats)
+            finally:
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+        return [r for r in results if r is not None]
+
+    def run(self, requests: Sequence[LLMRequest], validator: Validator,
+            progress: ProgressFn | None = None) -> list[LLMResult]:
+        """Run every request (concurrently, up to the cap) and return results in request order."""
+        if not requests:
+            return []
+        return asyncio.run(self._run_all(requests, validator, progress))

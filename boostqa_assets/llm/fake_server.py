@@ -1,0 +1,673 @@
+"""OpenAI-compatible fake LLM server with on-demand fault injection.
+
+Why: tests and benchmarks of the QA pipeline need an endpoint that is fast, deterministic and
+can misbehave on purpose (rate limits, 5xx, hangs, dropped connections, broken JSON) without a
+GPU, a model or network access.  Runs in-process (``FakeOpenAIServer``, uvicorn in a thread) or
+as a child process (``python -m boostqa_assets.llm.fake_server`` / ``start_fake_server_process``).
+Binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+FAULT_KINDS = ("500", "503", "429", "400", "timeout", "drop", "malformed", "schema_mismatch", "truncated")
+# Order of the cumulative draw for random faults; fixed so a seed always gives the same sequence.
+_RANDOM_FAULTS = (("500", "error_500_rate"), ("503", "error_503_rate"), ("400", "error_400_rate"),
+                  ("timeout", "timeout_rate"), ("drop", "drop_rate"), ("malformed", "malformed_rate"),
+                  ("schema_mismatch", "schema_mismatch_rate"), ("truncated", "truncated_rate"))
+_ERRORS = {"500": (500, "server_error", "Injected internal server error"),
+           "503": (503, "server_error", "Injected service unavailable"),
+           "429": (429, "rate_limit_exceeded", "Injected rate limit"),
+           "400": (400, "invalid_request_error", "Injected bad request (not retryable)")}
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class FaultConfig(BaseModel):
+    """Which faults the server injects; every default means 'behave like a healthy endpoint'."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_s: float = Field(default=0.0, ge=0.0, description="base latency added to every admitted request")
+    latency_jitter_s: float = Field(default=0.0, ge=0.0, description="uniform +/- jitter on latency")
+    rpm: int | None = Field(default=None, ge=1, description="requests admitted per window")
+    tpm: int | None = Field(default=None, ge=1, description="prompt+completion tokens admitted per window")
+    window_s: float = Field(default=60.0, gt=0.0, description="sliding rate-limit window (60 = per minute)")
+    error_500_rate: Probability = 0.0
+    error_503_rate: Probability = 0.0
+    error_400_rate: Probability = 0.0
+    timeout_rate: Probability = 0.0
+    hang_s: float = Field(default=30.0, ge=0.0, description="how long a 'timeout' fault hangs, then answers")
+    drop_rate: Probability = 0.0
+    malformed_rate: Probability = 0.0
+    schema_mismatch_rate: Probability = 0.0
+    truncated_rate: Probability = 0.0
+    fail_first_n: dict[str, int] = Field(default_factory=dict, description='JSON, e.g. {"429": 1}')
+    reasoning: Literal["none", "field", "think_tags"] = "none"
+    seed: int = 0
+
+    @field_validator("fail_first_n")
+    @classmethod
+    def _check_kinds(cls, value: dict[str, int]) -> dict[str, int]:
+        """Reject typos early: an unknown kind would otherwise silently never fire."""
+        unknown = sorted(set(value) - set(FAULT_KINDS))
+        if unknown or any(n < 0 for n in value.values()):
+            raise ValueError(f"fail_first_n kinds must be in {FAULT_KINDS} with N >= 0; got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class ResponderReply:
+    """What a custom responder may return when plain content is not enough."""
+
+    content: str
+    reasoning: str | None = None
+    finish_reason: str = "stop"
+
+
+Responder = Callable[[dict[str, Any]], "str | ResponderReply"]
+_ASGICallable = Callable[..., Any]
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """Flatten chat messages or a completions prompt into one string (for tokens and hashing)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for msg in messages:
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        return "\n".join(parts)
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        return "\n".join(p for p in prompt if isinstance(p, str))
+    return prompt if isinstance(prompt, str) else str(prompt)
+
+
+def response_schema(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """Return (wants_json, schema) for OpenAI ``json_schema`` and llama.cpp ``json_object`` styles
+    (plus llama.cpp's / vLLM's top-level ``json_schema`` / ``guided_json``)."""
+    for key in ("json_schema", "guided_json"):
+        if isinstance(body.get(key), dict):
+            return True, body[key]
+    rf = body.get("response_format")
+    if not isinstance(rf, dict):
+        return False, None
+    if rf.get("type") == "json_schema":
+        schema = (rf.get("json_schema") or {}).get("schema")
+        return True, schema if isinstance(schema, dict) else None
+    if rf.get("type") == "json_object":
+        schema = rf.get("schema")
+        return True, schema if isinstance(schema, dict) else None
+    return False, None
+
+
+def _stable_int(*parts: str) -> int:
+    """Hash that, unlike ``hash()``, is identical across processes and runs."""
+    return int.from_bytes(hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest(), "big")
+
+
+def _topic(text: str) -> str:
+    """First words of the last non-empty prompt line: makes answers visibly prompt-dependent."""
+    for line in reversed(text.splitlines()):
+        words = line.split()
+        if words:
+            return " ".join(words[:6])
+    return "the prompt"
+
+
+class _SchemaFaker:
+    """Builds a deterministic instance of a JSON schema, varied by the prompt text."""
+
+    _FORMATS: ClassVar[dict[str, str]] = {"date": "2024-01-01", "date-time": "2024-01-01T00:00:00Z",
+                "email": "user@example.com", "uri": "https://example.com/"}
+
+    def __init__(self, root: dict[str, Any], text: str) -> None:
+        self.root, self.text, self.topic = root, text, _topic(text)
+
+    def _resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
+        ref = schema.get("$ref")
+        while isinstance(ref, str) and ref.startswith("#/"):
+            node: Any = self.root
+            for key in ref[2:].split("/"):
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            schema, ref = node, node.get("$ref")
+        return schema
+
+    def value(self, schema: dict[str, Any], name: str, depth: int = 0) -> Any:
+        schema = self._resolve(schema)
+        h = _stable_int(self.text, name)
+        if "const" in schema:
+            return schema["const"]
+        if schema.get("enum"):
+            return schema["enum"][h % len(schema["enum"])]
+        for key in ("anyOf", "oneOf"):
+            if schema.get(key):
+                options = [o for o in schema[key] if self._resolve(o).get("type") != "null"] or schema[key]
+                return self.value(options[0], name, depth)
+        if schema.get("allOf"):
+            merged: dict[str, Any] = {}
+            for part in schema["allOf"]:
+                merged.update(self._resolve(part))
+            return self.value(merged, name, depth)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind is None:
+            kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+        if kind == "object":
+            if depth > 8:
+                return {}
+            props = schema.get("properties") or {}
+            out = {k: self.value(v, k, depth + 1) for k, v in props.items()}
+            for k in schema.get("required") or []:
+                out.setdefault(k, self._string({}, k))
+            return out
+        if kind == "array":
+            lo, hi = schema.get("minItems", 0), schema.get("maxItems", 2)
+            n = 0 if depth > 8 else max(lo, min(2, hi))
+            items = [self.value(schema.get("items") or {}, f"{name}[{i}]", depth + 1) for i in range(n)]
+            if schema.get("uniqueItems"):
+                items = [x for i, x in enumerate(items) if x not in items[:i]]
+            return items
+        if kind in ("integer", "number"):
+            lo = schema.get("minimum", schema.get("exclusiveMinimum", 0))
+            hi = schema.get("maximum", schema.get("exclusiveMaximum", lo + 100))
+            if kind == "integer":
+                lo = math.ceil(lo) + (1 if "exclusiveMinimum" in schema and "minimum" not in schema else 0)
+                hi = math.floor(hi) - (1 if "exclusiveMaximum" in schema and "maximum" not in schema else 0)
+                return lo + h % (hi - lo + 1) if hi >= lo else lo
+            return lo + (0.1 + 0.8 * (h % 1000) / 1000) * (hi - lo)
+        if kind == "boolean":
+            return h % 2 == 0
+        if kind == "null":
+            return None
+        return self._string(schema, name)
+
+    def _string(self, schema: dict[str, Any], name: str) -> str:
+        if schema.get("format") in self._FORMATS:
+            return self._FORMATS[schema["format"]]
+        if name == "answer":
+            s = f"The answer regarding {self.topic} is supported by the provided context."
+        else:
+            s = f"{name} about {self.topic}"
+        s = s.ljust(max(20, schema.get("minLength", 0)), ".")
+        return s[: schema["maxLength"]] if "maxLength" in schema else s
+
+
+def default_responder(body: dict[str, Any]) -> str:
+    """Deterministic content: schema-valid JSON when asked for JSON, else a prompt-derived sentence."""
+    text = prompt_text(body)
+    wants_json, schema = response_schema(body)
+    if not wants_json:
+        return f"This is a deterministic reply about {_topic(text)}."
+    if schema is None:
+        return json.dumps({"result": f"result about {_topic(text)}"})
+    return json.dumps(_SchemaFaker(schema, text).value(schema, "root"))
+
+
+def _duration(seconds: float) -> str:
+    return f"{round(max(seconds, 0.0), 3):g}s"
+
+
+class _Stats:
+    """Counters; replaced wholesale on reset so readers in other threads see a consistent object."""
+
+    def __init__(self, max_in_flight: int = 0) -> None:
+        self.requests = self.answered_ok = self.tokens_in = self.tokens_out = 0
+        self.max_in_flight = max_in_flight
+        self.by_status: dict[str, int] = {}
+        self.by_fault: dict[str, int] = {}
+        self.requests_by_body: dict[str, int] = {}
+        self.ok_by_body: dict[str, int] = {}
+
+    def snapshot(self, in_flight: int) -> dict[str, Any]:
+        return {"requests": self.requests, "answered_ok": self.answered_ok, "in_flight": in_flight,
+                "max_in_flight": self.max_in_flight, "tokens_in": self.tokens_in,
+                "tokens_out": self.tokens_out, "by_status": dict(self.by_status),
+                "by_fault": dict(self.by_fault), "requests_by_body": dict(self.requests_by_body),
+                "ok_by_body": dict(self.ok_by_body)}
+
+
+class _Runtime:
+    """Per-config mutable state (RNGs, rate window, per-body attempts); swapped atomically."""
+
+    def __init__(self, config: FaultConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.jitter_rng = random.Random(config.seed + 1)  # separate so jitter never shifts faults
+        self.window: deque[list[float]] = deque()  # [admitted_at, tokens], oldest first
+        self.window_tokens = 0.0
+        self.attempts: dict[str, int] = {}
+        self.sequence = [kind for kind, n in config.fail_first_n.items() for _ in range(n)]
+        self.rates = [(kind, getattr(config, attr)) for kind, attr in _RANDOM_FAULTS if getattr(config, attr)]
+        self.limited = config.rpm is not None or config.tpm is not None
+
+    def draw(self) -> str | None:
+        """One uniform draw mapped onto cumulative rates: reproducible for a given seed."""
+        if not self.rates:
+            return None
+        u, acc = self.rng.random(), 0.0
+        for kind, p in self.rates:
+            acc += p
+            if u < acc:
+                return kind
+        return None
+
+    def admit(self, tokens: int) -> tuple[list[float] | None, dict[str, str]]:
+        """Sliding-window rpm/tpm check; returns (window entry or None if rejected, headers)."""
+        c, w, now = self.config, self.window, time.monotonic()
+        while w and w[0][0] <= now - c.window_s:
+            self.window_tokens -= w.popleft()[1]
+        wait = 0.0
+        if c.rpm is not None and len(w) >= c.rpm:
+            wait = w[len(w) - c.rpm][0] + c.window_s - now
+        if c.tpm is not None and w and self.window_tokens + tokens > c.tpm:
+            freed = 0.0
+            for ts, tk in w:  # wait until enough of the oldest entries have expired
+                freed += tk
+                if self.window_tokens - freed + tokens <= c.tpm:
+                    wait = max(wait, ts + c.window_s - now)
+                    break
+            else:
+                wait = max(wait, w[-1][0] + c.window_s - now)
+        entry = None
+        if wait <= 0:
+            entry = [now, float(tokens)]
+            w.append(entry)
+            self.window_tokens += tokens
+        reset = _duration(w[0][0] + c.window_s - now if w else 0.0)
+        headers: dict[str, str] = {}
+        if c.rpm is not None:
+            headers.update({"x-ratelimit-limit-requests": str(c.rpm), "x-ratelimit-reset-requests": reset,
+                            "x-ratelimit-remaining-requests": str(max(0, c.rpm - len(w)))})
+        if c.tpm is not None:
+            headers.update({"x-ratelimit-limit-tokens": str(c.tpm), "x-ratelimit-reset-tokens": reset,
+                            "x-ratelimit-remaining-tokens": str(max(0, int(c.tpm - self.window_tokens)))})
+        if entry is None:
+            headers["retry-after"] = str(max(1, math.ceil(wait)))
+        return entry, headers
+
+    def settle(self, entry: list[float], tokens: int) -> None:
+        """Replace the admission estimate (prompt only) with prompt+completion once known."""
+        if self.window and self.window[0][0] <= entry[0]:
+            self.window_tokens += tokens - entry[1]
+            entry[1] = float(tokens)
+
+
+class FakeOpenAIApp:
+    """The ASGI application; holds config, stats and the responder, shared by both run modes."""
+
+    def __init__(self, config: FaultConfig | None = None, responder: Responder | None = None) -> None:
+        self.responder: Responder = responder or default_responder
+        self._rt = _Runtime(config or FaultConfig())
+        self._stats = _Stats()
+        self._in_flight = 0
+        self._app = Starlette(routes=[
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._text, methods=["POST"]),
+            Route("/_stats", self._stats_ep, methods=["GET"]),
+            Route("/_reset", self._reset_ep, methods=["POST"]),
+        ])
+
+    async def __call__(self, scope: dict[str, Any], receive: _ASGICallable, send: _ASGICallable) -> None:
+        """Keep the server's own ``send`` in scope: the 'drop' fault needs its transport."""
+        scope["fake.raw_send"] = send
+        await self._app(scope, receive, send)
+
+    @property
+    def config(self) -> FaultConfig:
+        return self._rt.config
+
+    def set_config(self, config: FaultConfig) -> None:
+        """Swap faults live; also restarts RNGs, rate window and fail_first_n attempt history."""
+        self._rt = _Runtime(config)
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.snapshot(self._in_flight)
+
+    def reset_stats(self) -> None:
+        """Zero counters and forget per-body attempts, rate window and RNG state (fresh server)."""
+        self._rt = _Runtime(self._rt.config)
+        self._stats = _Stats(max_in_flight=self._in_flight)
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": "fake-model", "object": "model", "created": 0, "owned_by": "boostqa"}]})
+
+    async def _stats_ep(self, request: Request) -> Response:
+        return JSONResponse(self.stats())
+
+    async def _reset_ep(self, request: Request) -> Response:
+        self.reset_stats()
+        return JSONResponse({"ok": True})
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._completion(request, chat=True)
+
+    async def _text(self, request: Request) -> Response:
+        return await self._completion(request, chat=False)
+
+    async def _completion(self, request: Request, chat: bool) -> Response:
+        st = self._stats
+        st.requests += 1
+        self._in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, self._in_flight)
+        try:
+            return await self._handle(request, chat, st)
+        finally:
+            self._in_flight -= 1
+
+    def _error(
+        self, st: _Stats, status: int, kind: str, msg: str, headers: dict[str, str] | None
+    ) -> Response:
+        st.by_status[str(status)] = st.by_status.get(str(status), 0) + 1
+        return JSONResponse({"error": {"message": msg, "type": kind, "code": kind, "param": None}},
+                            status_code=status, headers=headers)
+
+    async def _handle(self, request: Request, chat: bool, st: _Stats) -> Response:
+        rt = self._rt
+        cfg = rt.config
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or (chat and not isinstance(body.get("messages"), list)):
+            return self._error(st, 400, "invalid_request_error", "body must be a JSON object"
+                               + (" with a 'messages' list" if chat else ""), None)
+        key = hashlib.blake2b(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(),
+                              digest_size=8).hexdigest()
+        st.requests_by_body[key] = st.requests_by_body.get(key, 0) + 1
+        text = prompt_text(body)
+        p_tok = len(text) // 4 + 1
+        entry, headers = rt.admit(p_tok) if rt.limited else (None, {})
+        if rt.limited and entry is None:
+            st.by_fault["rate_limit"] = st.by_fault.get("rate_limit", 0) + 1
+            return self._error(st, 429, "rate_limit_exceeded", "Rate limit reached, retry later", headers)
+        n = rt.attempts.get(key, 0)
+        rt.attempts[key] = n + 1
+        fault = rt.sequence[n] if n < len(rt.sequence) else rt.draw()
+        if fault is not None:
+            st.by_fault[fault] = st.by_fault.get(fault, 0) + 1
+        delay = cfg.latency_s
+        if cfg.latency_jitter_s:
+            delay += rt.jitter_rng.uniform(-1, 1) * cfg.latency_jitter_s
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if fault == "drop":
+            return await self._drop(request)
+        if fault in _ERRORS:
+            status, kind, msg = _ERRORS[fault]
+            retry = {"retry-after": "1"} if status != 400 else {}
+            return self._error(st, status, kind, msg, {**headers, **retry})
+        if fault == "timeout" and await self._hang(request, cfg.hang_s):
+            st.by_status["499"] = st.by_status.get("499", 0) + 1  # nginx's 'client closed request'
+            return Response(status_code=499)
+        reply = self.responder(body)
+        if isinstance(reply, str):
+            reply = ResponderReply(reply)
+        content, finish, reasoning = reply.content, reply.finish_reason, reply.reasoning
+        if fault == "malformed":
+            props = list((response_schema(body)[1] or {}).get("properties") or {"result": 0})
+            content = '{"%s": "unterminated' % (props[0] if props else "result")
+        elif fault == "schema_mismatch":
+            content = '{"unexpected_field": "schema mismatch"}'
+        elif fault == "truncated":
+            content, finish = content[: len(content) // 2], "length"
+        if cfg.reasoning != "none" and reasoning is None:
+            reasoning = f"Let me think step by step about {_topic(text)}."
+        if cfg.reasoning == "think_tags":
+            content, reasoning = f"<think>{reasoning}</think>\n{content}", None
+        c_tok = len(content) // 4 + 1
+        if entry is not None:
+            rt.settle(entry, p_tok + c_tok)
+        st.tokens_in += p_tok
+        st.tokens_out += c_tok
+        st.by_status["200"] = st.by_status.get("200", 0) + 1
+        if fault is None:
+            st.answered_ok += 1
+            st.ok_by_body[key] = st.ok_by_body.get(key, 0) + 1
+        if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish,
+                                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
+        return JSONResponse({
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{key}-{st.requests}",
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": body.get("model") or "fake-model", "choices": [choice],
+            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}},
+            headers=headers or None)
+
+    @staticmethod
+    async def _hang(request: Request, seconds: float) -> bool:
+        """Sleep like a stuck backend, but return True as soon as the client gives up, so hung
+        handlers neither pile up in benchmarks nor hold up server shutdown."""
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        try:
+            await asyncio.wait_for(disconnected(), seconds)
+        except TimeoutError:
+            return False
+        except asyncio.CancelledError:  # uvicorn's graceful-shutdown timeout: end quietly with 499
+            pass
+        return True
+
+    async def _drop(self, request: Request) -> Response:
+        """Abort the TCP connection with no response, as a crashed or overloaded proxy would."""
+        raw_send: _ASGICallable = request.scope["fake.raw_send"]
+        cycle = getattr(raw_send, "__self__", None)  # uvicorn's RequestResponseCycle
+        transport = getattr(cycle, "transport", None)
+        if transport is None:  # unknown server: start a response and die mid-way instead
+            await raw_send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-length", b"99")]})
+            raise ConnectionAbortedError("fake_server: injected drop")
+        transport.abort()
+        for _ in range(100):  # let connection_lost run so uvicorn ignores the response below
+            if getattr(cycle, "disconnected", True):
+                break
+            await asyncio.sleep(0)
+        return Response(status_code=204)
+
+
+def _uvicorn_config(app: FakeOpenAIApp) -> uvicorn.Config:
+    """Lean settings: no access log, no lifespan, and no changes to the host's logging config."""
+    return uvicorn.Config(app, host=HOST, loop="asyncio", http="auto", lifespan="off", access_log=False,
+                          proxy_headers=False, log_config=None, timeout_graceful_shutdown=1, backlog=2048)
+
+
+def _listen(port: int) -> socket.socket:
+    """Listening socket on 127.0.0.1.  proto must be IPPROTO_TCP: asyncio only sets TCP_NODELAY on
+    accepted sockets whose proto says TCP, and without it every response waits ~40 ms (Nagle)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    sock.listen(2048)
+    return sock
+
+
+class FakeOpenAIServer(FakeOpenAIApp):
+    """The app plus uvicorn in a daemon thread; use as a context manager (stats/set_config inherited)."""
+
+    def __init__(self, config: FaultConfig | None = None, responder: Responder | None = None,
+                 port: int = 0, startup_timeout_s: float = 10.0) -> None:
+        super().__init__(config, responder)
+        self.port = port
+        self._startup_timeout_s = startup_timeout_s
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FakeOpenAIServer is not started")
+        return f"http://{HOST}:{self.port}/v1"
+
+    def start(self) -> FakeOpenAIServer:
+        """Bind (port 0 = pick a free one) and block until uvicorn accepts connections."""
+        sock = _listen(self.port)
+        self.port = sock.getsockname()[1]
+        self._server = uvicorn.Server(_uvicorn_config(self))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name=f"fake-openai-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self._startup_timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("fake OpenAI server failed to start")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and wait; requests still hanging are cancelled after ~1 s."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=15)
+        self._server, self._thread = None, None
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """One flag per FaultConfig field (``latency_s`` -> ``--latency-s``, alias ``--latency``)."""
+    parser = argparse.ArgumentParser(prog="python -m boostqa_assets.llm.fake_server", allow_abbrev=False,
+                                     description="OpenAI-compatible fake LLM server with fault injection")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = free port)")
+    for name, field in FaultConfig.model_fields.items():
+        flags = [_flag(name)] + ([_flag(name)[:-2]] if name.endswith("_s") else [])
+        default = "probability in [0, 1]" if name.endswith("_rate") else str(field.annotation)
+        parser.add_argument(*flags, dest=name, default=None, help=field.description or default)
+    return parser
+
+
+def parse_cli_args(argv: list[str] | None = None) -> tuple[int, FaultConfig]:
+    """Parse CLI flags into (port, FaultConfig); pydantic does the str->number coercion."""
+    parser = build_arg_parser()
+    args = vars(parser.parse_args(argv))
+    port = args.pop("port")
+    values = {k: v for k, v in args.items() if v is not None}
+    try:
+        if "fail_first_n" in values:
+            values["fail_first_n"] = json.loads(values["fail_first_n"])
+        return port, FaultConfig.model_validate(values)
+    except ValueError as exc:  # JSONDecodeError and pydantic's ValidationError
+        parser.error(str(exc))
+
+
+def config_to_cli_args(config: FaultConfig) -> list[str]:
+    """Inverse of ``parse_cli_args`` for non-default fields (used to launch the child process)."""
+    out: list[str] = []
+    for name, value in config.model_dump(exclude_defaults=True).items():
+        out += [_flag(name), json.dumps(value) if isinstance(value, dict) else str(value)]
+    return out
+
+
+def start_fake_server_process(
+    config: FaultConfig | None = None, timeout_s: float = 60.0
+) -> tuple[subprocess.Popen[str], str]:
+    """Launch the server in its own session (so signals to the test runner don't hit it) and
+    wait for its READY line; returns (process, base_url)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "boostqa_assets.llm.fake_server", "--port", "0",
+           *config_to_cli_args(config or FaultConfig())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = proc.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout_s)
+    except queue.Empty:
+        line = ""
+    if not line.startswith("READY "):
+        stop_process(proc)
+        raise RuntimeError(f"fake server process did not become ready (got {line!r})")
+    return proc, line.split()[1]
+
+
+def stop_process(proc: subprocess.Popen[str], timeout_s: float = 15.0) -> int | None:
+    """SIGTERM exactly this PID (never by name), wait, escalate to SIGKILL if it hangs."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("fake server pid %s ignored SIGTERM; killing", proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout_s)
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return proc.returncode
+
+
+async def _serve_cli(app: FakeOpenAIApp, sock: socket.socket) -> None:
+    server = uvicorn.Server(_uvicorn_config(app))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    if server.started:
+        print(f"READY http://{HOST}:{sock.getsockname()[1]}/v1", flush=True)
+    await task
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: serve until SIGTERM/SIGINT (uvicorn handles both gracefully)."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    port, config = parse_cli_args(argv)
+    sock = _listen(port)
+    asyncio.run(_serve_cli(FakeOpenAIApp(config), sock))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

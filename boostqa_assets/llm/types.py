@@ -1,0 +1,127 @@
+"""Requests, results and accounting of the LLM layer (no I/O here)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# A validator turns the reply's content into a value, or raises ValueError with a short reason.
+Validator = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """One logical request. ``key`` is the caller's id for the row it belongs to."""
+
+    key: str
+    prompt_id: str
+    prompt_version: str
+    prompt: str
+    schema: dict[str, Any] | None = None
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed_offset: int = 0
+    # Completion APIs only: text the reply is forced to start with (e.g. '{"question": "'), appended to the
+    # prompt and put back in front of the reply. Keeps a small base model on the JSON shape cheaply.
+    prefill: str | None = None
+
+
+@dataclass
+class LLMResult:
+    """What came back for one request, after transport retries and bounded re-asks for bad replies."""
+
+    key: str
+    prompt_id: str
+    prompt_version: str
+    model: str
+    request_hash: str
+    ok: bool
+    value: Any = None
+    content: str | None = None
+    reasoning: str = ""
+    finish_reason: str | None = None
+    error: str | None = None  # reason code: invalid_json, schema_mismatch, truncated, http_4xx, transport, ...
+    detail: str = ""
+    raw_output: str | None = None
+    attempts: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s: float = 0.0
+    cached: bool = False
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    """Content address of a wire request: model, messages or prompt, sampling parameters, output schema.
+
+    The endpoint URL and the API key are not part of the body and never part of the hash.
+    """
+    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[idx]
+
+
+@dataclass
+class LLMStats:
+    """Counters for one role within one materialization."""
+
+    role: str
+    model: str
+    price_per_mtok_in: float = 0.0
+    price_per_mtok_out: float = 0.0
+    logical_requests: int = 0
+    http_requests: int = 0
+    cache_hits: int = 0
+    ok: int = 0
+    failed: int = 0
+    retries: int = 0
+    http_429: int = 0
+    http_5xx: int = 0
+    timeouts: int = 0
+    transport_errors: int = 0
+    reasks: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latencies: list[float] = field(default_factory=list)
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cost_usd(self) -> float:
+        return (self.tokens_in * self.price_per_mtok_in + self.tokens_out * self.price_per_mtok_out) / 1e6
+
+    def to_metadata(self) -> dict[str, Any]:
+        """Flat, JSON-friendly figures for Dagster materialization metadata."""
+        return {
+            "role": self.role,
+            "model": self.model,
+            "requests": self.logical_requests,
+            "http_requests": self.http_requests,
+            "cache_hits": self.cache_hits,
+            "ok": self.ok,
+            "failed": self.failed,
+            "retries": self.retries,
+            "http_429": self.http_429,
+            "http_5xx": self.http_5xx,
+            "timeouts": self.timeouts,
+            "reasks": self.reasks,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "latency_p50_s": round(_percentile(self.latencies, 0.5), 3),
+            "latency_p95_s": round(_percentile(self.latencies, 0.95), 3),
+            "est_cost_usd": round(self.cost_usd, 6),
+            "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
+        }

@@ -1,0 +1,112 @@
+"""The training mixture of one recipe: seeded, weighted sampling of kept QA up to a token budget.
+
+Rule: each row's weight is ``category_weights[category] * grade_weights[grade] * track_weights[track]``
+(a missing key weighs 1.0; weight 0 excludes). Each row draws a key ``-ln(u) / weight`` with ``u`` from a
+hash of (recipe seed, qa_id): an exponential race, i.e. weighted sampling without replacement
+(Efraimidis-Spirakis). Rows are taken in key order while the running token total stays within the budget.
+The hash makes the draw independent of input order and stable when rows are added elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from typing import Any
+
+import polars as pl
+
+from boostqa_assets.configs import Recipe
+from boostqa_assets.logic.tokens import count_tokens
+from boostqa_assets.records import MIXTURE_SCHEMA, stable_hash, to_json
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(to_json(recipe.model_dump()).encode()).hexdigest()[:16]
+
+
+def _uniform(seed: int, qa_id: str) -> float:
+    h = int(hashlib.sha256(f"{seed}|{qa_id}".encode()).hexdigest()[:13], 16)
+    return (h + 0.5) / 16**13
+
+
+def row_weights(df: pl.DataFrame, recipe: Recipe) -> pl.Series:
+    def mapped(col: str, weights: dict[str, float]) -> pl.Expr:
+        if not weights:
+            return pl.lit(1.0)
+        return pl.col(col).replace_strict(weights, default=1.0, return_dtype=pl.Float64)
+
+    return df.select(
+        (mapped("category", recipe.category_weights) * mapped("grade", recipe.grade_weights)
+         * mapped("track", recipe.track_weights)).alias("w")
+    )["w"]
+
+
+def build_mixture(refined: pl.DataFrame, recipe: Recipe) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Documents of the mixture (MIXTURE_SCHEMA, in sampled order) and the manifest."""
+    kept = refined.filter(pl.col("status") == "kept")
+    texts = [recipe.template.format(question=q, answer=a)
+             for q, a in zip(kept["question"], kept["refined_answer"], strict=True)]
+    n_tokens = count_tokens(texts, recipe.encoding) if texts else []
+    weights = row_weights(kept, recipe) if kept.height else pl.Series("w", [], dtype=pl.Float64)
+    keys = [(-math.log(_uniform(recipe.seed, q)) / w) if w > 0 else math.inf
+            for q, w in zip(kept["qa_id"], weights, strict=True)]
+    pool = kept.with_columns(pl.Series("text", texts, dtype=pl.Utf8), pl.Series("n_tokens", n_tokens,
+                             dtype=pl.Int64), pl.Series("_key", keys, dtype=pl.Float64))
+    pool = pool.filter(pl.col("_key").is_finite()).sort(["_key", "qa_id"])
+    pool = pool.with_columns(pl.col("n_tokens").cum_sum().alias("_cum"))
+    chosen = pool.filter(pl.col("_cum") <= recipe.token_budget)
+    docs = chosen.with_row_index("_i").select(
+        pl.col("qa_id").map_elements(lambda q: "d_" + stable_hash(recipe.name, q), return_dtype=pl.Utf8)
+        .alias("doc_id"),
+        pl.lit(recipe.name).alias("recipe"),
+        "qa_id", "seed_id", "source", "discipline", "category", "grade", "track", "text", "n_tokens",
+        (pl.col("_i") // recipe.shard_rows).cast(pl.Int64).alias("shard"),
+    ).select(list(MIXTURE_SCHEMA))
+    manifest = _manifest(docs, recipe, available_rows=kept.height, available_tokens=int(sum(n_tokens)))
+    return docs, manifest
+
+
+def _totals(docs: pl.DataFrame, col: str) -> dict[str, int]:
+    if docs.is_empty():
+        return {}
+    grouped = docs.group_by(col).agg(pl.col("n_tokens").sum()).sort(col)
+    return {k: int(v) for k, v in grouped.iter_rows()}
+
+
+def _manifest(docs: pl.DataFrame, recipe: Recipe, available_rows: int, available_tokens: int) -> dict[str, Any]:
+    total = int(docs["n_tokens"].sum()) if docs.height else 0
+    return {
+        "recipe": recipe.model_dump(),
+        "recipe_hash": recipe_hash(recipe),
+        "sampling_seed": recipe.seed,
+        "encoding": recipe.encoding,
+        "token_budget": recipe.token_budget,
+        "tokens_total": total,
+        "budget_filled": round(total / recipe.token_budget, 4),
+        "rows": docs.height,
+        "available_rows": available_rows,
+        "available_tokens": available_tokens,
+        "shards": int(docs["shard"].max()) + 1 if docs.height else 0,
+        "tokens_by_discipline": _totals(docs, "discipline"),
+        "tokens_by_grade": _totals(docs, "grade"),
+        "tokens_by_track": _totals(docs, "track"),
+        "tokens_by_source": _totals(docs, "source"),
+        "tokens_by_category": _totals(docs, "category"),
+    }
+
+
+def shard_files(docs: pl.DataFrame, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Parquet and JSONL shards plus ``manifest.json`` (which lists them), as name -> bytes."""
+    files: dict[str, bytes] = {}
+    n_shards = manifest["shards"] or 1
+    for shard in range(n_shards):
+        part = docs.filter(pl.col("shard") == shard)
+        buf = io.BytesIO()
+        part.write_parquet(buf, compression="zstd")
+        files[f"part-{shard:05d}.parquet"] = buf.getvalue()
+        files[f"part-{shard:05d}.jsonl"] = part.write_ndjson().encode("utf-8")
+    manifest = {**manifest, "files": sorted(files)}
+    files["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    return files

@@ -1,0 +1,152 @@
+"""Refinement: the refiner role rewrites each answer, then rule filters flag what must not be kept.
+
+Flags (``pipeline.yaml`` ``refinement``): ``refusal`` (refusal phrases), ``empty``, ``truncated`` (the reply
+hit max_tokens, or the answer ends inside an open code block or bracket), ``too_short`` / ``too_long``
+(absolute character bounds), ``length_outlier`` (beyond Q3 + k*IQR of the partition's answer lengths, only
+with at least ``min_rows_for_outliers`` rows), ``language_mismatch`` (the answer's script differs from the
+question's). Flags listed in ``reject_flags`` send the row to rejects; other flags are kept on the row.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict
+
+from boostqa_assets.configs import RefinementConfig
+from boostqa_assets.llm.types import LLMRequest, LLMResult
+from boostqa_assets.prompting import render
+from boostqa_assets.records import REFINED_SCHEMA, REJECT_SCHEMA, frame, to_json
+
+PROMPT_ID = "refine"
+
+ANSWER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "minLength": 1}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+class AnswerReply(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    answer: str
+
+
+def validate_answer(obj: Any) -> AnswerReply:
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    reply = AnswerReply.model_validate(obj)
+    return AnswerReply(answer=reply.answer.strip())
+
+
+def build_requests(qa: pl.DataFrame, version: str | None = None, max_chars: int = 2000) -> list[LLMRequest]:
+    requests = []
+    for row in qa.iter_rows(named=True):
+        prompt = render(PROMPT_ID, version, grade=row["grade"], question=" ".join(row["question"].split()),
+                        answer=" ".join(row["answer"].split())[:max_chars])
+        requests.append(LLMRequest(key=row["qa_id"], prompt_id=prompt.prompt_id, prompt_version=prompt.version,
+                                   prompt=prompt.text, schema=ANSWER_SCHEMA,
+                                   prefill='{"answer": "'))
+    return requests
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def detect_script(text: str) -> str:
+    """``zh`` when CJK characters dominate the letters, ``en`` for Latin script, ``unknown`` otherwise.
+
+    Enough to catch an answer in the wrong language for the paper's English/Chinese seeds; swap in a
+    language-id model for more languages.
+    """
+    cjk = len(_CJK.findall(text))
+    latin = len(_LATIN.findall(text))
+    if cjk + latin < 3:
+        return "unknown"
+    return "zh" if cjk * 3 >= latin else "en"
+
+
+def looks_truncated(answer: str) -> bool:
+    if answer.count("```") % 2 == 1:
+        return True
+    for open_, close in ("()", "[]", "{}"):
+        if answer.count(open_) - answer.count(close) >= 2:
+            return True
+    return False
+
+
+def rule_flags(question: str, answer: str, finish_reason: str | None, cfg: RefinementConfig,
+               refusal_res: list[re.Pattern[str]] | None = None) -> list[str]:
+    """Flags of one refined answer, independent of the other rows."""
+    flags = []
+    text = answer.strip()
+    if not text:
+        return ["empty"]
+    patterns = refusal_res if refusal_res is not None else [re.compile(p, re.IGNORECASE)
+                                                           for p in cfg.refusal_patterns]
+    if any(p.search(text) for p in patterns):
+        flags.append("refusal")
+    if finish_reason == "length" or looks_truncated(text):
+        flags.append("truncated")
+    if len(text) < cfg.min_answer_chars:
+        flags.append("too_short")
+    if len(text) > cfg.max_answer_chars:
+        flags.append("too_long")
+    if cfg.check_language:
+        q, a = detect_script(question), detect_script(text)
+        if "unknown" not in (q, a) and q != a:
+            flags.append("language_mismatch")
+    return flags
+
+
+def length_outlier_mask(lengths: list[int], k: float, min_rows: int) -> list[bool]:
+    """True where a length is above Q3 + k*IQR (Tukey's fence); nothing is an outlier in tiny partitions."""
+    if len(lengths) < min_rows:
+        return [False] * len(lengths)
+    s = pl.Series(lengths, dtype=pl.Float64)
+    q1, q3 = s.quantile(0.25, "linear"), s.quantile(0.75, "linear")
+    fence = q3 + k * max(q3 - q1, 1.0)
+    return [x > fence for x in lengths]
+
+
+def assemble(qa: pl.DataFrame, results: list[LLMResult], cfg: RefinementConfig,
+             partition: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    by_key = {r.key: r for r in results}
+    refusal_res = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
+    staged: list[tuple[dict[str, Any], LLMResult]] = []
+    rejects: list[dict[str, Any]] = []
+    for row in qa.iter_rows(named=True):
+        res = by_key.get(row["qa_id"])
+        if res is None or not res.ok:
+            rejects.append(_reject(row, partition, (res.error or "llm_error") if res else "no_result",
+                                   res.detail if res else "no LLM result", res))
+            continue
+        staged.append((row, res))
+    answers = [res.value.answer for _, res in staged]
+    outliers = length_outlier_mask([len(a) for a in answers], cfg.length_outlier_iqr, cfg.min_rows_for_outliers)
+    kept: list[dict[str, Any]] = []
+    reject_flags = set(cfg.reject_flags)
+    for (row, res), answer, outlier in zip(staged, answers, outliers, strict=True):
+        flags = rule_flags(row["question"], answer, res.finish_reason, cfg, refusal_res)
+        if outlier:
+            flags.append("length_outlier")
+        blocking = [f for f in flags if f in reject_flags]
+        if blocking:
+            rejects.append(_reject(row, partition, blocking[0], "flags: " + ", ".join(flags), res))
+            continue
+        kept.append({**row, "refined_answer": answer, "flags": flags, "status": "kept",
+                     "refine_model": res.model, "refine_prompt_id": res.prompt_id,
+                     "refine_prompt_version": res.prompt_version, "refine_request_hash": res.request_hash})
+    return frame(kept, REFINED_SCHEMA), frame(rejects, REJECT_SCHEMA)
+
+
+def _reject(row: dict[str, Any], partition: str, reason: str, detail: str, res: LLMResult | None) -> dict[str, Any]:
+    return {"stage": "refined_qa", "partition": partition, "source": row["source"], "seed_id": row["seed_id"],
+            "qa_id": row["qa_id"], "reason": reason, "detail": detail,
+            "raw_output": res.raw_output if res else None, "request_hash": res.request_hash if res else None,
+            "record": to_json(row)}

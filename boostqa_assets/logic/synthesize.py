@@ -1,0 +1,159 @@
+"""Synthesis: new QA pairs for one discipline x grade partition (synthesizer role, a reasoning model).
+
+Rules (all from ``pipeline.yaml``):
+- multi-grade track: seeds of discipline ``d`` in a multi-grade category (STEM by default), of any grade,
+  yield QA at the partition's grade ``g``; other categories only from seeds whose own grade is ``g``
+  (``non_stem_grades: own``) or from all of them (``all``).
+- high-difficulty track: for ``g`` in ``high_difficulty_grades``, seeds of ``d`` whose difficulty is at
+  least ``high_difficulty_min_seed_difficulty`` yield a harder variant at ``g``.
+- ``qa_per_seed`` variants per (seed, track); ``max_seeds_per_partition`` caps seeds per track with a
+  seeded, order-independent choice.
+The model's thinking (``reasoning_content`` or ``<think>`` blocks) goes to ``reasoning``, never ``answer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from boostqa_assets.configs import SynthesisConfig, TaxonomyConfig
+from boostqa_assets.llm.types import LLMRequest, LLMResult
+from boostqa_assets.logic.annotate import seed_item_text
+from boostqa_assets.prompting import render
+from boostqa_assets.records import REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame, stable_hash, to_json
+
+TRACK_PROMPTS = {"multi_grade": "synthesize_multi_grade", "high_difficulty": "synthesize_high_difficulty"}
+
+GRADE_HINTS = {
+    "primary": "plain words, one step, everyday examples.",
+    "middle": "a few steps, basic terms defined in the question.",
+    "high": "several steps and standard school terminology.",
+    "undergraduate": "university level: formal methods, derivations or analysis.",
+    "graduate": "research level: advanced theory, proofs or multi-part analysis.",
+}
+
+QA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "question": {"type": "string", "minLength": 8},
+        "answer": {"type": "string", "minLength": 1},
+    },
+    "required": ["question", "answer"],
+    "additionalProperties": False,
+}
+
+
+class QAReply(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    question: str
+    answer: str
+
+    @field_validator("question", "answer")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+
+def validate_qa(obj: Any) -> QAReply:
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    return QAReply.model_validate(obj)
+
+
+@dataclass(frozen=True)
+class SynthTask:
+    qa_id: str
+    track: str
+    discipline: str
+    grade: str
+    variant: int
+    seed: dict[str, Any]
+
+
+def _capped(rows: list[dict[str, Any]], cap: int | None, salt: str) -> list[dict[str, Any]]:
+    if cap is None or len(rows) <= cap:
+        return rows
+    # Order by a hash of (partition, seed): the choice does not depend on input order and stays stable
+    # when unrelated seeds are added.
+    return sorted(rows, key=lambda r: stable_hash(salt, r["seed_id"]))[:cap]
+
+
+def plan_tasks(annotated: pl.DataFrame, discipline: str, grade: str, tax: TaxonomyConfig,
+               cfg: SynthesisConfig) -> list[SynthTask]:
+    """The synthesis tasks of partition (discipline, grade), in a deterministic order."""
+    rows = annotated.filter(pl.col("discipline") == discipline).sort("seed_id").to_dicts()
+    category = tax.category_of(discipline)
+    salt = f"{discipline}|{grade}"
+    if category in cfg.multi_grade_categories or cfg.non_stem_grades == "all":
+        multi = rows
+    else:
+        multi = [r for r in rows if r["grade"] == grade]
+    tracks: list[tuple[str, list[dict[str, Any]]]] = [("multi_grade", _capped(multi, cfg.max_seeds_per_partition,
+                                                                              salt + "|multi_grade"))]
+    if grade in cfg.high_difficulty_grades:
+        floor = tax.difficulty_rank(cfg.high_difficulty_min_seed_difficulty)
+        hard = [r for r in rows if tax.difficulty_rank(r["difficulty"]) >= floor]
+        tracks.append(("high_difficulty", _capped(hard, cfg.max_seeds_per_partition, salt + "|high_difficulty")))
+    tasks = []
+    for track, seeds in tracks:
+        for seed in seeds:
+            for variant in range(cfg.qa_per_seed):
+                qa_id = "q_" + stable_hash(seed["seed_id"], discipline, grade, track, str(variant))
+                tasks.append(SynthTask(qa_id, track, discipline, grade, variant, seed))
+    return tasks
+
+
+def build_requests(tasks: list[SynthTask], max_chars: int, versions: dict[str, str] | None = None
+                   ) -> list[LLMRequest]:
+    versions = versions or {}
+    requests = []
+    for t in tasks:
+        pid = TRACK_PROMPTS[t.track]
+        seed = seed_item_text(t.seed, max_chars)
+        if t.seed.get("answer"):
+            seed += " Answer: " + " ".join(str(t.seed["answer"]).split())[: max_chars // 2]
+        prompt = render(pid, versions.get(pid), discipline=t.discipline, grade=t.grade,
+                        grade_hint=GRADE_HINTS.get(t.grade, ""), seed=seed, variant=t.variant)
+        requests.append(LLMRequest(key=t.qa_id, prompt_id=prompt.prompt_id, prompt_version=prompt.version,
+                                   prompt=prompt.text, schema=QA_SCHEMA, seed_offset=t.variant,
+                                   prefill='{"question": "'))
+    return requests
+
+
+def assemble(tasks: list[SynthTask], results: list[LLMResult], tax: TaxonomyConfig, partition: str,
+             top_difficulty: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    by_key = {r.key: r for r in results}
+    kept: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    for t in tasks:
+        res = by_key.get(t.qa_id)
+        seed = t.seed
+        if res is None or not res.ok:
+            rejects.append({
+                "stage": "synthesized_qa", "partition": partition, "source": seed["source"],
+                "seed_id": seed["seed_id"], "qa_id": t.qa_id,
+                "reason": (res.error or "llm_error") if res else "no_result",
+                "detail": res.detail if res else "no LLM result for this task",
+                "raw_output": res.raw_output if res else None, "request_hash": res.request_hash if res else None,
+                "record": to_json({"track": t.track, "variant": t.variant, "seed": seed}),
+            })
+            continue
+        reply: QAReply = res.value
+        kept.append({
+            "qa_id": t.qa_id, "seed_id": seed["seed_id"], "source": seed["source"], "discipline": t.discipline,
+            "category": tax.category_of(t.discipline), "grade": t.grade,
+            "difficulty": top_difficulty if t.track == "high_difficulty" else seed["difficulty"],
+            "seed_grade": seed["grade"], "seed_difficulty": seed["difficulty"], "track": t.track,
+            "language": seed["language"], "question": reply.question, "answer": reply.answer,
+            "reasoning": res.reasoning, "annotate_request_hash": seed["annotate_request_hash"],
+            "synth_model": res.model, "synth_prompt_id": res.prompt_id, "synth_prompt_version": res.prompt_version,
+            "synth_request_hash": res.request_hash,
+        })
+    return frame(kept, SYNTHESIZED_SCHEMA), frame(rejects, REJECT_SCHEMA)

@@ -1,0 +1,182 @@
+"""Records: the columns every stage writes, as pydantic models with a matching polars schema.
+
+One module, one place. Each LLM step carries its lineage as ``<step>_model``, ``<step>_prompt_id``,
+``<step>_prompt_version`` and ``<step>_request_hash`` so a mixture row joins back to its seed and to every
+request that shaped it in one DuckDB query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+import unicodedata
+from typing import Any, Literal
+
+import polars as pl
+from pydantic import BaseModel
+
+Kind = Literal["qa", "problem", "passage"]
+Track = Literal["multi_grade", "high_difficulty"]
+
+
+class Seed(BaseModel):
+    """One normalized seed: a QA item, a problem or a passage."""
+
+    seed_id: str
+    source: str
+    native_id: str
+    kind: Kind
+    language: str
+    question: str | None
+    answer: str | None
+    text: str | None
+    title: str | None
+    url: str | None
+    license: str
+    meta: str  # JSON object of the source's extra columns
+
+
+class AnnotatedSeed(Seed):
+    discipline: str
+    category: str
+    grade: str
+    difficulty: str
+    annotation_status: Literal["ok"]
+    annotate_model: str
+    annotate_prompt_id: str
+    annotate_prompt_version: str
+    annotate_request_hash: str
+
+
+class SynthesizedQA(BaseModel):
+    """A new QA pair at the partition's grade, made from one seed."""
+
+    qa_id: str
+    seed_id: str
+    source: str
+    discipline: str
+    category: str
+    grade: str
+    difficulty: str
+    seed_grade: str
+    seed_difficulty: str
+    track: Track
+    language: str
+    question: str
+    answer: str
+    reasoning: str  # the reasoning model's thinking, never inside `answer`
+    annotate_request_hash: str
+    synth_model: str
+    synth_prompt_id: str
+    synth_prompt_version: str
+    synth_request_hash: str
+
+
+class RefinedQA(SynthesizedQA):
+    refined_answer: str
+    flags: list[str]
+    status: Literal["kept"]
+    refine_model: str
+    refine_prompt_id: str
+    refine_prompt_version: str
+    refine_request_hash: str
+
+
+class MixtureDoc(BaseModel):
+    """One training document of a recipe's mixture."""
+
+    doc_id: str
+    recipe: str
+    qa_id: str
+    seed_id: str
+    source: str
+    discipline: str
+    category: str
+    grade: str
+    track: str
+    text: str
+    n_tokens: int
+    shard: int
+
+
+class Reject(BaseModel):
+    """A row a stage could not keep, with the reason. Nothing is dropped without one of these."""
+
+    stage: str
+    partition: str
+    source: str | None
+    seed_id: str | None
+    qa_id: str | None
+    reason: str
+    detail: str
+    raw_output: str | None
+    request_hash: str | None
+    record: str  # JSON of the input row (or the raw source line)
+
+
+_PL_TYPES: dict[Any, pl.DataType] = {str: pl.Utf8(), int: pl.Int64(), float: pl.Float64(), bool: pl.Boolean()}
+
+
+def _pl_type(annotation: Any) -> pl.DataType:
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _pl_type(args[0])
+    if origin is typing.Literal:
+        return pl.Utf8()
+    if origin is list:
+        return pl.List(_pl_type(typing.get_args(annotation)[0]))
+    return _PL_TYPES[annotation]
+
+
+def polars_schema(model: type[BaseModel]) -> pl.Schema:
+    """The polars schema matching a record model, field order preserved."""
+    return pl.Schema({name: _pl_type(f.annotation) for name, f in model.model_fields.items()})
+
+
+SEED_SCHEMA = polars_schema(Seed)
+ANNOTATED_SCHEMA = polars_schema(AnnotatedSeed)
+SYNTHESIZED_SCHEMA = polars_schema(SynthesizedQA)
+REFINED_SCHEMA = polars_schema(RefinedQA)
+MIXTURE_SCHEMA = polars_schema(MixtureDoc)
+REJECT_SCHEMA = polars_schema(Reject)
+
+
+def frame(rows: list[dict[str, Any]] | list[BaseModel], schema: pl.Schema) -> pl.DataFrame:
+    """Rows (dicts or models) to a DataFrame with exactly ``schema`` (missing optional columns are null)."""
+    dicts = [r.model_dump() if isinstance(r, BaseModel) else r for r in rows]
+    return pl.DataFrame(dicts, schema=schema, orient="row") if dicts else pl.DataFrame(schema=schema)
+
+
+def conform(df: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
+    """Select and cast ``df`` to ``schema``; a missing column is an error, not a silent null."""
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        raise ValueError(f"missing columns {missing}; expected {list(schema)}")
+    return df.select([pl.col(c).cast(t) for c, t in schema.items()])
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFKC, collapsed whitespace, lower case: the form exact dedup and ids compare."""
+    return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
+
+
+def stable_hash(*parts: str, length: int = 16) -> str:
+    """A sha256-based id over ``parts``; stable across runs, machines and Python versions."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:length]
+
+
+def make_seed_id(source: str, native_id: str | None, content: str) -> str:
+    """Stable seed id: the source plus its native id, or the normalized content when there is none."""
+    key = native_id if native_id else "text:" + normalize_text(content)
+    return "s_" + stable_hash(source, key)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)

@@ -1,0 +1,166 @@
+"""Parquet storage over fsspec: a local folder by default, ``s3://`` through s3fs.
+
+Layout (hive style): ``<root>/<asset>/<key>=<value>/.../part-0000.parquet``; rejects go to
+``<root>/rejects/stage=<asset>/partition=<key>/part-0000.parquet``.
+
+Atomicity: a table partition is exactly one Parquet file, written to a hidden temporary name and moved into
+place (``os.replace`` locally; on S3 a single PUT is atomic), so a reader sees the old partition or the new
+one, never half of one. Multi-file partitions (mixture shards) swap whole directories locally; on S3 they
+write new objects first and delete stale ones after, so a reader may briefly see both generations.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import posixpath
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import polars as pl
+
+logger = logging.getLogger(__name__)
+
+PART_FILE = "part-0000.parquet"
+
+
+def partition_dirs(partition: Mapping[str, str]) -> str:
+    """``{"discipline": "physics", "grade": "high"}`` -> ``discipline=physics/grade=high``."""
+    return "/".join(f"{k}={v}" for k, v in partition.items())
+
+
+def partition_slug(key: str) -> str:
+    """A partition key as a single path segment (multi-partition keys hold ``|``)."""
+    return key.replace("|", "+").replace("/", "_")
+
+
+class Store:
+    """Reads and writes the assets' Parquet partitions under one root."""
+
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        protocol = root.split("://", 1)[0] if "://" in root else "file"
+        if protocol == "s3":
+            opts = dict(self.storage_options)
+            endpoint = opts.pop("endpoint_url", None)
+            if endpoint:
+                opts.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+            self.fs = fsspec.filesystem("s3", **opts)
+        else:
+            self.fs = fsspec.filesystem(protocol, **self.storage_options)
+        self.protocol = protocol
+        self.is_local = protocol == "file"
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+
+    # --- paths -------------------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *[p for p in parts if p])
+
+    def partition_path(self, asset: str, partition: Mapping[str, str]) -> str:
+        return self.path(asset, partition_dirs(partition), PART_FILE)
+
+    def rejects_path(self, stage: str, partition_key: str) -> str:
+        return self.path("rejects", f"stage={stage}", f"partition={partition_slug(partition_key)}", PART_FILE)
+
+    # --- single-file partitions --------------------------------------------------------------------
+
+    def write_parquet(self, path: str, df: pl.DataFrame) -> int:
+        """Write ``df`` to ``path`` atomically; returns bytes written."""
+        buf = io.BytesIO()
+        df.write_parquet(buf, compression="zstd", statistics=True)
+        data = buf.getvalue()
+        self._put_atomic(path, data)
+        return len(data)
+
+    def _put_atomic(self, path: str, data: bytes) -> None:
+        parent = posixpath.dirname(path)
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        elif self.protocol == "s3":
+            self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+        else:
+            tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+
+    def write_partition(self, asset: str, partition: Mapping[str, str], df: pl.DataFrame) -> str:
+        path = self.partition_path(asset, partition)
+        self.write_parquet(path, df)
+        return path
+
+    def write_rejects(self, stage: str, partition_key: str, df: pl.DataFrame) -> str:
+        path = self.rejects_path(stage, partition_key)
+        self.write_parquet(path, df)
+        return path
+
+    def read_parquet(self, path: str, schema: pl.Schema | None = None) -> pl.DataFrame:
+        with self.fs.open(path, "rb") as f:
+            df = pl.read_parquet(f)
+        return df if schema is None else df.select([pl.col(c).cast(t) for c, t in schema.items()])
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_partition(self, asset: str, partition: Mapping[str, str],
+                       schema: pl.Schema | None = None) -> pl.DataFrame:
+        path = self.partition_path(asset, partition)
+        if not self.fs.exists(path):
+            raise FileNotFoundError(f"{asset} partition {partition_dirs(partition)} has not been materialized "
+                                    f"({path} does not exist); materialize it first")
+        return self.read_parquet(path, schema)
+
+    def list_partition_files(self, asset: str) -> list[str]:
+        pattern = self.path(asset, "**", PART_FILE)
+        files = sorted(self.fs.glob(pattern))
+        if self.protocol != "file":
+            files = [f"{self.protocol}://{f}" if "://" not in f else f for f in files]
+        return files
+
+    def read_asset(self, asset: str, schema: pl.Schema) -> pl.DataFrame:
+        """Every materialized partition of ``asset`` concatenated (empty frame with ``schema`` if none)."""
+        frames = [self.read_parquet(p, schema) for p in self.list_partition_files(asset)]
+        return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
+
+    # --- multi-file partitions ---------------------------------------------------------------------
+
+    def write_directory(self, asset: str, partition: Mapping[str, str], files: Mapping[str, bytes]) -> str:
+        """Replace the whole partition directory with ``files`` (name -> content)."""
+        target = self.path(asset, partition_dirs(partition))
+        if self.is_local:
+            staging = self.path(asset, f".staging-{uuid.uuid4().hex}")
+            os.makedirs(staging)
+            for name, data in files.items():
+                with open(posixpath.join(staging, name), "wb") as f:
+                    f.write(data)
+            trash = None
+            if os.path.exists(target):
+                trash = self.path(asset, f".trash-{uuid.uuid4().hex}")
+                os.replace(target, trash)
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            os.replace(staging, target)
+            if trash:
+                self.fs.rm(trash, recursive=True)
+        else:
+            old = set(self.fs.find(target)) if self.fs.exists(target) else set()
+            for name, data in files.items():
+                self.fs.pipe_file(posixpath.join(target, name), data)
+            new = {self.fs._strip_protocol(posixpath.join(target, n)) for n in files}
+            stale = sorted(old - new)
+            if stale:
+                self.fs.rm(stale)
+        return target
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)

@@ -1,0 +1,50 @@
+"""The code location loads, and its shape (assets, partitions, checks) does not change by accident."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from boostqa_assets.definitions import STAGES, build_definitions
+
+
+def test_definitions_load_with_five_assets_and_a_check_each() -> None:
+    defs = build_definitions()
+    keys = sorted(k.to_user_string() for k in defs.resolve_all_asset_keys())
+    assert keys == sorted(STAGES)
+    checked = sorted(c.asset_key.to_user_string() for ch in defs.asset_checks or [] for c in ch.check_keys)
+    assert checked == sorted(STAGES)
+    for name in STAGES:
+        spec = defs.resolve_assets_def(name).specs_by_key[dg.AssetKey(name)]
+        assert spec.description and "row" in spec.description.lower(), f"{name} needs a docstring saying what a row is"
+
+
+def test_partitions_match_the_configuration() -> None:
+    defs = build_definitions()
+    qa = defs.resolve_assets_def("synthesized_qa").partitions_def
+    assert qa is not None and len(qa.get_partition_keys()) == 22 * 5
+    assert "physics|high" in qa.get_partition_keys()
+    sources = defs.resolve_assets_def("seeds").partitions_def
+    assert sources is not None and sources.get_partition_keys() == ["wikipedia", "fanoutqa", "humaneval"]
+    recipes = defs.resolve_assets_def("qa_mixture").partitions_def
+    assert recipes is not None and recipes.get_partition_keys() == ["stem_heavy"]
+
+
+def test_lineage_edges() -> None:
+    defs = build_definitions()
+    graph = {name: sorted(k.to_user_string() for k in defs.resolve_assets_def(name).dependency_keys)
+             for name in STAGES}
+    assert graph == {
+        "seeds": [],
+        "annotated_seeds": ["seeds"],
+        "synthesized_qa": ["annotated_seeds"],
+        "refined_qa": ["synthesized_qa"],
+        "qa_mixture": ["refined_qa"],
+    }
+
+
+def test_llm_assets_declare_a_pool_per_role() -> None:
+    defs = build_definitions()
+    pools = {name: defs.resolve_assets_def(name).node_def.pool for name in STAGES}  # type: ignore[union-attr]
+    assert pools["annotated_seeds"] == "llm_annotator"
+    assert pools["synthesized_qa"] == "llm_synthesizer"
+    assert pools["refined_qa"] == "llm_refiner"

@@ -1,0 +1,2 @@
+-- refined_qa: kept QA with refined answers and flags (partitions: discipline x grade)
+SELECT * FROM read_parquet('{root}/refined_qa/*/*/part-*.parquet', hive_partitioning = false, union_by_name = true)
