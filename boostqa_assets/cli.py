@@ -104,7 +104,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from boostqa_assets.definitions import STAGES
+    from boostqa_assets.definitions import STAGES, build_definitions
     from boostqa_assets.llm.embedded import EmbeddedServer
     from boostqa_assets.resources import project_config
     from boostqa_assets.runner import StageResult, ensure_dagster_home, run_pipeline
@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")
             instance = dg.DagsterInstance.get()
             _print("materializing " + " -> ".join(stages))
-            results = run_pipeline(instance, stages, on_stage)
+            results = run_pipeline(build_definitions(), instance, stages, on_stage)
     finally:
         if server is not None:
             server.stop()

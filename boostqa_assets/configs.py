@@ -47,18 +47,21 @@ class TaxonomyConfig(_Strict):
     def _unique_slugs(cls, values: list[str]) -> list[str]:
         bad = [v for v in values if not re.match(SLUG, v)]
         if bad:
-            raise ValueError(f"values must be lower_snake_case slugs, got {bad}")
+            raise ValueError(f"values must be lower_snake_case slugs, got {bad}; fix: rename them "
+                             "(letters, digits, underscores; starts with a letter)")
         if len(set(values)) != len(values):
-            raise ValueError(f"values must be unique, got {values}")
+            raise ValueError(f"values must be unique, got {values}; fix: remove the duplicates")
         return values
 
-    @model_validator(mode="after")
-    def _unique_disciplines(self) -> TaxonomyConfig:
-        names = [d.name for d in self.disciplines]
+    @field_validator("disciplines")
+    @classmethod
+    def _unique_disciplines(cls, disciplines: list[Discipline]) -> list[Discipline]:
+        names = [d.name for d in disciplines]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"discipline names must be unique; duplicated: {dupes}")
-        return self
+            raise ValueError(f"discipline names must be unique; duplicated: {dupes}; "
+                             "fix: rename or remove the duplicates")
+        return disciplines
 
     @cached_property
     def discipline_names(self) -> list[str]:
@@ -120,8 +123,8 @@ class SourceConfig(_Strict):
         missing = [f for f in need if f not in self.fields]
         if missing:
             raise ValueError(
-                f"a source of kind {self.kind!r} needs a field mapping for {missing}: "
-                f"add e.g. `fields: {{{missing[0]}: <column>}}`"
+                f"a source of kind {self.kind!r} needs a field mapping for {missing}; "
+                f"fix: add e.g. `fields: {{{missing[0]}: <column>}}`"
             )
         return self
 
@@ -144,13 +147,15 @@ class SourceConfig(_Strict):
 class SourcesConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique(self) -> SourcesConfig:
-        names = [s.name for s in self.sources]
+    @field_validator("sources")
+    @classmethod
+    def _unique(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"source names must be unique; duplicated: {dupes}")
-        return self
+            raise ValueError(f"source names must be unique; duplicated: {dupes}; "
+                             "fix: rename one of them (the name is the `seeds` partition key)")
+        return sources
 
     def get(self, name: str) -> SourceConfig:
         for s in self.sources:
@@ -208,12 +213,14 @@ class LLMConfig(_Strict):
     roles: dict[Role, RoleConfig]
     embedded: EmbeddedConfig = EmbeddedConfig()
 
-    @model_validator(mode="after")
-    def _all_roles(self) -> LLMConfig:
-        missing = [r for r in ROLES if r not in self.roles]
+    @field_validator("roles")
+    @classmethod
+    def _all_roles(cls, roles: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
+        missing = [r for r in ROLES if r not in roles]
         if missing:
-            raise ValueError(f"every role needs a configuration; missing: {missing}")
-        return self
+            raise ValueError(f"every role needs a configuration; missing: {missing}; "
+                             f"fix: add e.g. `{missing[0]}: {{}}` under `roles` (embedded model defaults)")
+        return roles
 
     def with_env_overrides(self, env: dict[str, str] | None = None) -> LLMConfig:
         """Apply ``BOOSTQA_<ROLE>_<FIELD>`` (or ``BOOSTQA_LLM_<FIELD>`` for every role) from the environment.
@@ -308,7 +315,7 @@ class Recipe(_Strict):
     def _non_negative(cls, weights: dict[str, float]) -> dict[str, float]:
         bad = {k: v for k, v in weights.items() if v < 0}
         if bad:
-            raise ValueError(f"weights must be >= 0, got {bad}")
+            raise ValueError(f"weights must be >= 0, got {bad}; fix: use 0 to exclude, or a positive weight")
         return weights
 
 
@@ -360,7 +367,9 @@ def _explain(exc: ValidationError, where: str) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "<top level>"
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  - field `{loc}`: {msg}; fix: {_fix_hint(err)}")
+        # A validator's own message may already carry the fix; otherwise derive one from the error type.
+        fix = "" if "fix:" in msg else f"; fix: {_fix_hint(err)}"
+        lines.append(f"  - field `{loc}`: {msg}{fix}")
     return "\n".join(lines)
 
 
@@ -380,7 +389,8 @@ def load_config(filename: str, config_dir: Path) -> BaseModel:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML; fix: correct the syntax at the line and column shown:"
+                          f"\n{exc}") from None
     if data is None:
         raise ConfigError(f"{path} is empty; fix: see the package's default {filename} for the layout")
     return parse_config(model, data, str(path))

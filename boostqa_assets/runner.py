@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 
-from boostqa_assets.definitions import STAGES, defs
+from boostqa_assets.definitions import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class StageResult:
     checks_failed: int = 0
 
 
-def _partition_tags(asset: str) -> tuple[dict[str, str], int]:
+def _partition_tags(defs: dg.Definitions, asset: str) -> tuple[dict[str, str], int]:
     pdef = defs.resolve_assets_def(asset).partitions_def
     if pdef is None:
         return {}, 1
@@ -47,10 +47,10 @@ def _metadata_values(event: dg.AssetMaterialization) -> dict[str, Any]:
     return out
 
 
-def run_stage(asset: str, instance: dg.DagsterInstance, resources: dict[str, Any] | None = None,
-              quiet: bool = True) -> StageResult:
+def run_stage(defs: dg.Definitions, asset: str, instance: dg.DagsterInstance,
+              resources: dict[str, Any] | None = None, quiet: bool = True) -> StageResult:
     """Materialize every partition of ``asset`` (and run its checks) in one in-process run."""
-    tags, n_parts = _partition_tags(asset)
+    tags, n_parts = _partition_tags(defs, asset)
     started = time.perf_counter()
     result = dg.materialize(
         assets=[*defs.assets, *(defs.asset_checks or [])],  # type: ignore[list-item]
@@ -73,13 +73,13 @@ def run_stage(asset: str, instance: dg.DagsterInstance, resources: dict[str, Any
                        _metadata_values(mats[-1]) if mats else {}, passed, failed)
 
 
-def run_pipeline(instance: dg.DagsterInstance, stages: Sequence[str] = STAGES,
+def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, stages: Sequence[str] = STAGES,
                  on_stage: Callable[[StageResult], None] | None = None,
                  resources: dict[str, Any] | None = None) -> list[StageResult]:
     """Run ``stages`` in order; stop at the first stage that fails (a failed blocking check included)."""
     results = []
     for asset in stages:
-        res = run_stage(asset, instance, resources)
+        res = run_stage(defs, asset, instance, resources)
         results.append(res)
         if on_stage:
             on_stage(res)

@@ -11,6 +11,7 @@ from boostqa_assets.partitions import Partitions, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
 from boostqa_assets.records import REFINED_SCHEMA, SYNTHESIZED_SCHEMA
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
+from boostqa_assets.storage import Store
 
 
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -66,20 +67,22 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         the configuration says must reject."""
         st = store.get()
         reject_flags = project_config().pipeline.refinement.reject_flags
-
-        def evaluate(key: str) -> checks.CheckOutcome:
-            discipline, grade = qa_key_parts(key)
-            df = st.read_partition("refined_qa", {"discipline": discipline, "grade": grade})
-            outcome = checks.table_checks(
-                df, REFINED_SCHEMA, unique_on="qa_id", equals={"discipline": discipline, "grade": grade},
-                not_null=["qa_id", "seed_id", "question", "refined_answer", "refine_request_hash"],
-                allowed={"status": ["kept"]})
-            if outcome.passed and df.height:
-                flagged = df.filter(pl.col("flags").list.eval(pl.element().is_in(reject_flags)).list.any()).height
-                outcome.metadata["kept_rows_with_reject_flags"] = flagged
-                outcome.passed = flagged == 0
-            return outcome
-
-        return report_partition_checks(context, "refined_qa", "refined_qa_valid", evaluate)
+        return report_partition_checks(context, "refined_qa", "refined_qa_valid",
+                                       lambda key: evaluate_partition(st, key, reject_flags))
 
     return [refined_qa, refined_qa_valid]
+
+
+def evaluate_partition(st: Store, key: str, reject_flags: list[str]) -> checks.CheckOutcome:
+    """The `refined_qa_valid` rule for one partition (pure: a store and a key in, numbers out)."""
+    discipline, grade = qa_key_parts(key)
+    df = st.read_partition("refined_qa", {"discipline": discipline, "grade": grade})
+    outcome = checks.table_checks(
+        df, REFINED_SCHEMA, unique_on="qa_id", equals={"discipline": discipline, "grade": grade},
+        not_null=["qa_id", "seed_id", "question", "refined_answer", "refine_request_hash"],
+        allowed={"status": ["kept"]})
+    if outcome.passed and df.height:
+        flagged = df.filter(pl.col("flags").list.eval(pl.element().is_in(reject_flags)).list.any()).height
+        outcome.metadata["kept_rows_with_reject_flags"] = flagged
+        outcome.passed = flagged == 0
+    return outcome
