@@ -37,10 +37,11 @@ def row_weights(df: pl.DataFrame, recipe: Recipe) -> pl.Series:
             return pl.lit(1.0)
         return pl.col(col).replace_strict(weights, default=1.0, return_dtype=pl.Float64)
 
-    return df.select(
+    # with_columns (not select) broadcasts a literal to every row when the recipe has no weights at all
+    return df.with_columns(
         (mapped("category", recipe.category_weights) * mapped("grade", recipe.grade_weights)
-         * mapped("track", recipe.track_weights)).alias("w")
-    )["w"]
+         * mapped("track", recipe.track_weights)).alias("_w")
+    )["_w"].alias("w")
 
 
 def build_mixture(refined: pl.DataFrame, recipe: Recipe) -> tuple[pl.DataFrame, dict[str, Any]]:
