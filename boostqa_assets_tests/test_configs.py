@@ -1,4 +1,4 @@
-"""Tests for boostqa_assets.configs: the shipped config folder, error messages for bad files, env overrides."""
+"""Tests for boostqa_assets.configs: the shipped config folder, messages for bad files, env overrides."""
 
 from __future__ import annotations
 
@@ -110,21 +110,37 @@ def _zero_budget(d: dict[str, Any]) -> None:
     ("filename", "change", "field", "fix"),
     [
         pytest.param("llm.yaml", _typo_in_role, "roles.annotator.max_token", "check the spelling", id="typo"),
-        pytest.param("sources.yaml", _article_kind, "sources.0.kind", "use one of 'qa', 'problem' or 'passage'",
-                     id="wrong-enum"),
+        pytest.param(
+            "sources.yaml",
+            _article_kind,
+            "sources.0.kind",
+            "use one of 'qa', 'problem' or 'passage'",
+            id="wrong-enum",
+        ),
         pytest.param("sources.yaml", _bad_slug, "sources.1.name", "lower_snake_case", id="bad-slug"),
-        pytest.param("sources.yaml", _qa_without_answer, "sources.1", "fields: {answer: <column>}",
-                     id="qa-missing-answer-mapping"),
+        pytest.param(
+            "sources.yaml",
+            _qa_without_answer,
+            "sources.1",
+            "fields: {answer: <column>}",
+            id="qa-missing-answer-mapping",
+        ),
         pytest.param("sources.yaml", _duplicate_source, "sources", "rename", id="duplicate-source"),
-        pytest.param("recipes.yaml", _negative_weight, "recipes.0.category_weights", ">= 0",
-                     id="negative-weight"),
-        pytest.param("taxonomy.yaml", _duplicate_discipline, "disciplines", "rename", id="duplicate-discipline"),
+        pytest.param(
+            "recipes.yaml", _negative_weight, "recipes.0.category_weights", ">= 0", id="negative-weight"
+        ),
+        pytest.param(
+            "taxonomy.yaml", _duplicate_discipline, "disciplines", "rename", id="duplicate-discipline"
+        ),
         pytest.param("llm.yaml", _missing_role, "roles", "refiner", id="missing-role"),
-        pytest.param("recipes.yaml", _zero_budget, "recipes.0.token_budget", "allowed range", id="zero-budget"),
+        pytest.param(
+            "recipes.yaml", _zero_budget, "recipes.0.token_budget", "allowed range", id="zero-budget"
+        ),
     ],
 )
-def test_bad_file_message(tmp_path: Path, filename: str, change: Callable[[dict[str, Any]], None], field: str,
-                          fix: str) -> None:
+def test_bad_file_message(
+    tmp_path: Path, filename: str, change: Callable[[dict[str, Any]], None], field: str, fix: str
+) -> None:
     config = copy_config(tmp_path)
     edit_yaml(config, filename, change)
     message = load_error(config)
@@ -244,7 +260,9 @@ def test_config_error_is_a_value_error() -> None:
 
 
 def test_role_override_touches_only_that_role() -> None:
-    project = load_project_config(DEFAULT_CONFIG_DIR, env={"BOOSTQA_SYNTHESIZER_BASE_URL": "http://llm:8000/v1"})
+    project = load_project_config(
+        DEFAULT_CONFIG_DIR, env={"BOOSTQA_SYNTHESIZER_BASE_URL": "http://llm:8000/v1"}
+    )
     roles = project.llm.roles
     assert roles["synthesizer"].base_url == "http://llm:8000/v1"
     assert not roles["synthesizer"].is_embedded
@@ -260,7 +278,11 @@ def test_llm_wide_override_applies_to_every_role() -> None:
 
 
 def test_role_override_beats_llm_wide_override() -> None:
-    env = {"BOOSTQA_LLM_MODEL": "general", "BOOSTQA_REFINER_MODEL": "special", "BOOSTQA_LLM_MAX_TOKENS": "512"}
+    env = {
+        "BOOSTQA_LLM_MODEL": "general",
+        "BOOSTQA_REFINER_MODEL": "special",
+        "BOOSTQA_LLM_MAX_TOKENS": "512",
+    }
     roles = load_project_config(DEFAULT_CONFIG_DIR, env=env).llm.roles
     assert roles["refiner"].model == "special"
     assert roles["annotator"].model == roles["synthesizer"].model == "general"
@@ -290,8 +312,9 @@ def test_llm_wide_api_key_points_every_role_at_it() -> None:
 
 
 def test_api_key_env_override_names_a_variable() -> None:
-    roles = load_project_config(DEFAULT_CONFIG_DIR, env={"BOOSTQA_ANNOTATOR_API_KEY_ENV": "DEEPSEEK_API_KEY"}
-                                ).llm.roles
+    roles = load_project_config(
+        DEFAULT_CONFIG_DIR, env={"BOOSTQA_ANNOTATOR_API_KEY_ENV": "DEEPSEEK_API_KEY"}
+    ).llm.roles
     assert roles["annotator"].api_key_env == "DEEPSEEK_API_KEY"
 
 

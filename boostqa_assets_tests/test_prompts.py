@@ -40,17 +40,31 @@ def _golden_inputs(prompt_id: str) -> dict[str, Any]:
     tax = load_config("taxonomy.yaml", DEFAULT_CONFIG_DIR)
     assert isinstance(tax, TaxonomyConfig)
     return {
-        "annotate": {"disciplines": tax.discipline_names, "grades": tax.grades, "difficulties": tax.difficulties,
-                     "item": "Why does ice float on liquid water?"},
-        "synthesize_multi_grade": {"discipline": "earth_science", "grade": "middle",
-                                   "grade_hint": synthesize.GRADE_HINTS["middle"],
-                                   "seed": "Plate tectonics moves continents a few centimetres a year.",
-                                   "variant": 0},
-        "synthesize_high_difficulty": {"discipline": "computer_science", "grade": "graduate",
-                                       "grade_hint": synthesize.GRADE_HINTS["graduate"],
-                                       "seed": "Sort a list of integers. Answer: use merge sort.", "variant": 2},
-        "refine": {"grade": "high", "question": "What causes the seasons on Earth?",
-                   "answer": "the tilt i guess"},
+        "annotate": {
+            "disciplines": tax.discipline_names,
+            "grades": tax.grades,
+            "difficulties": tax.difficulties,
+            "item": "Why does ice float on liquid water?",
+        },
+        "synthesize_multi_grade": {
+            "discipline": "earth_science",
+            "grade": "middle",
+            "grade_hint": synthesize.GRADE_HINTS["middle"],
+            "seed": "Plate tectonics moves continents a few centimetres a year.",
+            "variant": 0,
+        },
+        "synthesize_high_difficulty": {
+            "discipline": "computer_science",
+            "grade": "graduate",
+            "grade_hint": synthesize.GRADE_HINTS["graduate"],
+            "seed": "Sort a list of integers. Answer: use merge sort.",
+            "variant": 2,
+        },
+        "refine": {
+            "grade": "high",
+            "question": "What causes the seasons on Earth?",
+            "answer": "the tilt i guess",
+        },
     }[prompt_id]
 
 
@@ -62,9 +76,11 @@ def test_golden_rendering(prompt_id: str) -> None:
     if UPDATE:
         GOLDEN_DIR.mkdir(exist_ok=True)
         golden.write_text(prompt.text, encoding="utf-8")
-    how = ("regenerate with: BOOSTQA_UPDATE_GOLDEN=1 .venv/bin/python -m pytest "
-           "boostqa_assets_tests/test_prompts.py (only for a deliberate change: released templates are never "
-           "edited, add a new version instead)")
+    how = (
+        "regenerate with: BOOSTQA_UPDATE_GOLDEN=1 .venv/bin/python -m pytest "
+        "boostqa_assets_tests/test_prompts.py (only for a deliberate change: released templates are never "
+        "edited, add a new version instead)"
+    )
     assert golden.is_file(), f"missing golden file {golden}; {how}"
     expected = golden.read_text(encoding="utf-8")
     assert prompt.text == expected, f"{prompt_id} v1 no longer renders as {golden}; {how}"
@@ -116,7 +132,9 @@ def test_fingerprint_is_stable_and_depends_on_the_prompt_ids() -> None:
     assert a == prompting.prompt_fingerprint("annotate")
     assert len(a) == 12
     assert a != prompting.prompt_fingerprint("refine")
-    assert prompting.prompt_fingerprint("annotate", "refine") != prompting.prompt_fingerprint("refine", "annotate")
+    assert prompting.prompt_fingerprint("annotate", "refine") != prompting.prompt_fingerprint(
+        "refine", "annotate"
+    )
 
 
 @pytest.fixture
@@ -125,8 +143,12 @@ def prompts_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     copy = tmp_path / "prompts"
     shutil.copytree(PROMPTS_DIR, copy)
     monkeypatch.setattr(prompting, "PROMPTS_DIR", copy)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(copy)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=False, autoescape=False)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(copy)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=False,
+        autoescape=False,
+    )
     monkeypatch.setattr(prompting, "_ENV", env)
     prompting._template.cache_clear()
     yield copy
@@ -145,8 +167,9 @@ def test_fingerprint_changes_when_a_template_changes(prompts_copy: Path) -> None
 
 def test_a_new_version_becomes_the_latest(prompts_copy: Path) -> None:
     before = prompting.prompt_fingerprint("refine")
-    (prompts_copy / "refine" / "v2.j2").write_text("Refine v2 for {{ grade }}: {{ question }} / {{ answer }}\n",
-                                                   encoding="utf-8")
+    (prompts_copy / "refine" / "v2.j2").write_text(
+        "Refine v2 for {{ grade }}: {{ question }} / {{ answer }}\n", encoding="utf-8"
+    )
     (prompts_copy / "refine" / "v10.j2").write_text("Refine v10: {{ answer }}", encoding="utf-8")
     (prompts_copy / "refine" / "v3_draft.j2").write_text("not a version", encoding="utf-8")
     (prompts_copy / "refine" / "notes.j2").write_text("not a version", encoding="utf-8")
@@ -167,14 +190,24 @@ def test_a_new_version_becomes_the_latest(prompts_copy: Path) -> None:
     ("reply", "expected"),
     [
         ({"discipline": "physics", "grade": "high", "difficulty": "hard"}, ("physics", "high", "hard")),
-        ({"discipline": " Computer Science ", "grade": "UNDERGRADUATE", "difficulty": "Easy"},
-         ("computer_science", "undergraduate", "easy")),
-        ({"discipline": "history", "grade": "primary", "difficulty": "medium", "why": "extra keys are ignored"},
-         ("history", "primary", "medium")),
+        (
+            {"discipline": " Computer Science ", "grade": "UNDERGRADUATE", "difficulty": "Easy"},
+            ("computer_science", "undergraduate", "easy"),
+        ),
+        (
+            {
+                "discipline": "history",
+                "grade": "primary",
+                "difficulty": "medium",
+                "why": "extra keys are ignored",
+            },
+            ("history", "primary", "medium"),
+        ),
     ],
 )
-def test_annotation_validator_accepts(taxonomy: TaxonomyConfig, reply: dict[str, Any],
-                                      expected: tuple[str, str, str]) -> None:
+def test_annotation_validator_accepts(
+    taxonomy: TaxonomyConfig, reply: dict[str, Any], expected: tuple[str, str, str]
+) -> None:
     value = annotate.make_validator(taxonomy)(reply)
     assert (value.discipline, value.grade, value.difficulty) == expected
 
@@ -182,7 +215,10 @@ def test_annotation_validator_accepts(taxonomy: TaxonomyConfig, reply: dict[str,
 @pytest.mark.parametrize(
     ("reply", "error"),
     [
-        ({"discipline": "astrology", "grade": "high", "difficulty": "hard"}, "discipline 'astrology' is not in"),
+        (
+            {"discipline": "astrology", "grade": "high", "difficulty": "hard"},
+            "discipline 'astrology' is not in",
+        ),
         ({"discipline": "physics", "grade": "kindergarten", "difficulty": "hard"}, "grade 'kindergarten'"),
         ({"discipline": "physics", "grade": "high", "difficulty": "insane"}, "difficulty 'insane'"),
         ({"discipline": "physics", "grade": "high"}, "difficulty"),
@@ -210,7 +246,10 @@ def test_annotation_schema_enumerates_the_taxonomy(taxonomy: TaxonomyConfig) -> 
     ("reply", "expected"),
     [
         ({"question": "What is 2 + 2?", "answer": "4"}, ("What is 2 + 2?", "4")),
-        ({"question": "  Padded question?  ", "answer": " yes \n", "note": "ignored"}, ("Padded question?", "yes")),
+        (
+            {"question": "  Padded question?  ", "answer": " yes \n", "note": "ignored"},
+            ("Padded question?", "yes"),
+        ),
     ],
 )
 def test_qa_validator_accepts(reply: dict[str, Any], expected: tuple[str, str]) -> None:

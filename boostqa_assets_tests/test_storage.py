@@ -17,8 +17,10 @@ PHYSICS_HIGH = {"discipline": "physics", "grade": "high"}
 
 
 def rows(n: int, value: int = 0, prefix: str = "q") -> pl.DataFrame:
-    return pl.DataFrame({"qa_id": [f"{prefix}{i}" for i in range(n)], "value": [value] * n,
-                         "tags": [["a", "b"]] * n}, schema=SCHEMA)
+    return pl.DataFrame(
+        {"qa_id": [f"{prefix}{i}" for i in range(n)], "value": [value] * n, "tags": [["a", "b"]] * n},
+        schema=SCHEMA,
+    )
 
 
 def all_files(root: Path) -> list[str]:
@@ -50,7 +52,8 @@ def test_hive_layout(store: Store) -> None:
 
 def test_partition_order_is_the_mapping_order(store: Store) -> None:
     assert store.partition_path("a", {"grade": "high", "discipline": "physics"}).endswith(
-        "a/grade=high/discipline=physics/" + PART_FILE)
+        "a/grade=high/discipline=physics/" + PART_FILE
+    )
 
 
 def test_round_trip_keeps_the_schema(store: Store) -> None:
@@ -83,7 +86,7 @@ def test_concurrent_readers_never_see_a_partial_file(store: Store) -> None:
                 k = df["value"][0]
                 assert df.height == k and df["value"].to_list() == [k] * k, (df.height, k)
                 seen.append(int(k))
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
                 return
 
@@ -92,7 +95,9 @@ def test_concurrent_readers_never_see_a_partial_file(store: Store) -> None:
         t.start()
     try:
         for k in range(2, 120):
-            store.write_partition("t", PHYSICS_HIGH, rows(k * 20, value=k * 20) if k % 2 else rows(k, value=k))
+            store.write_partition(
+                "t", PHYSICS_HIGH, rows(k * 20, value=k * 20) if k % 2 else rows(k, value=k)
+            )
     finally:
         stop.set()
         for t in threads:
@@ -122,8 +127,10 @@ def test_read_asset_concatenates_partitions(store: Store) -> None:
 
 
 def test_read_asset_selects_and_casts_to_the_schema(store: Store) -> None:
-    df = pl.DataFrame({"qa_id": ["a"], "value": [1], "extra": ["dropped"]},
-                      schema={"qa_id": pl.Utf8, "value": pl.Int32, "extra": pl.Utf8})
+    df = pl.DataFrame(
+        {"qa_id": ["a"], "value": [1], "extra": ["dropped"]},
+        schema={"qa_id": pl.Utf8, "value": pl.Int32, "extra": pl.Utf8},
+    )
     store.write_partition("t", {"source": "s"}, df)
     schema = pl.Schema({"value": pl.Int64(), "qa_id": pl.Utf8()})
     back = store.read_asset("t", schema)
@@ -160,15 +167,20 @@ def test_rejects_path_slugs_multi_partition_keys(store: Store) -> None:
 
 def test_write_directory_swaps_the_whole_folder(store: Store) -> None:
     partition = {"recipe": "stem_heavy"}
-    target = store.write_directory("qa_mixture", partition, {"part-00000.parquet": b"old",
-                                                             "part-00001.jsonl": b"old", "manifest.json": b"{}"})
+    target = store.write_directory(
+        "qa_mixture",
+        partition,
+        {"part-00000.parquet": b"old", "part-00001.jsonl": b"old", "manifest.json": b"{}"},
+    )
     assert target == f"{store.root}/qa_mixture/recipe=stem_heavy"
-    store.write_directory("qa_mixture", partition, {"part-00000.jsonl": b"new", "manifest.json": b"{\"v\": 2}"})
+    store.write_directory("qa_mixture", partition, {"part-00000.jsonl": b"new", "manifest.json": b'{"v": 2}'})
     root = Path(store.root)
-    assert all_files(root) == ["qa_mixture/recipe=stem_heavy/manifest.json",
-                               "qa_mixture/recipe=stem_heavy/part-00000.jsonl"]
+    assert all_files(root) == [
+        "qa_mixture/recipe=stem_heavy/manifest.json",
+        "qa_mixture/recipe=stem_heavy/part-00000.jsonl",
+    ]
     assert all_dirs(root) == ["qa_mixture", "qa_mixture/recipe=stem_heavy"]  # no staging or trash left
-    assert store.read_bytes(f"{target}/manifest.json") == b"{\"v\": 2}"
+    assert store.read_bytes(f"{target}/manifest.json") == b'{"v": 2}'
     assert store.read_bytes(f"{target}/part-00000.jsonl") == b"new"
 
 

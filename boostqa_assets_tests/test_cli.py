@@ -1,0 +1,42 @@
+"""The `boostqa` command: config validation, one-shot SQL, and the DuckDB shell over the views."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from boostqa_assets.definitions import build_definitions
+from boostqa_assets.runner import run_stage
+
+BOOSTQA = str(Path(sys.executable).parent / "boostqa")
+
+
+def _run(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([BOOSTQA, *args], env={**os.environ, **env}, input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_check_config_reports_and_fails_clearly(project_env: dict[str, str], tmp_path: Path) -> None:
+    ok = _run(["check-config"], project_env)
+    assert ok.returncode == 0 and "22 disciplines x 5 grades" in ok.stdout
+    bad = tmp_path / "config" / "recipes.yaml"
+    bad.write_text(bad.read_text().replace("token_budget", "token_budgt"))
+    res = _run(["check-config"], project_env)
+    assert res.returncode == 2
+    assert "recipes.yaml" in res.stderr and "token_budgt" in res.stderr and "fix:" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_sql_and_duckdb_shell_read_the_views(project_env: dict[str, str]) -> None:
+    assert run_stage(build_definitions(), "seeds", dg.DagsterInstance.ephemeral()).success
+    res = _run(["sql", "SELECT source, count(*) AS n FROM seeds GROUP BY ALL ORDER BY source"], project_env)
+    assert res.returncode == 0, res.stderr
+    assert "physics_qa" in res.stdout and "history_passages" in res.stdout
+    shell = _run(["duckdb"], project_env, stdin=".mode csv\nSELECT count(*) AS n FROM seeds;\n"
+                                                "SELECT count(*) AS n FROM rejects;\nSELECT count(*) FROM coverage;\n")
+    assert shell.returncode == 0, shell.stderr
+    assert "n\n9\n" in shell.stdout and "n\n4\n" in shell.stdout  # 9 seeds; 4 seed rejects
