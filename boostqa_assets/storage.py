@@ -41,6 +41,8 @@ class Store:
     """Reads and writes the assets' Parquet partitions under one root."""
 
     def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        if root.startswith("file://"):  # a local path: os.* calls below need it without the scheme
+            root = root.removeprefix("file://") or "/"
         self.root = root.rstrip("/")
         self.storage_options = dict(storage_options or {})
         protocol = root.split("://", 1)[0] if "://" in root else "file"

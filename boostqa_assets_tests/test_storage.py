@@ -196,3 +196,12 @@ def test_exists(store: Store) -> None:
     assert not store.exists(path)
     store.write_partition("t", {"source": "s"}, rows(1))
     assert store.exists(path)
+
+
+def test_file_url_root_is_a_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = Store(f"file://{tmp_path}/data")
+    assert store.is_local and store.root == f"{tmp_path}/data"
+    store.write_partition("t", {"source": "s"}, rows(2))
+    assert all_files(tmp_path) == ["data/t/source=s/part-0000.parquet"]  # no stray ./file: folder
+    assert store.read_asset("t", SCHEMA).height == 2

@@ -24,7 +24,11 @@ _URLS = {
 
 
 def _seed_cache(name: str) -> None:
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    # tiktoken's own precedence: TIKTOKEN_CACHE_DIR wins even when empty (which would disable its cache)
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        cache_dir = os.environ["TIKTOKEN_CACHE_DIR"]
+    else:
+        cache_dir = os.environ.get("DATA_GYM_CACHE_DIR", "")
     if not cache_dir:
         cache_dir = str(Path(tempfile.gettempdir()) / "boostqa-tiktoken")
         os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir

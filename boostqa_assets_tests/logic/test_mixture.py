@@ -174,7 +174,7 @@ def test_higher_weight_gets_a_larger_share(refined: pl.DataFrame) -> None:
     )
     docs, manifest = build_mixture(refined, r)
     by_cat = manifest["tokens_by_category"]
-    assert set(by_cat) <= {"stem", "humanities"}
+    assert set(docs["category"]) == set(by_cat) <= {"stem", "humanities"}
     supply = refined.group_by("category").len()
     assert dict(supply.iter_rows())["stem"] == dict(supply.iter_rows())["humanities"]
     assert by_cat["stem"] > 4 * by_cat.get("humanities", 0)
@@ -356,4 +356,23 @@ def test_seeding_the_cache_is_safe_across_threads(offline_tiktoken: Path) -> Non
         t.join()
     assert not errors, errors
     assert [p.name for p in offline_tiktoken.iterdir() if p.name.endswith(".tmp")] == []
+    assert count_tokens(["hello world"]) == [2]
+
+
+def test_offline_with_data_gym_cache_dir(
+    offline_tiktoken: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gym = tmp_path / "gym"
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(gym))
+    assert count_tokens(["hello world"]) == [2]
+    assert len(list(gym.iterdir())) == 1  # seeded where tiktoken looks
+
+
+def test_offline_when_tiktoken_cache_is_disabled(
+    offline_tiktoken: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an empty TIKTOKEN_CACHE_DIR turns tiktoken's cache off (and so downloads); it must not win over offline
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "gym"))
     assert count_tokens(["hello world"]) == [2]
