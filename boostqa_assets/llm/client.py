@@ -91,6 +91,11 @@ def _extract_json(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         start = text.find("{")
+        if start != -1:
+            try:  # the first object, ignoring whatever follows it (chatter, a next few-shot example)
+                return json.JSONDecoder().raw_decode(text, start)[0]
+            except json.JSONDecodeError:
+                pass
         end = text.rfind("}")
         if start != -1 and end > start:
             return json.loads(text[start : end + 1])
@@ -168,6 +173,8 @@ class LLMClient:
             body["stop"] = list(cfg.stop)
         if cfg.seed is not None:
             body["seed"] = cfg.seed + req.seed_offset + attempt
+        elif attempt > 0:  # a re-ask identical to the failed attempt would get its cached bad reply back
+            body["seed"] = req.seed_offset + attempt
         if cfg.api == "chat":
             messages = [{"role": "system", "content": req.system}] if req.system else []
             messages.append({"role": "user", "content": req.prompt})
@@ -202,7 +209,8 @@ class LLMClient:
         base = wait_exponential_jitter(initial=self.cfg.backoff_base_s, max=self.cfg.backoff_max_s)(state)
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
-            return min(self.cfg.backoff_max_s, max(exc.retry_after, 0.05) + 0.1 * base)
+            # Retry-After is a floor: capping it at backoff_max_s would retry early into more 429s.
+            return max(exc.retry_after, 0.05) + 0.1 * base
         return base
 
     async def _post_once(self, http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -377,25 +385,29 @@ class LLMClient:
             async def run(i: int) -> tuple[int, LLMResult]:
                 return i, await self._run_one(http, sem, requests[i], validator)
 
+            def collect(finished: set[asyncio.Task[tuple[int, LLMResult]]]) -> None:
+                nonlocal done
+                # Look at every exception before raising one (several tasks may see the breaker open):
+                # the others would otherwise be logged as "Task exception was never retrieved".
+                errors = [e for e in (t.exception() for t in finished) if e is not None]
+                if errors:
+                    raise errors[0]
+                for task in finished:
+                    j, res = task.result()
+                    results[j] = res
+                    done += 1
+                    if progress:
+                        progress(done, len(requests), self.stats)
+
             try:
                 for i in range(len(requests)):
                     pending.add(asyncio.create_task(run(i)))
                     if len(pending) >= window:
                         finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                        for task in finished:
-                            j, res = task.result()
-                            results[j] = res
-                            done += 1
-                            if progress:
-                                progress(done, len(requests), self.stats)
+                        collect(finished)
                 while pending:
                     finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for task in finished:
-                        j, res = task.result()
-                        results[j] = res
-                        done += 1
-                        if progress:
-                            progress(done, len(requests), self.stats)
+                    collect(finished)
             finally:
                 for task in pending:
                     task.cancel()

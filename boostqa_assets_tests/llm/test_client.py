@@ -3,8 +3,11 @@ rate limits, reasoning, the response cache, the circuit breaker and API-key hygi
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import hashlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -39,6 +42,7 @@ from boostqa_assets.llm.types import LLMRequest, LLMResult, LLMStats, request_ha
 SECRET = "sk-test-9f8e7d6c5b4a-SECRET-KEY"
 KEY_ENV = "BOOSTQA_TEST_CLIENT_API_KEY"
 N = 20
+Serve = Callable[..., FakeOpenAIServer]
 QA_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
@@ -166,7 +170,8 @@ def test_chat_body_has_messages_and_sampling_parameters() -> None:
                      schema=QA_SCHEMA, seed_offset=3)
     body = c.build_body(req)
     assert body["model"] == "fake-model" and body["max_tokens"] == 64 and body["top_p"] == 0.9
-    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+    assert body["messages"] == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Hello?"}]
     assert "prompt" not in body
     assert body["stop"] == ["\n\n", "END"]
     assert body["seed"] == 7 + 3 and body["temperature"] == 0.0
@@ -207,7 +212,8 @@ def test_structured_output_modes(api: str, mode: str) -> None:
     assert body["top_k"] == 5  # extra_body passes through
     rf = body.get("response_format")
     if mode == "json_schema":
-        assert rf == {"type": "json_schema", "json_schema": {"name": "qa", "schema": QA_SCHEMA, "strict": True}}
+        assert rf == {"type": "json_schema",
+                      "json_schema": {"name": "qa", "schema": QA_SCHEMA, "strict": True}}
     elif mode == "json_object_schema":
         assert rf == {"type": "json_object", "schema": QA_SCHEMA}
     elif mode == "json_object":
@@ -256,7 +262,7 @@ def test_request_hash_is_content_addressed(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_reask_bodies_differ_even_without_a_configured_seed() -> None:
-    """A re-ask identical to the attempt it replaces would be answered from the cache with the same bad reply."""
+    """A re-ask identical to the attempt it replaces would be answered from the cache with the bad reply."""
     c = _body_client(seed=None, temperature=0.7)
     req = make_requests(1)[0]
     hashes = {request_hash(c.build_body(req, attempt)) for attempt in range(4)}
@@ -277,7 +283,7 @@ TRANSPORT_FAULTS = [  # kind, times per body, stats counter it must move, extra 
 @pytest.mark.parametrize(("kind", "times", "counter", "extra"), TRANSPORT_FAULTS,
                          ids=[f[0] for f in TRANSPORT_FAULTS])
 def test_transport_faults_are_retried_without_losing_or_duplicating_rows(
-        serve: Callable[..., FakeOpenAIServer], kind: str, times: int, counter: str, extra: dict[str, Any]) -> None:
+        serve: Serve, kind: str, times: int, counter: str, extra: dict[str, Any]) -> None:
     rec = Recorder()
     srv = serve(FaultConfig(fail_first_n={kind: times}, hang_s=10), responder=rec)
     c = client_for(srv, max_concurrency=N, **extra)
@@ -300,7 +306,7 @@ def test_transport_faults_are_retried_without_losing_or_duplicating_rows(
     assert_stats_consistent(s, results)
 
 
-def test_transport_retries_exhausted_reject_rows_and_keep_going(serve: Callable[..., FakeOpenAIServer]) -> None:
+def test_transport_retries_exhausted_reject_rows_and_keep_going(serve: Serve) -> None:
     srv = serve(FaultConfig(fail_first_n={"drop": 3}))
     c = client_for(srv, max_retries=2, circuit_breaker_failures=10_000)
     reqs = make_requests()
@@ -314,7 +320,7 @@ def test_transport_retries_exhausted_reject_rows_and_keep_going(serve: Callable[
     assert_stats_consistent(c.stats, results)
 
 
-def test_http_400_is_not_retried(serve: Callable[..., FakeOpenAIServer]) -> None:
+def test_http_400_is_not_retried(serve: Serve) -> None:
     srv = serve(FaultConfig(fail_first_n={"400": 1}))
     c = client_for(srv)
     reqs = make_requests()
@@ -328,7 +334,7 @@ def test_http_400_is_not_retried(serve: Callable[..., FakeOpenAIServer]) -> None
     assert_stats_consistent(c.stats, results)
 
 
-def test_http_400_at_random_only_rejects_its_own_rows(serve: Callable[..., FakeOpenAIServer]) -> None:
+def test_http_400_at_random_only_rejects_its_own_rows(serve: Serve) -> None:
     srv = serve(FaultConfig(error_400_rate=0.5, seed=3))
     c = client_for(srv)
     reqs = make_requests(40)
@@ -342,12 +348,13 @@ def test_http_400_at_random_only_rejects_its_own_rows(serve: Callable[..., FakeO
 
 # --- 2. faults: bad replies ------------------------------------------------------------------------------
 
-PARSE_FAULTS = [("malformed", "invalid_json"), ("schema_mismatch", "schema_mismatch"), ("truncated", "truncated")]
+PARSE_FAULTS = [("malformed", "invalid_json"), ("schema_mismatch", "schema_mismatch"),
+                ("truncated", "truncated")]
 
 
 @pytest.mark.parametrize(("kind", "error"), PARSE_FAULTS, ids=[f[0] for f in PARSE_FAULTS])
 def test_persistent_bad_replies_are_reasked_then_rejected_with_raw_output(
-        serve: Callable[..., FakeOpenAIServer], kind: str, error: str) -> None:
+        serve: Serve, kind: str, error: str) -> None:
     # fail_first_n counts per distinct body and every re-ask is a new body: each attempt gets the fault.
     rec = Recorder()
     srv = serve(FaultConfig(fail_first_n={kind: 1}), responder=rec)
@@ -398,7 +405,7 @@ def _bad_first_time(kind: str) -> Callable[[dict[str, Any]], ResponderReply]:
 
 
 @pytest.mark.parametrize("kind", [k for k, _ in PARSE_FAULTS])
-def test_bad_reply_reasked_once_then_accepted(serve: Callable[..., FakeOpenAIServer], kind: str) -> None:
+def test_bad_reply_reasked_once_then_accepted(serve: Serve, kind: str) -> None:
     rec = Recorder(_bad_first_time(kind))
     srv = serve(responder=rec)
     c = client_for(srv, seed=5)
@@ -417,7 +424,7 @@ def test_bad_reply_reasked_once_then_accepted(serve: Callable[..., FakeOpenAISer
 
 
 def test_reask_is_not_answered_from_cache_without_a_seed(
-        serve: Callable[..., FakeOpenAIServer], tmp_path: Path) -> None:
+        serve: Serve, tmp_path: Path) -> None:
     """With ``seed: null`` and temperature > 0 a re-ask used to be byte-identical to the failed attempt, so
     the cache handed back the same bad reply and every re-ask was wasted."""
     srv = serve(responder=_bad_first_time("malformed"))
@@ -428,7 +435,7 @@ def test_reask_is_not_answered_from_cache_without_a_seed(
     assert srv.stats()["requests"] == 10
 
 
-def test_random_mixed_faults_lose_and_duplicate_nothing(serve: Callable[..., FakeOpenAIServer]) -> None:
+def test_random_mixed_faults_lose_and_duplicate_nothing(serve: Serve) -> None:
     srv = serve(FaultConfig(error_500_rate=0.05, error_503_rate=0.05, timeout_rate=0.05, drop_rate=0.05,
                             malformed_rate=0.05, schema_mismatch_rate=0.05, truncated_rate=0.05, seed=11,
                             hang_s=10))
@@ -449,7 +456,7 @@ def test_random_mixed_faults_lose_and_duplicate_nothing(serve: Callable[..., Fak
 
 
 def test_progress_and_order_with_more_requests_than_the_task_window(
-        serve: Callable[..., FakeOpenAIServer]) -> None:
+        serve: Serve) -> None:
     srv = serve(FaultConfig(latency_s=0.002, latency_jitter_s=0.002))
     c = client_for(srv, max_concurrency=3)
     reqs = make_requests(150)
@@ -467,7 +474,7 @@ def test_progress_and_order_with_more_requests_than_the_task_window(
 # --- 3. rate limits and Retry-After ----------------------------------------------------------------------
 
 
-def test_rpm_limit_retry_after_is_honoured(serve: Callable[..., FakeOpenAIServer]) -> None:
+def test_rpm_limit_retry_after_is_honoured(serve: Serve) -> None:
     rpm, window, n = 4, 1.0, 12
     srv = serve(FaultConfig(rpm=rpm, window_s=window))
     # backoff_max_s is far below the server's Retry-After (1 s): the client must still wait what it is told
@@ -507,7 +514,7 @@ def test_retry_after_parsing(headers: dict[str, str], expected: float | None) ->
 @pytest.mark.parametrize(("api", "mode"), [("chat", "field"), ("chat", "think_tags"),
                                            ("completions", "think_tags")])
 def test_reasoning_is_kept_apart_from_the_answer(
-        serve: Callable[..., FakeOpenAIServer], api: str, mode: str) -> None:
+        serve: Serve, api: str, mode: str) -> None:
     srv = serve(FaultConfig(reasoning=mode))
     c = client_for(srv, api=api, structured_output="json_object_schema")
     reqs = make_requests(5)
@@ -520,7 +527,7 @@ def test_reasoning_is_kept_apart_from_the_answer(
             assert "think" not in text.lower() and "step by step" not in text
 
 
-def test_no_reasoning_means_empty_reasoning(serve: Callable[..., FakeOpenAIServer]) -> None:
+def test_no_reasoning_means_empty_reasoning(serve: Serve) -> None:
     results = client_for(serve()).run(make_requests(2), qa_validator)
     assert all(r.ok and r.reasoning == "" for r in results)
 
@@ -529,7 +536,7 @@ def test_no_reasoning_means_empty_reasoning(serve: Callable[..., FakeOpenAIServe
 
 
 def test_prefill_is_sent_and_put_back_in_front_of_the_reply(
-        serve: Callable[..., FakeOpenAIServer], tmp_path: Path) -> None:
+        serve: Serve, tmp_path: Path) -> None:
     prefill = '{"question": "'
 
     def continue_prefill(body: dict[str, Any]) -> ResponderReply:
@@ -549,19 +556,21 @@ def test_prefill_is_sent_and_put_back_in_front_of_the_reply(
     assert srv.stats()["requests"] == 5
 
 
-def test_prefill_is_ignored_by_chat(serve: Callable[..., FakeOpenAIServer]) -> None:
+def test_prefill_is_ignored_by_chat(serve: Serve) -> None:
     c = client_for(serve(), api="chat")
     req = make_requests(1, prefill='{"question": "')[0]
-    assert "prefill" not in json.dumps(c.build_body(req)) and '{\\"question' not in json.dumps(c.build_body(req))
+    sent = json.dumps(c.build_body(req))
+    assert "prefill" not in sent and '{\\"question' not in sent
     (r,) = c.run([req], qa_validator)
-    assert r.ok and r.content is not None and r.content.startswith("{") and not r.content.startswith('{"question": "{')
+    assert r.ok and r.content is not None and r.content.startswith("{")
+    assert not r.content.startswith('{"question": "{')  # nothing was put in front of the reply
 
 
 # --- 5. cache and replay ---------------------------------------------------------------------------------
 
 
 def test_cache_second_run_sends_nothing_and_holds_no_key(
-        serve: Callable[..., FakeOpenAIServer], tmp_path: Path, api_key: str) -> None:
+        serve: Serve, tmp_path: Path, api_key: str) -> None:
     srv = serve(cls=HeaderServer)
     assert isinstance(srv, HeaderServer)
     reqs = make_requests()
@@ -590,17 +599,20 @@ def test_cache_second_run_sends_nothing_and_holds_no_key(
     assert [r.value for r in replay.run(reqs, qa_validator)] == [r.value for r in r1]
 
 
-def test_cache_replays_rejected_rows_identically(serve: Callable[..., FakeOpenAIServer], tmp_path: Path) -> None:
+def test_cache_replays_rejected_rows_identically(serve: Serve, tmp_path: Path) -> None:
     srv = serve(FaultConfig(fail_first_n={"schema_mismatch": 1}))
     reqs = make_requests(5)
     r1 = client_for(srv, cache=ResponseCache(str(tmp_path))).run(reqs, qa_validator)
     before = srv.stats()["requests"]
     r2 = client_for(srv, cache=ResponseCache(str(tmp_path))).run(reqs, qa_validator)
     assert srv.stats()["requests"] == before == 15
-    assert [(r.error, r.raw_output, r.attempts) for r in r2] == [(r.error, r.raw_output, r.attempts) for r in r1]
+    def outcome(rs: list[LLMResult]) -> list[tuple[Any, ...]]:
+        return [(r.error, r.raw_output, r.attempts) for r in rs]
+
+    assert outcome(r2) == outcome(r1)
 
 
-def test_replay_only_with_empty_cache_raises(serve: Callable[..., FakeOpenAIServer], tmp_path: Path) -> None:
+def test_replay_only_with_empty_cache_raises(serve: Serve, tmp_path: Path) -> None:
     srv = serve()
     c = client_for(srv, cache=ResponseCache(str(tmp_path / "empty")), replay_only=True)
     with pytest.raises(ReplayMissError, match="replay-only"):
@@ -617,16 +629,58 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_circuit_breaker_opens_on_a_failing_endpoint(serve: Callable[..., FakeOpenAIServer], api_key: str) -> None:
+def test_circuit_breaker_opens_on_a_failing_endpoint(
+        serve: Serve, api_key: str, caplog: pytest.LogCaptureFixture) -> None:
     srv = serve(FaultConfig(error_500_rate=1.0))
     c = client_for(srv, api_key_env=KEY_ENV, max_retries=1)
     started = time.perf_counter()
-    with pytest.raises(LLMEndpointError) as info:
-        c.run(make_requests(), qa_validator)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        try:
+            c.run(make_requests(), qa_validator)
+        except LLMEndpointError as exc:
+            msg = str(exc)
+        else:
+            pytest.fail("the circuit breaker did not open")
+        gc.collect()  # finished tasks whose exception nobody looked at are reported when collected
     assert time.perf_counter() - started < 10
-    msg = str(info.value)
     assert "'synthesizer'" in msg and srv.base_url in msg and "500" in msg
     assert api_key not in msg
+    assert c.stats.http_requests < 2 * N  # it stopped early instead of working through the batch
+    assert "never retrieved" not in caplog.text
+
+
+class BarrierServer(FakeOpenAIServer):
+    """Holds every request until ``n`` have arrived, then fails them all at once with a 500."""
+
+    def __init__(self, n: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.n, self.arrived = n, 0
+        self.all_here: asyncio.Event | None = None
+
+    async def _handle(self, request: Request, chat: bool, st: Any) -> Response:
+        self.all_here = self.all_here or asyncio.Event()
+        self.arrived += 1
+        if self.arrived >= self.n:
+            self.all_here.set()
+        await asyncio.wait_for(self.all_here.wait(), 5)
+        return JSONResponse({"error": {"message": "down"}}, status_code=500)
+
+
+def test_circuit_breaker_collects_every_task_that_failed_together(
+        serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    """Many rows failing in the same instant must not leave 'Task exception was never retrieved' noise."""
+    srv = serve(cls=BarrierServer, n=N)
+    c = client_for(srv, max_retries=0, max_concurrency=N, circuit_breaker_failures=1)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        try:
+            c.run(make_requests(), qa_validator)
+        except LLMEndpointError:
+            pass
+        else:
+            pytest.fail("the circuit breaker did not open")
+        gc.collect()  # a finished task whose exception nobody looked at is reported when it is collected
+    assert c.stats.http_requests == N
+    assert "never retrieved" not in caplog.text
 
 
 def test_circuit_breaker_opens_on_a_closed_port(api_key: str) -> None:
@@ -642,7 +696,7 @@ def test_circuit_breaker_opens_on_a_closed_port(api_key: str) -> None:
 
 
 def test_circuit_breaker_message_redacts_an_echoed_key(
-        serve: Callable[..., FakeOpenAIServer], api_key: str) -> None:
+        serve: Serve, api_key: str) -> None:
     srv = serve(cls=EchoKeyServer, status=500)
     c = client_for(srv, api_key_env=KEY_ENV, max_retries=1)
     with pytest.raises(LLMEndpointError) as info:
@@ -662,7 +716,7 @@ def test_redact_and_repr_hide_the_key(api_key: str) -> None:
     assert client_for("http://127.0.0.1:9/v1").redact("x sk-abc") == "x sk-abc"  # no key: no change
 
 
-def test_http_400_detail_never_leaks_an_echoed_key(serve: Callable[..., FakeOpenAIServer], api_key: str) -> None:
+def test_http_400_detail_never_leaks_an_echoed_key(serve: Serve, api_key: str) -> None:
     srv = serve(cls=EchoKeyServer, status=400)
     c = client_for(srv, api_key_env=KEY_ENV)
     results = c.run(make_requests(3), qa_validator)
@@ -686,7 +740,7 @@ def test_missing_api_key_env_is_a_config_error(monkeypatch: pytest.MonkeyPatch, 
     assert KEY_ENV in str(info.value) and "'synthesizer'" in str(info.value)
 
 
-def test_no_api_key_env_sends_no_authorization(serve: Callable[..., FakeOpenAIServer]) -> None:
+def test_no_api_key_env_sends_no_authorization(serve: Serve) -> None:
     srv = serve(cls=HeaderServer)
     assert isinstance(srv, HeaderServer)
     assert all(r.ok for r in client_for(srv).run(make_requests(2), qa_validator))
