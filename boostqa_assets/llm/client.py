@@ -102,6 +102,26 @@ def _extract_json(text: str) -> Any:
         raise
 
 
+def _repair_json(text: str) -> dict[str, Any] | None:
+    """A bounded repair of almost-JSON (unescaped quotes, missing commas or braces) before a paid re-ask.
+
+    ``json_repair`` is a well-kept, widely used library for exactly the output small models produce; the
+    validator still decides whether what it recovers is acceptable.
+    """
+    import json_repair
+
+    start = text.find("{")
+    if start == -1:
+        return None
+    try:
+        obj = json_repair.loads(text[start:])
+    except Exception:  # the library's own parse errors vary by version
+        return None
+    if isinstance(obj, list):
+        obj = next((o for o in obj if isinstance(o, dict)), None)
+    return obj if isinstance(obj, dict) and obj else None
+
+
 class LLMClient:
     """Calls one role's endpoint. Build one per role per materialization; read ``stats`` afterwards."""
 
@@ -231,6 +251,13 @@ class LLMClient:
             self.stats.http_5xx += 1
             raise _Retryable(f"http_{response.status_code}", f"server error {response.status_code}: "
                              f"{self.redact(response.text)[:200]}", _retry_after_seconds(response))
+        if response.status_code in (401, 403, 404):
+            # Every other request would get the same answer: stop the run instead of rejecting every row.
+            hint = {401: "unauthorized: check the API key", 403: "forbidden: check the key's permissions",
+                    404: "not found: check the base URL and the model name"}[response.status_code]
+            raise LLMEndpointError(
+                f"role {self.role!r}: {self.base_url} answered HTTP {response.status_code} ({hint}; the key is read "
+                f"from ${self.cfg.api_key_env or '<none configured>'}): {self.redact(response.text)[:200]}")
         if response.status_code >= 400:
             raise _Fatal(f"http_{response.status_code}",
                          f"HTTP {response.status_code}: {self.redact(response.text)[:300]}")
@@ -294,17 +321,24 @@ class LLMClient:
 
     def _validate(self, req: LLMRequest, reply: _Reply, validator: Validator) -> tuple[Any, str | None, str]:
         text = reply.content
+        repaired = False
         try:
             obj: Any = _extract_json(text) if req.schema is not None else text
         except (json.JSONDecodeError, ValueError) as exc:
             if reply.finish_reason == "length":
                 return None, "truncated", "reply cut at max_tokens before the JSON closed"
-            return None, "invalid_json", f"not JSON: {exc}"[:200]
+            obj = _repair_json(text)
+            if obj is None:
+                return None, "invalid_json", f"not JSON: {exc}"[:200]
+            repaired = True
+            self.stats.repairs += 1
         try:
             return validator(obj), None, ""
         except (ValueError, TypeError, KeyError) as exc:
             if reply.finish_reason == "length":
                 return None, "truncated", f"reply cut at max_tokens: {exc}"[:200]
+            if repaired:  # the reply was not JSON; what the repair recovered does not fit either
+                return None, "invalid_json", f"not JSON, and the repaired object does not fit: {exc}"[:300]
             return None, "schema_mismatch", str(exc)[:300]
 
     async def _run_one(self, http: httpx.AsyncClient, sem: asyncio.Semaphore, req: LLMRequest,

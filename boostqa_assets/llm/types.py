@@ -94,6 +94,7 @@ class LLMStats:
     timeouts: int = 0
     transport_errors: int = 0
     reasks: int = 0
+    repairs: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -118,6 +119,7 @@ class LLMStats:
             "http_5xx": self.http_5xx,
             "timeouts": self.timeouts,
             "reasks": self.reasks,
+            "json_repairs": self.repairs,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
             "latency_p50_s": round(_percentile(self.latencies, 0.5), 3),

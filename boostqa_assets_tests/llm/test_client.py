@@ -798,3 +798,28 @@ def test_extract_json_accepts(text: str, expected: Any) -> None:
 def test_extract_json_rejects(text: str) -> None:
     with pytest.raises(json.JSONDecodeError):
         _extract_json(text)
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_refusing_endpoint_stops_the_run_without_leaking_the_key(
+        serve: Callable[..., FakeOpenAIServer], api_key: str, status: int) -> None:
+    srv = serve(cls=EchoKeyServer, status=status)
+    client = client_for(srv, api_key_env=KEY_ENV)
+    started = time.monotonic()
+    with pytest.raises(LLMEndpointError) as err:
+        client.run(make_requests(10), qa_validator)
+    assert time.monotonic() - started < 5
+    assert f"HTTP {status}" in str(err.value) and KEY_ENV in str(err.value)
+    assert api_key not in str(err.value)
+    assert srv.stats()["requests"] <= client.cfg.max_concurrency * 2  # it stopped, it did not try every row
+
+
+def test_almost_json_is_repaired_before_a_paid_reask(serve: Callable[..., FakeOpenAIServer]) -> None:
+    # Unescaped inner quotes and a missing closing brace: what small models emit.
+    srv = serve(responder=lambda body: ResponderReply('{"question": "What is 2+2?", "answer": "It is "4"'))
+    client = client_for(srv)
+    results = client.run(make_requests(3), qa_validator)
+    assert all(r.ok for r in results), [r.detail for r in results]
+    assert results[0].value["question"] == "What is 2+2?"
+    assert client.stats.repairs == 3 and client.stats.reasks == 0
+    assert srv.stats()["requests"] == 3
