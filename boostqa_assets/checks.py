@@ -31,9 +31,15 @@ def schema_matches(df: pl.DataFrame, schema: pl.Schema) -> CheckOutcome:
     missing = sorted(set(expected) - set(actual))
     extra = sorted(set(actual) - set(expected))
     wrong = sorted(c for c in set(expected) & set(actual) if expected[c] != actual[c])
-    return CheckOutcome(not (missing or extra or wrong), {
-        "columns": len(actual), "missing_columns": ", ".join(missing) or "-",
-        "extra_columns": ", ".join(extra) or "-", "wrong_types": ", ".join(wrong) or "-"})
+    return CheckOutcome(
+        not (missing or extra or wrong),
+        {
+            "columns": len(actual),
+            "missing_columns": ", ".join(missing) or "-",
+            "extra_columns": ", ".join(extra) or "-",
+            "wrong_types": ", ".join(wrong) or "-",
+        },
+    )
 
 
 def no_nulls(df: pl.DataFrame, columns: list[str], non_empty_strings: bool = True) -> CheckOutcome:
@@ -75,13 +81,21 @@ def joins_back(df: pl.DataFrame, column: str, reference: pl.Series) -> CheckOutc
     """Every value of ``df[column]`` exists in ``reference`` (lineage: mixture rows join back to seeds)."""
     ref = set(reference.to_list())
     orphans = [v for v in df[column].unique().to_list() if v not in ref] if df.height else []
-    return CheckOutcome(not orphans, {f"orphan_{column}s": len(orphans),
-                                      "examples": ", ".join(map(str, orphans[:5])) or "-"})
+    return CheckOutcome(
+        not orphans, {f"orphan_{column}s": len(orphans), "examples": ", ".join(map(str, orphans[:5])) or "-"}
+    )
 
 
-def table_checks(df: pl.DataFrame, schema: pl.Schema, *, not_null: list[str], unique_on: str | None = None,
-                 allowed: dict[str, list[str]] | None = None, equals: dict[str, str] | None = None,
-                 require_rows: bool = False) -> CheckOutcome:
+def table_checks(
+    df: pl.DataFrame,
+    schema: pl.Schema,
+    *,
+    not_null: list[str],
+    unique_on: str | None = None,
+    allowed: dict[str, list[str]] | None = None,
+    equals: dict[str, str] | None = None,
+    require_rows: bool = False,
+) -> CheckOutcome:
     """The basic checks every asset gets; stops after a schema mismatch (the rest would be meaningless)."""
     outcome = schema_matches(df, schema)
     if not outcome.passed:

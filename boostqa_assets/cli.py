@@ -67,8 +67,10 @@ def cmd_duckdb(_: argparse.Namespace) -> int:
     if store.is_local and cli:
         with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
             f.write(init_script(store))
-        _print(f"DuckDB over {store.root}: views seeds, annotated_seeds, synthesized_qa, refined_qa, qa_mixture, "
-               "rejects, coverage, rejects_summary, lineage")
+        _print(
+            f"DuckDB over {store.root}: views seeds, annotated_seeds, synthesized_qa, refined_qa, qa_mixture, "
+            "rejects, coverage, rejects_summary, lineage"
+        )
         return subprocess.call([cli, "-init", f.name])
     # S3 roots (and machines without the CLI): a small shell on the Python API with s3fs registered.
     con = connect(store)
@@ -115,8 +117,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stages = args.stages or list(STAGES)
     _print(f"BoostQA: data root {settings.data_root}, Dagster instance {home}")
     llm_roles = {"annotated_seeds": "annotator", "synthesized_qa": "synthesizer", "refined_qa": "refiner"}
-    needs_embedded = any(project.llm.roles[llm_roles[s]].is_embedded  # type: ignore[index]
-                         for s in stages if s in llm_roles)
+    needs_embedded = any(
+        project.llm.roles[llm_roles[s]].is_embedded  # type: ignore[index]
+        for s in stages
+        if s in llm_roles
+    )
     # A SIGTERM (a CI timeout, `kill`) must still stop the model server: turn it into SystemExit.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server = None
@@ -132,9 +137,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         extra = ""
         if "tokens_in" in meta:
             extra = f", tokens in/out {meta['tokens_in']}/{meta['tokens_out']}, cache hits {meta['llm_cache_hits']}"
-        _print(f"  {res.asset:<16} {status:<6} {res.seconds:7.1f}s  {res.partitions:>3} partitions  "
-               f"rows {meta.get('rows', '?')}, rejected {meta.get('rows_rejected', 0)}{extra}  "
-               f"checks {res.checks_passed} passed / {res.checks_failed} failed  (run {res.run_id[:8]})")
+        _print(
+            f"  {res.asset:<16} {status:<6} {res.seconds:7.1f}s  {res.partitions:>3} partitions  "
+            f"rows {meta.get('rows', '?')}, rejected {meta.get('rows_rejected', 0)}{extra}  "
+            f"checks {res.checks_passed} passed / {res.checks_failed} failed  (run {res.run_id[:8]})"
+        )
 
     try:
         with warnings.catch_warnings():
@@ -172,16 +179,19 @@ def _summary(results: list) -> None:  # type: ignore[type-arg]
         _print("LLM tokens per role:")
         for asset, meta in tokens:
             llm = meta.get("llm") or {}
-            _print(f"  {llm.get('role', asset):<12} requests {meta['llm_requests']:>5}  in {meta['tokens_in']:>7}  "
-                   f"out {meta['tokens_out']:>6}  cache hits {meta['llm_cache_hits']}  p50 {meta['latency_p50_s']}s")
+            _print(
+                f"  {llm.get('role', asset):<12} requests {meta['llm_requests']:>5}  in {meta['tokens_in']:>7}  "
+                f"out {meta['tokens_out']:>6}  cache hits {meta['llm_cache_hits']}  p50 {meta['latency_p50_s']}s"
+            )
     _print("")
     _print("inspect: .venv/bin/boostqa duckdb    (or: make duckdb)")
-    _print("e.g.:    .venv/bin/boostqa sql \"SELECT * FROM coverage\"")
+    _print('e.g.:    .venv/bin/boostqa sql "SELECT * FROM coverage"')
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="boostqa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="boostqa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the whole pipeline, every partition")
     demo.add_argument("--stages", nargs="*", help="only these assets, in order")

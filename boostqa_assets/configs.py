@@ -47,8 +47,10 @@ class TaxonomyConfig(_Strict):
     def _unique_slugs(cls, values: list[str]) -> list[str]:
         bad = [v for v in values if not re.match(SLUG, v)]
         if bad:
-            raise ValueError(f"values must be lower_snake_case slugs, got {bad}; fix: rename them "
-                             "(letters, digits, underscores; starts with a letter)")
+            raise ValueError(
+                f"values must be lower_snake_case slugs, got {bad}; fix: rename them "
+                "(letters, digits, underscores; starts with a letter)"
+            )
         if len(set(values)) != len(values):
             raise ValueError(f"values must be unique, got {values}; fix: remove the duplicates")
         return values
@@ -59,8 +61,9 @@ class TaxonomyConfig(_Strict):
         names = [d.name for d in disciplines]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"discipline names must be unique; duplicated: {dupes}; "
-                             "fix: rename or remove the duplicates")
+            raise ValueError(
+                f"discipline names must be unique; duplicated: {dupes}; fix: rename or remove the duplicates"
+            )
         return disciplines
 
     @cached_property
@@ -134,8 +137,13 @@ class SourceConfig(_Strict):
         name = self.path.lower()
         for suffix in (".gz", ".zst", ".bz2"):
             name = name.removesuffix(suffix)
-        for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".parquet", "parquet"),
-                         (".csv", "csv")):
+        for ext, fmt in (
+            (".jsonl", "jsonl"),
+            (".ndjson", "jsonl"),
+            (".json", "json"),
+            (".parquet", "parquet"),
+            (".csv", "csv"),
+        ):
             if name.endswith(ext):
                 return fmt
         raise ConfigError(
@@ -153,8 +161,10 @@ class SourcesConfig(_Strict):
         names = [s.name for s in sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"source names must be unique; duplicated: {dupes}; "
-                             "fix: rename one of them (the name is the `seeds` partition key)")
+            raise ValueError(
+                f"source names must be unique; duplicated: {dupes}; "
+                "fix: rename one of them (the name is the `seeds` partition key)"
+            )
         return sources
 
     def get(self, name: str) -> SourceConfig:
@@ -177,13 +187,16 @@ class RoleConfig(_Strict):
     api: Literal["chat", "completions"] = "completions"
     structured_output: StructuredMode = "gbnf"
     api_key_env: str | None = Field(
-        None, description="name of the environment variable holding the API key (the key itself never goes here)"
+        None,
+        description="name of the environment variable holding the API key (the key itself never goes here)",
     )
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
     seed: int | None = 0
-    stop: list[str] | None = Field(None, description="stop sequences (few-shot prompts end each example with a blank line)")
+    stop: list[str] | None = Field(
+        None, description="stop sequences (few-shot prompts end each example with a blank line)"
+    )
     timeout_s: float = Field(120.0, gt=0)
     max_concurrency: int = Field(4, ge=1)
     max_retries: int = Field(6, ge=0, description="transport retries on 429, 5xx, timeouts, dropped connections")
@@ -218,8 +231,10 @@ class LLMConfig(_Strict):
     def _all_roles(cls, roles: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
         missing = [r for r in ROLES if r not in roles]
         if missing:
-            raise ValueError(f"every role needs a configuration; missing: {missing}; "
-                             f"fix: add e.g. `{missing[0]}: {{}}` under `roles` (embedded model defaults)")
+            raise ValueError(
+                f"every role needs a configuration; missing: {missing}; "
+                f"fix: add e.g. `{missing[0]}: {{}}` under `roles` (embedded model defaults)"
+            )
         return roles
 
     def with_env_overrides(self, env: dict[str, str] | None = None) -> LLMConfig:
@@ -229,9 +244,22 @@ class LLMConfig(_Strict):
         MAX_CONCURRENCY. ``BOOSTQA_<ROLE>_API_KEY`` set directly makes API_KEY_ENV point at it.
         """
         env = dict(os.environ) if env is None else env
-        overridable = ("base_url", "model", "api", "structured_output", "api_key_env", "temperature",
-                       "top_p", "max_tokens", "timeout_s", "max_concurrency", "max_retries", "max_parse_retries",
-                       "price_per_mtok_in", "price_per_mtok_out")
+        overridable = (
+            "base_url",
+            "model",
+            "api",
+            "structured_output",
+            "api_key_env",
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "timeout_s",
+            "max_concurrency",
+            "max_retries",
+            "max_parse_retries",
+            "price_per_mtok_in",
+            "price_per_mtok_out",
+        )
         roles: dict[str, RoleConfig] = {}
         for role, cfg in self.roles.items():
             updates: dict[str, Any] = {}
@@ -283,8 +311,15 @@ class RefinementConfig(_Strict):
         ]
     )
     reject_flags: list[str] = Field(
-        default_factory=lambda: ["refusal", "empty", "truncated", "too_short", "too_long", "length_outlier",
-                                 "language_mismatch"]
+        default_factory=lambda: [
+            "refusal",
+            "empty",
+            "truncated",
+            "too_short",
+            "too_long",
+            "length_outlier",
+            "language_mismatch",
+        ]
     )
 
 
@@ -389,8 +424,9 @@ def load_config(filename: str, config_dir: Path) -> BaseModel:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML; fix: correct the syntax at the line and column shown:"
-                          f"\n{exc}") from None
+        raise ConfigError(
+            f"{path} is not valid YAML; fix: correct the syntax at the line and column shown:\n{exc}"
+        ) from None
     if data is None:
         raise ConfigError(f"{path} is empty; fix: see the package's default {filename} for the layout")
     return parse_config(model, data, str(path))
@@ -415,25 +451,33 @@ class ProjectConfig(BaseModel):
         problems = []
         for g in syn.high_difficulty_grades:
             if g not in tax.grades:
-                problems.append(f"pipeline.yaml synthesis.high_difficulty_grades: {g!r} is not a grade in "
-                                f"taxonomy.yaml; use one of {tax.grades}")
+                problems.append(
+                    f"pipeline.yaml synthesis.high_difficulty_grades: {g!r} is not a grade in "
+                    f"taxonomy.yaml; use one of {tax.grades}"
+                )
         if syn.high_difficulty_min_seed_difficulty not in tax.difficulties:
-            problems.append(f"pipeline.yaml synthesis.high_difficulty_min_seed_difficulty: use one of "
-                            f"{tax.difficulties}")
+            problems.append(
+                f"pipeline.yaml synthesis.high_difficulty_min_seed_difficulty: use one of {tax.difficulties}"
+            )
         for c in syn.multi_grade_categories:
             if c not in tax.categories:
-                problems.append(f"pipeline.yaml synthesis.multi_grade_categories: {c!r} is not a category; "
-                                f"use one of {tax.categories}")
+                problems.append(
+                    f"pipeline.yaml synthesis.multi_grade_categories: {c!r} is not a category; "
+                    f"use one of {tax.categories}"
+                )
         for r in self.recipes.recipes:
-            for field, allowed in (("category_weights", tax.categories), ("grade_weights", tax.grades),
-                                   ("track_weights", ["multi_grade", "high_difficulty"])):
+            for field, allowed in (
+                ("category_weights", tax.categories),
+                ("grade_weights", tax.grades),
+                ("track_weights", ["multi_grade", "high_difficulty"]),
+            ):
                 for key in getattr(r, field):
                     if key not in allowed:
-                        problems.append(f"recipes.yaml recipe {r.name!r} {field}: {key!r} is unknown; "
-                                        f"use one of {allowed}")
+                        problems.append(
+                            f"recipes.yaml recipe {r.name!r} {field}: {key!r} is unknown; use one of {allowed}"
+                        )
         if problems:
-            raise ConfigError("invalid configuration in " + str(self.config_dir) + ":\n  - "
-                              + "\n  - ".join(problems))
+            raise ConfigError("invalid configuration in " + str(self.config_dir) + ":\n  - " + "\n  - ".join(problems))
 
 
 def load_project_config(config_dir: Path, env: dict[str, str] | None = None) -> ProjectConfig:

@@ -20,8 +20,9 @@ STAGES: tuple[str, ...] = ("seeds", "annotated_seeds", "synthesized_qa", "refine
 
 def build_definitions() -> dg.Definitions:
     parts = build_partitions(project_config())
-    built = [d for module in (seeds, annotated_seeds, synthesized_qa, refined_qa, qa_mixture)
-             for d in module.build(parts)]
+    built = [
+        d for module in (seeds, annotated_seeds, synthesized_qa, refined_qa, qa_mixture) for d in module.build(parts)
+    ]
     return dg.Definitions(
         assets=[d for d in built if not isinstance(d, dg.AssetChecksDefinition)],
         asset_checks=[d for d in built if isinstance(d, dg.AssetChecksDefinition)],

@@ -36,7 +36,12 @@ VIEW_SCHEMAS: dict[str, pl.Schema] = {
     "rejects": REJECT_SCHEMA,
 }
 
-_DUCK_TYPES: dict[type, str] = {pl.Utf8: "VARCHAR", pl.Int64: "BIGINT", pl.Float64: "DOUBLE", pl.Boolean: "BOOLEAN"}
+_DUCK_TYPES: dict[type, str] = {
+    pl.Utf8: "VARCHAR",
+    pl.Int64: "BIGINT",
+    pl.Float64: "DOUBLE",
+    pl.Boolean: "BOOLEAN",
+}
 
 
 def _duck_type(dtype: pl.DataType) -> str:

@@ -25,10 +25,12 @@ class Partitions:
 def build_partitions(project: ProjectConfig) -> Partitions:
     return Partitions(
         source_partitions=dg.StaticPartitionsDefinition([s.name for s in project.sources.sources]),
-        qa_partitions=dg.MultiPartitionsDefinition({
-            "discipline": dg.StaticPartitionsDefinition(project.taxonomy.discipline_names),
-            "grade": dg.StaticPartitionsDefinition(project.taxonomy.grades),
-        }),
+        qa_partitions=dg.MultiPartitionsDefinition(
+            {
+                "discipline": dg.StaticPartitionsDefinition(project.taxonomy.discipline_names),
+                "grade": dg.StaticPartitionsDefinition(project.taxonomy.grades),
+            }
+        ),
         recipe_partitions=dg.StaticPartitionsDefinition([r.name for r in project.recipes.recipes]),
     )
 

@@ -37,7 +37,10 @@ def _partition_tags(defs: dg.Definitions, asset: str) -> tuple[dict[str, str], i
     if pdef is None:
         return {}, 1
     keys = pdef.get_partition_keys()
-    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}, len(keys)
+    return {
+        "dagster/asset_partition_range_start": keys[0],
+        "dagster/asset_partition_range_end": keys[-1],
+    }, len(keys)
 
 
 def _metadata_values(event: dg.AssetMaterialization) -> dict[str, Any]:
@@ -47,8 +50,13 @@ def _metadata_values(event: dg.AssetMaterialization) -> dict[str, Any]:
     return out
 
 
-def run_stage(defs: dg.Definitions, asset: str, instance: dg.DagsterInstance,
-              resources: dict[str, Any] | None = None, quiet: bool = True) -> StageResult:
+def run_stage(
+    defs: dg.Definitions,
+    asset: str,
+    instance: dg.DagsterInstance,
+    resources: dict[str, Any] | None = None,
+    quiet: bool = True,
+) -> StageResult:
     """Materialize every partition of ``asset`` (and run its checks) in one in-process run."""
     tags, n_parts = _partition_tags(defs, asset)
     started = time.perf_counter()
@@ -69,13 +77,25 @@ def run_stage(defs: dg.Definitions, asset: str, instance: dg.DagsterInstance,
             passed += 1
         else:
             failed += 1
-    return StageResult(asset, result.run_id, result.success, seconds, n_parts,
-                       _metadata_values(mats[-1]) if mats else {}, passed, failed)
+    return StageResult(
+        asset,
+        result.run_id,
+        result.success,
+        seconds,
+        n_parts,
+        _metadata_values(mats[-1]) if mats else {},
+        passed,
+        failed,
+    )
 
 
-def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, stages: Sequence[str] = STAGES,
-                 on_stage: Callable[[StageResult], None] | None = None,
-                 resources: dict[str, Any] | None = None) -> list[StageResult]:
+def run_pipeline(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    stages: Sequence[str] = STAGES,
+    on_stage: Callable[[StageResult], None] | None = None,
+    resources: dict[str, Any] | None = None,
+) -> list[StageResult]:
     """Run ``stages`` in order; stop at the first stage that fails (a failed blocking check included)."""
     results = []
     for asset in stages:

@@ -115,12 +115,13 @@ class Store:
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
-    def read_partition(self, asset: str, partition: Mapping[str, str],
-                       schema: pl.Schema | None = None) -> pl.DataFrame:
+    def read_partition(self, asset: str, partition: Mapping[str, str], schema: pl.Schema | None = None) -> pl.DataFrame:
         path = self.partition_path(asset, partition)
         if not self.fs.exists(path):
-            raise FileNotFoundError(f"{asset} partition {partition_dirs(partition)} has not been materialized "
-                                    f"({path} does not exist); materialize it first")
+            raise FileNotFoundError(
+                f"{asset} partition {partition_dirs(partition)} has not been materialized "
+                f"({path} does not exist); materialize it first"
+            )
         return self.read_parquet(path, schema)
 
     def list_partition_files(self, asset: str) -> list[str]:

@@ -22,10 +22,20 @@ from boostqa_assets.settings import DEFAULT_CONFIG_DIR
 warnings.filterwarnings("ignore", message=".*is currently in preview.*")
 
 KEYWORDS = [
-    ("force", "physics"), ("velocity", "physics"), ("energy", "physics"), ("cell", "biology"),
-    ("photosynthesis", "biology"), ("integer", "mathematics"), ("triangle", "mathematics"),
-    ("function", "computer_science"), ("def ", "computer_science"), ("war", "history"),
-    ("empire", "history"), ("poem", "literature"), ("market", "economics"), ("acid", "chemistry"),
+    ("force", "physics"),
+    ("velocity", "physics"),
+    ("energy", "physics"),
+    ("cell", "biology"),
+    ("photosynthesis", "biology"),
+    ("integer", "mathematics"),
+    ("triangle", "mathematics"),
+    ("function", "computer_science"),
+    ("def ", "computer_science"),
+    ("war", "history"),
+    ("empire", "history"),
+    ("poem", "literature"),
+    ("market", "economics"),
+    ("acid", "chemistry"),
 ]
 
 
@@ -51,9 +61,15 @@ def pipeline_responder(body: dict[str, Any]) -> ResponderReply:
     if "exam question" in text or "harder variant" in text:
         seed = _last(r"\nSeed: (.*)", text)
         level = _last(r"\nLevel: (\w+)", text)
-        return ResponderReply(json.dumps({
-            "question": f"For a {level} student: what follows from this? {seed[:80]}",
-            "answer": f"It follows that {seed[:120]}"}), reasoning=f"thinking about {level}")
+        return ResponderReply(
+            json.dumps(
+                {
+                    "question": f"For a {level} student: what follows from this? {seed[:80]}",
+                    "answer": f"It follows that {seed[:120]}",
+                }
+            ),
+            reasoning=f"thinking about {level}",
+        )
     if "Rewrite the draft answer" in text:
         draft = _last(r"\nDraft answer: (.*)", text)
         if "REFUSE" in draft:
@@ -71,9 +87,17 @@ def fake_llm() -> Iterator[FakeOpenAIServer]:
 SOURCE_ROWS = {
     "physics_qa": [
         {"id": "p1", "q": "A force of 10 N acts on a 2 kg mass. What is the acceleration?", "a": "5 m/s^2"},
-        {"id": "p2", "q": "Prove that energy is conserved in an elastic collision.", "a": "Momentum and kinetic energy..."},
+        {
+            "id": "p2",
+            "q": "Prove that energy is conserved in an elastic collision.",
+            "a": "Momentum and kinetic energy...",
+        },
         {"id": "p3", "q": "What is the velocity of light in vacuum?", "a": "About 3e8 m/s"},
-        {"id": "p4", "q": "A force of 10 N acts on a 2 kg mass. What is the acceleration?", "a": "5 m/s^2"},  # dup
+        {
+            "id": "p4",
+            "q": "A force of 10 N acts on a 2 kg mass. What is the acceleration?",
+            "a": "5 m/s^2",
+        },  # dup
         {"id": "p5", "q": "", "a": "empty question"},
         {"id": "p6", "q": "Which cell organelle makes ATP?", "a": "The mitochondrion. REFUSE"},
         {"id": "p7", "q": "UNLABELLABLE question about horoscopes", "a": "none"},
@@ -98,18 +122,39 @@ def write_project(root: Path, llm_base_url: str | None = None, data_root: str | 
         f.write(b"Roman empire,The Roman empire ruled the Mediterranean for centuries.\n")
         f.write(b"Hundred Years War,The Hundred Years War was fought between England and France.\n")
         f.write(b"Bad bytes,\xff\xfe broken text\n")
-    pl.DataFrame({"task": ["t1", "t2"],
-                  "prompt": ["def add(a, b): return the sum of two integers",
-                             "Write a function that checks whether a triangle is right-angled"],
-                  "solution": ["return a + b", "return a*a + b*b == c*c"]}).write_parquet(data / "code.parquet")
-    sources = {"sources": [
-        {"name": "physics_qa", "path": str(data / "physics.jsonl"), "kind": "qa",
-         "fields": {"id": "id", "question": "q", "answer": "a"}},
-        {"name": "history_passages", "path": str(data / "history.csv"), "kind": "passage",
-         "fields": {"id": "title", "title": "title", "text": "body"}},
-        {"name": "code_problems", "path": str(data / "code.parquet"), "kind": "problem", "license": "MIT",
-         "fields": {"id": "task", "question": "prompt", "answer": "solution"}},
-    ]}
+    pl.DataFrame(
+        {
+            "task": ["t1", "t2"],
+            "prompt": [
+                "def add(a, b): return the sum of two integers",
+                "Write a function that checks whether a triangle is right-angled",
+            ],
+            "solution": ["return a + b", "return a*a + b*b == c*c"],
+        }
+    ).write_parquet(data / "code.parquet")
+    sources = {
+        "sources": [
+            {
+                "name": "physics_qa",
+                "path": str(data / "physics.jsonl"),
+                "kind": "qa",
+                "fields": {"id": "id", "question": "q", "answer": "a"},
+            },
+            {
+                "name": "history_passages",
+                "path": str(data / "history.csv"),
+                "kind": "passage",
+                "fields": {"id": "title", "title": "title", "text": "body"},
+            },
+            {
+                "name": "code_problems",
+                "path": str(data / "code.parquet"),
+                "kind": "problem",
+                "license": "MIT",
+                "fields": {"id": "task", "question": "prompt", "answer": "solution"},
+            },
+        ]
+    }
     (config / "sources.yaml").write_text(yaml.safe_dump(sources))
     pipeline = yaml.safe_load((config / "pipeline.yaml").read_text())
     pipeline["synthesis"]["max_seeds_per_partition"] = None
@@ -120,9 +165,15 @@ def write_project(root: Path, llm_base_url: str | None = None, data_root: str | 
         "BOOSTQA_CONFIG_DIR": str(config),
     }
     if llm_base_url:
-        env.update({"BOOSTQA_LLM_BASE_URL": llm_base_url, "BOOSTQA_LLM_MODEL": "fake-model",
-                    "BOOSTQA_LLM_API": "chat", "BOOSTQA_LLM_STRUCTURED_OUTPUT": "json_schema",
-                    "BOOSTQA_LLM_MAX_CONCURRENCY": "8"})
+        env.update(
+            {
+                "BOOSTQA_LLM_BASE_URL": llm_base_url,
+                "BOOSTQA_LLM_MODEL": "fake-model",
+                "BOOSTQA_LLM_API": "chat",
+                "BOOSTQA_LLM_STRUCTURED_OUTPUT": "json_schema",
+                "BOOSTQA_LLM_MAX_CONCURRENCY": "8",
+            }
+        )
     return env
 
 
@@ -143,8 +194,13 @@ def moto_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()

@@ -16,8 +16,9 @@ BOOSTQA = str(Path(sys.executable).parent / "boostqa")
 
 
 def _run(args: list[str], env: dict[str, str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([BOOSTQA, *args], env={**os.environ, **env}, input=stdin, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [BOOSTQA, *args], env={**os.environ, **env}, input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_check_config_reports_and_fails_clearly(project_env: dict[str, str], tmp_path: Path) -> None:
@@ -36,7 +37,11 @@ def test_sql_and_duckdb_shell_read_the_views(project_env: dict[str, str]) -> Non
     res = _run(["sql", "SELECT source, count(*) AS n FROM seeds GROUP BY ALL ORDER BY source"], project_env)
     assert res.returncode == 0, res.stderr
     assert "physics_qa" in res.stdout and "history_passages" in res.stdout
-    shell = _run(["duckdb"], project_env, stdin=".mode csv\nSELECT count(*) AS n FROM seeds;\n"
-                                                "SELECT count(*) AS n FROM rejects;\nSELECT count(*) FROM coverage;\n")
+    shell = _run(
+        ["duckdb"],
+        project_env,
+        stdin=".mode csv\nSELECT count(*) AS n FROM seeds;\n"
+        "SELECT count(*) AS n FROM rejects;\nSELECT count(*) FROM coverage;\n",
+    )
     assert shell.returncode == 0, shell.stderr
     assert "n\n9\n" in shell.stdout and "n\n4\n" in shell.stdout  # 9 seeds; 4 seed rejects

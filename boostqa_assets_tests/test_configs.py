@@ -127,16 +127,10 @@ def _zero_budget(d: dict[str, Any]) -> None:
             id="qa-missing-answer-mapping",
         ),
         pytest.param("sources.yaml", _duplicate_source, "sources", "rename", id="duplicate-source"),
-        pytest.param(
-            "recipes.yaml", _negative_weight, "recipes.0.category_weights", ">= 0", id="negative-weight"
-        ),
-        pytest.param(
-            "taxonomy.yaml", _duplicate_discipline, "disciplines", "rename", id="duplicate-discipline"
-        ),
+        pytest.param("recipes.yaml", _negative_weight, "recipes.0.category_weights", ">= 0", id="negative-weight"),
+        pytest.param("taxonomy.yaml", _duplicate_discipline, "disciplines", "rename", id="duplicate-discipline"),
         pytest.param("llm.yaml", _missing_role, "roles", "refiner", id="missing-role"),
-        pytest.param(
-            "recipes.yaml", _zero_budget, "recipes.0.token_budget", "allowed range", id="zero-budget"
-        ),
+        pytest.param("recipes.yaml", _zero_budget, "recipes.0.token_budget", "allowed range", id="zero-budget"),
     ],
 )
 def test_bad_file_message(
@@ -261,9 +255,7 @@ def test_config_error_is_a_value_error() -> None:
 
 
 def test_role_override_touches_only_that_role() -> None:
-    project = load_project_config(
-        DEFAULT_CONFIG_DIR, env={"BOOSTQA_SYNTHESIZER_BASE_URL": "http://llm:8000/v1"}
-    )
+    project = load_project_config(DEFAULT_CONFIG_DIR, env={"BOOSTQA_SYNTHESIZER_BASE_URL": "http://llm:8000/v1"})
     roles = project.llm.roles
     assert roles["synthesizer"].base_url == "http://llm:8000/v1"
     assert not roles["synthesizer"].is_embedded
@@ -316,9 +308,7 @@ def test_llm_wide_api_key_points_every_role_at_it() -> None:
 
 
 def test_api_key_env_override_names_a_variable() -> None:
-    roles = load_project_config(
-        DEFAULT_CONFIG_DIR, env={"BOOSTQA_ANNOTATOR_API_KEY_ENV": "DEEPSEEK_API_KEY"}
-    ).llm.roles
+    roles = load_project_config(DEFAULT_CONFIG_DIR, env={"BOOSTQA_ANNOTATOR_API_KEY_ENV": "DEEPSEEK_API_KEY"}).llm.roles
     assert roles["annotator"].api_key_env == "DEEPSEEK_API_KEY"
 
 

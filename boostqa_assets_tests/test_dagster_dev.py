@@ -46,11 +46,24 @@ def dagster_dev(tmp_path: Path) -> Iterator[str]:
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "BOOSTQA_HOME": str(tmp_path / "boostqa")}
-    log = open(tmp_path / "dagster_dev.log", "wb")
+    log = open(tmp_path / "dagster_dev.log", "wb")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
-         "-p", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -91,4 +104,8 @@ def test_webserver_shows_assets_partitions_descriptions_and_checks(dagster_dev: 
         assert [c["name"] for c in checks] == [f"{name}_valid"] and checks[0]["blocking"]
     dims = {d["name"]: len(d["partitionKeys"]) for d in by_key["synthesized_qa"]["partitionKeysByDimension"]}
     assert dims == {"discipline": 22, "grade": 5}
-    assert by_key["seeds"]["partitionKeysByDimension"][0]["partitionKeys"] == ["wikipedia", "fanoutqa", "humaneval"]
+    assert by_key["seeds"]["partitionKeysByDimension"][0]["partitionKeys"] == [
+        "wikipedia",
+        "fanoutqa",
+        "humaneval",
+    ]

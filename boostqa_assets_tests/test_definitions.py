@@ -31,8 +31,7 @@ def test_partitions_match_the_configuration() -> None:
 
 def test_lineage_edges() -> None:
     defs = build_definitions()
-    graph = {name: sorted(k.to_user_string() for k in defs.resolve_assets_def(name).dependency_keys)
-             for name in STAGES}
+    graph = {name: sorted(k.to_user_string() for k in defs.resolve_assets_def(name).dependency_keys) for name in STAGES}
     assert graph == {
         "seeds": [],
         "annotated_seeds": ["seeds"],

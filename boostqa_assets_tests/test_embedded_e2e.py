@@ -26,10 +26,19 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config.mkdir()
     for name in ("llm.yaml", "recipes.yaml"):
         (config / name).write_text((DEFAULT_CONFIG_DIR / name).read_text())
-    (config / "taxonomy.yaml").write_text(yaml.safe_dump({
-        "grades": ["high", "undergraduate"], "difficulties": ["easy", "medium", "hard"],
-        "disciplines": [{"name": "physics", "category": "stem"}, {"name": "history", "category": "humanities"},
-                        {"name": "general_knowledge", "category": "other"}]}))
+    (config / "taxonomy.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "grades": ["high", "undergraduate"],
+                "difficulties": ["easy", "medium", "hard"],
+                "disciplines": [
+                    {"name": "physics", "category": "stem"},
+                    {"name": "history", "category": "humanities"},
+                    {"name": "general_knowledge", "category": "other"},
+                ],
+            }
+        )
+    )
     recipes = yaml.safe_load((DEFAULT_CONFIG_DIR / "recipes.yaml").read_text())
     recipes["recipes"][0]["grade_weights"] = {"high": 1.0, "undergraduate": 2.0}
     (config / "recipes.yaml").write_text(yaml.safe_dump(recipes))
@@ -41,17 +50,31 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         {"id": "2", "q": "In which year did the French Revolution begin?", "a": "1789."},
     ]
     (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (config / "sources.yaml").write_text(yaml.safe_dump({"sources": [{
-        "name": "tiny", "path": str(tmp_path / "tiny.jsonl"), "kind": "qa",
-        "fields": {"id": "id", "question": "q", "answer": "a"}}]}))
+    (config / "sources.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "sources": [
+                    {
+                        "name": "tiny",
+                        "path": str(tmp_path / "tiny.jsonl"),
+                        "kind": "qa",
+                        "fields": {"id": "id", "question": "q", "answer": "a"},
+                    }
+                ]
+            }
+        )
+    )
     # The GGUF is assembled once per machine; reuse the demo's models folder when it exists.
     home = Path(os.environ.get("BOOSTQA_HOME", Path.cwd() / ".boostqa"))
     monkeypatch.setenv("BOOSTQA_HOME", str(home))
     monkeypatch.setenv("BOOSTQA_DATA_ROOT", str(tmp_path / "data"))
     monkeypatch.setenv("BOOSTQA_CONFIG_DIR", str(config))
     monkeypatch.delenv("BOOSTQA_EMBEDDED_BASE_URL", raising=False)
-    for key in [k for k in os.environ if k.startswith(("BOOSTQA_LLM_", "BOOSTQA_ANNOTATOR_", "BOOSTQA_SYNTHESIZER_",
-                                                      "BOOSTQA_REFINER_"))]:
+    for key in [
+        k
+        for k in os.environ
+        if k.startswith(("BOOSTQA_LLM_", "BOOSTQA_ANNOTATOR_", "BOOSTQA_SYNTHESIZER_", "BOOSTQA_REFINER_"))
+    ]:
         monkeypatch.delenv(key)
     return tmp_path
 

@@ -44,8 +44,12 @@ def test_full_pipeline_in_process(project_env: dict[str, str], fake_llm: FakeOpe
 
     reasons = dict(con.sql("SELECT stage || ':' || reason, count(*) FROM rejects GROUP BY ALL").fetchall())
     assert reasons == {
-        "seeds:duplicate": 1, "seeds:empty_text": 1, "seeds:unparseable_line": 1, "seeds:invalid_utf8": 1,
-        "annotated_seeds:schema_mismatch": 1, "refined_qa:refusal": 5,
+        "seeds:duplicate": 1,
+        "seeds:empty_text": 1,
+        "seeds:unparseable_line": 1,
+        "seeds:invalid_utf8": 1,
+        "annotated_seeds:schema_mismatch": 1,
+        "refined_qa:refusal": 5,
     }
     raw = con.sql("SELECT raw_output FROM rejects WHERE stage = 'annotated_seeds'").fetchall()[0][0]
     assert "astrology" in raw  # the raw reply is kept
@@ -57,8 +61,13 @@ def test_full_pipeline_in_process(project_env: dict[str, str], fake_llm: FakeOpe
     assert hist == [("high",)]
     tracks = dict(con.sql("SELECT track, count(*) FROM synthesized_qa GROUP BY ALL").fetchall())
     assert tracks == {"multi_grade": 32, "high_difficulty": 2}
-    assert con.sql("SELECT count(*) FROM synthesized_qa WHERE track = 'high_difficulty' AND "
-                   "grade NOT IN ('undergraduate', 'graduate')").fetchall()[0][0] == 0
+    assert (
+        con.sql(
+            "SELECT count(*) FROM synthesized_qa WHERE track = 'high_difficulty' AND "
+            "grade NOT IN ('undergraduate', 'graduate')"
+        ).fetchall()[0][0]
+        == 0
+    )
 
     # Reasoning is kept apart from the answer.
     bad = con.sql("SELECT count(*) FROM synthesized_qa WHERE reasoning = '' OR answer LIKE '%thinking about%'")
@@ -103,12 +112,16 @@ def test_one_partition_run_records_per_partition_check(project_env: dict[str, st
     result = dg.materialize(
         assets=[*defs.assets, *(defs.asset_checks or [])],  # type: ignore[list-item]
         selection=dg.AssetSelection.assets("synthesized_qa") | dg.AssetSelection.checks_for_assets("synthesized_qa"),
-        partition_key="physics|graduate", instance=instance, resources=defs.resources,
+        partition_key="physics|graduate",
+        instance=instance,
+        resources=defs.resources,
     )
     assert result.success
     evals = result.get_asset_check_evaluations()
     assert len(evals) == 1 and evals[0].passed
-    df = pl.read_parquet(Path(get_settings().data_root) / "synthesized_qa/discipline=physics/grade=graduate/part-0000.parquet")
+    df = pl.read_parquet(
+        Path(get_settings().data_root) / "synthesized_qa/discipline=physics/grade=graduate/part-0000.parquet"
+    )
     assert set(df["track"]) == {"multi_grade", "high_difficulty"}
     assert set(df["grade"]) == {"graduate"}
 
@@ -118,14 +131,29 @@ def test_blocking_check_fails_on_planted_bad_rows(project_env: dict[str, str]) -
     spec = next(c for c in defs.asset_checks or [] for k in c.check_keys if k.name == "refined_qa_valid")
     assert all(s.blocking for s in spec.check_specs)
     store = _store()
-    bad = pl.DataFrame([{c: None for c in REFINED_SCHEMA} | {
-        "qa_id": "q_x", "seed_id": "s_x", "question": "Q?", "refined_answer": "fine", "flags": ["refusal"],
-        "status": "kept", "discipline": "physics", "grade": "high", "refine_request_hash": "h"}],
-        schema=REFINED_SCHEMA)
+    bad = pl.DataFrame(
+        [
+            {c: None for c in REFINED_SCHEMA}
+            | {
+                "qa_id": "q_x",
+                "seed_id": "s_x",
+                "question": "Q?",
+                "refined_answer": "fine",
+                "flags": ["refusal"],
+                "status": "kept",
+                "discipline": "physics",
+                "grade": "high",
+                "refine_request_hash": "h",
+            }
+        ],
+        schema=REFINED_SCHEMA,
+    )
     store.write_partition("refined_qa", {"discipline": "physics", "grade": "high"}, bad)
     outcome = refined_qa_defs.evaluate_partition(store, "physics|high", ["refusal"])
     assert not outcome.passed and outcome.metadata["kept_rows_with_reject_flags"] == 1
-    empty_answer = bad.with_columns(pl.lit("").alias("refined_answer"), pl.lit([], dtype=pl.List(pl.Utf8)).alias("flags"))
+    empty_answer = bad.with_columns(
+        pl.lit("").alias("refined_answer"), pl.lit([], dtype=pl.List(pl.Utf8)).alias("flags")
+    )
     store.write_partition("refined_qa", {"discipline": "physics", "grade": "high"}, empty_answer)
     outcome = refined_qa_defs.evaluate_partition(store, "physics|high", ["refusal"])
     assert not outcome.passed and "refined_answer" in outcome.metadata["null_or_empty"]
@@ -139,8 +167,9 @@ def test_corrupt_source_fails_the_run_naming_the_file(project_env: dict[str, str
 
 
 @pytest.mark.parametrize("asset", ["annotated_seeds"])
-def test_llm_failure_rejects_rows_and_keeps_going(project_env: dict[str, str], fake_llm: FakeOpenAIServer,
-                                                  asset: str) -> None:
+def test_llm_failure_rejects_rows_and_keeps_going(
+    project_env: dict[str, str], fake_llm: FakeOpenAIServer, asset: str
+) -> None:
     """A reply that stays malformed after the bounded re-asks becomes a reject row with its raw output."""
     from boostqa_assets.llm.fake_server import FaultConfig
 

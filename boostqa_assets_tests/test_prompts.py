@@ -132,9 +132,7 @@ def test_fingerprint_is_stable_and_depends_on_the_prompt_ids() -> None:
     assert a == prompting.prompt_fingerprint("annotate")
     assert len(a) == 12
     assert a != prompting.prompt_fingerprint("refine")
-    assert prompting.prompt_fingerprint("annotate", "refine") != prompting.prompt_fingerprint(
-        "refine", "annotate"
-    )
+    assert prompting.prompt_fingerprint("annotate", "refine") != prompting.prompt_fingerprint("refine", "annotate")
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ pytestmark = pytest.mark.s3
 
 
 @pytest.fixture
-def s3_project(tmp_path: Path, fake_llm: FakeOpenAIServer, moto_endpoint: str,
-               monkeypatch: pytest.MonkeyPatch) -> str:
+def s3_project(tmp_path: Path, fake_llm: FakeOpenAIServer, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     bucket = f"boostqa-{uuid.uuid4().hex[:8]}"
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint})
     fs.mkdir(bucket)
@@ -32,9 +31,10 @@ def s3_project(tmp_path: Path, fake_llm: FakeOpenAIServer, moto_endpoint: str,
     monkeypatch.setenv("BOOSTQA_S3_ENDPOINT_URL", moto_endpoint)
     # The physics source itself is read from S3 too.
     fs.put(str(tmp_path / "sources" / "physics.jsonl"), f"{bucket}/sources/physics.jsonl")
-    cfg = (tmp_path / "config" / "sources.yaml")
-    cfg.write_text(cfg.read_text().replace(str(tmp_path / "sources" / "physics.jsonl"),
-                                           f"s3://{bucket}/sources/physics.jsonl"))
+    cfg = tmp_path / "config" / "sources.yaml"
+    cfg.write_text(
+        cfg.read_text().replace(str(tmp_path / "sources" / "physics.jsonl"), f"s3://{bucket}/sources/physics.jsonl")
+    )
     return bucket
 
 

@@ -95,9 +95,7 @@ def test_concurrent_readers_never_see_a_partial_file(store: Store) -> None:
         t.start()
     try:
         for k in range(2, 120):
-            store.write_partition(
-                "t", PHYSICS_HIGH, rows(k * 20, value=k * 20) if k % 2 else rows(k, value=k)
-            )
+            store.write_partition("t", PHYSICS_HIGH, rows(k * 20, value=k * 20) if k % 2 else rows(k, value=k))
     finally:
         stop.set()
         for t in threads:

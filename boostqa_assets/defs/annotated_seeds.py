@@ -1,10 +1,15 @@
 """``annotated_seeds[source]``: each seed labelled with discipline, category, grade and difficulty."""
 
-
 import dagster as dg
 
 from boostqa_assets import checks
-from boostqa_assets.defs.support import counts_by, llm_metadata, md_table, progress_logger, report_partition_checks
+from boostqa_assets.defs.support import (
+    counts_by,
+    llm_metadata,
+    md_table,
+    progress_logger,
+    report_partition_checks,
+)
 from boostqa_assets.logic import annotate
 from boostqa_assets.partitions import Partitions
 from boostqa_assets.prompting import prompt_fingerprint
@@ -22,8 +27,9 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         code_version="annotated-" + prompt_fingerprint(annotate.PROMPT_ID),
         pool="llm_annotator",
     )
-    def annotated_seeds(context: dg.AssetExecutionContext, store: StoreResource,
-                        llm: LLMResource) -> dg.MaterializeResult:
+    def annotated_seeds(
+        context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource
+    ) -> dg.MaterializeResult:
         """One row per seed of the source, with `discipline`, `category`, `grade` and `difficulty` from the
         annotator role. The reply is JSON constrained by a schema built from the taxonomy and validated
         again; a bad reply is re-asked up to `max_parse_retries` times, then the seed goes to
@@ -36,19 +42,35 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         for key in context.partition_keys:
             seeds = st.read_partition("seeds", {"source": key}, SEED_SCHEMA)
             requests = annotate.build_requests(seeds, project.taxonomy, project.pipeline.annotation.max_chars_in_prompt)
-            results = client.run(requests, annotate.make_validator(project.taxonomy),
-                                 progress_logger(context.log, f"annotated_seeds[{key}]"))
+            results = client.run(
+                requests,
+                annotate.make_validator(project.taxonomy),
+                progress_logger(context.log, f"annotated_seeds[{key}]"),
+            )
             kept, rejects = annotate.assemble(seeds, results, project.taxonomy, key)
             st.write_partition("annotated_seeds", {"source": key}, kept)
             st.write_rejects("annotated_seeds", key, rejects)
-            summary.append({"source": key, "seeds": seeds.height, "annotated": kept.height,
-                            "rejected": rejects.height, "reject_reasons": counts_by(rejects, "reason") or "-",
-                            "disciplines": kept["discipline"].n_unique() if kept.height else 0})
+            summary.append(
+                {
+                    "source": key,
+                    "seeds": seeds.height,
+                    "annotated": kept.height,
+                    "rejected": rejects.height,
+                    "reject_reasons": counts_by(rejects, "reason") or "-",
+                    "disciplines": kept["discipline"].n_unique() if kept.height else 0,
+                }
+            )
             context.log.info(f"annotated_seeds[{key}]: {kept.height} annotated, {rejects.height} rejected")
         rows = sum(s["annotated"] for s in summary)
-        return dg.MaterializeResult(metadata={
-            "rows": rows, "rows_rejected": sum(s["rejected"] for s in summary), "dagster/row_count": rows,
-            "partitions": md_table(summary), **llm_metadata(client.stats)})
+        return dg.MaterializeResult(
+            metadata={
+                "rows": rows,
+                "rows_rejected": sum(s["rejected"] for s in summary),
+                "dagster/row_count": rows,
+                "partitions": md_table(summary),
+                **llm_metadata(client.stats),
+            }
+        )
 
     @dg.asset_check(asset=annotated_seeds, partitions_def=parts.source_partitions, blocking=True)
     def annotated_seeds_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
@@ -60,10 +82,25 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         def evaluate(key: str) -> checks.CheckOutcome:
             df = st.read_partition("annotated_seeds", {"source": key})
             outcome = checks.table_checks(
-                df, ANNOTATED_SCHEMA, unique_on="seed_id", equals={"source": key},
-                not_null=["seed_id", "discipline", "category", "grade", "difficulty", "annotate_request_hash"],
-                allowed={"discipline": tax.discipline_names, "category": tax.categories, "grade": tax.grades,
-                         "difficulty": tax.difficulties})
+                df,
+                ANNOTATED_SCHEMA,
+                unique_on="seed_id",
+                equals={"source": key},
+                not_null=[
+                    "seed_id",
+                    "discipline",
+                    "category",
+                    "grade",
+                    "difficulty",
+                    "annotate_request_hash",
+                ],
+                allowed={
+                    "discipline": tax.discipline_names,
+                    "category": tax.categories,
+                    "grade": tax.grades,
+                    "difficulty": tax.difficulties,
+                },
+            )
             if outcome.passed and df.height:
                 outcome.metadata["rows_by_grade"] = str(counts_by(df, "grade"))
             return outcome

@@ -1,6 +1,5 @@
 """``qa_mixture[recipe]``: the token-budgeted training mixture of one recipe."""
 
-
 import json
 
 import dagster as dg
@@ -52,17 +51,26 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             files = shard_files(docs, manifest)
             target = st.write_directory("qa_mixture", {"recipe": key}, files)
             results[key] = (docs, manifest, target)
-            context.log.info(f"qa_mixture[{key}]: {docs.height} docs, {manifest['tokens_total']} tokens "
-                             f"({manifest['budget_filled']:.0%} of the budget) from {refined.height} kept QA")
+            context.log.info(
+                f"qa_mixture[{key}]: {docs.height} docs, {manifest['tokens_total']} tokens "
+                f"({manifest['budget_filled']:.0%} of the budget) from {refined.height} kept QA"
+            )
         docs, manifest, target = results[context.partition_keys[-1]]
-        return dg.MaterializeResult(metadata={
-            "rows": docs.height, "dagster/row_count": docs.height, "tokens_total": manifest["tokens_total"],
-            "token_budget": manifest["token_budget"], "budget_filled": manifest["budget_filled"],
-            "recipe_hash": manifest["recipe_hash"], "sampling_seed": manifest["sampling_seed"],
-            "path": target, "coverage_tokens": _coverage_table(docs, project.taxonomy.grades),
-            "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),
-            "tokens_by_source": dg.MetadataValue.json(manifest["tokens_by_source"]),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "rows": docs.height,
+                "dagster/row_count": docs.height,
+                "tokens_total": manifest["tokens_total"],
+                "token_budget": manifest["token_budget"],
+                "budget_filled": manifest["budget_filled"],
+                "recipe_hash": manifest["recipe_hash"],
+                "sampling_seed": manifest["sampling_seed"],
+                "path": target,
+                "coverage_tokens": _coverage_table(docs, project.taxonomy.grades),
+                "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),
+                "tokens_by_source": dg.MetadataValue.json(manifest["tokens_by_source"]),
+            }
+        )
 
     @dg.asset_check(asset=qa_mixture, partitions_def=parts.recipe_partitions, blocking=True)
     def qa_mixture_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
@@ -78,15 +86,21 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             manifest = json.loads(st.read_bytes(f"{folder}/manifest.json"))
             shards = [st.read_parquet(f"{folder}/{f}") for f in manifest["files"] if f.endswith(".parquet")]
             df = pl.concat(shards) if shards else pl.DataFrame(schema=MIXTURE_SCHEMA)
-            outcome = checks.table_checks(df, MIXTURE_SCHEMA, not_null=["doc_id", "qa_id", "seed_id", "text"],
-                                          unique_on="qa_id", require_rows=True)
+            outcome = checks.table_checks(
+                df,
+                MIXTURE_SCHEMA,
+                not_null=["doc_id", "qa_id", "seed_id", "text"],
+                unique_on="qa_id",
+                require_rows=True,
+            )
             if not outcome.passed:
                 return outcome
             tokens = int(df["n_tokens"].sum())
             budget = project.recipes.get(key).token_budget
-            within = checks.CheckOutcome(tokens <= budget and tokens == manifest["tokens_total"],
-                                         {"tokens": tokens, "budget": budget,
-                                          "manifest_tokens": manifest["tokens_total"]})
+            within = checks.CheckOutcome(
+                tokens <= budget and tokens == manifest["tokens_total"],
+                {"tokens": tokens, "budget": budget, "manifest_tokens": manifest["tokens_total"]},
+            )
             return checks.CheckOutcome.all_of(outcome, within, checks.joins_back(df, "seed_id", seed_ids))
 
         return report_partition_checks(context, "qa_mixture", "qa_mixture_valid", evaluate)

@@ -1,11 +1,16 @@
 """``refined_qa[discipline x grade]``: synthesized QA with the refiner's answer and rule-filter flags."""
 
-
 import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks
-from boostqa_assets.defs.support import counts_by, llm_metadata, md_table, progress_logger, report_partition_checks
+from boostqa_assets.defs.support import (
+    counts_by,
+    llm_metadata,
+    md_table,
+    progress_logger,
+    report_partition_checks,
+)
 from boostqa_assets.logic import refine
 from boostqa_assets.partitions import Partitions, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
@@ -24,8 +29,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         code_version="refined-" + prompt_fingerprint(refine.PROMPT_ID),
         pool="llm_refiner",
     )
-    def refined_qa(context: dg.AssetExecutionContext, store: StoreResource,
-                   llm: LLMResource) -> dg.MaterializeResult:
+    def refined_qa(context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource) -> dg.MaterializeResult:
         """One row per kept QA pair of the partition: `refined_answer` from the refiner role, `flags` from
         the rule filters, `status = kept`.
 
@@ -39,12 +43,16 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         inputs = {}
         for key in context.partition_keys:
             discipline, grade = qa_key_parts(key)
-            inputs[key] = st.read_partition("synthesized_qa", {"discipline": discipline, "grade": grade},
-                                            SYNTHESIZED_SCHEMA)
+            inputs[key] = st.read_partition(
+                "synthesized_qa", {"discipline": discipline, "grade": grade}, SYNTHESIZED_SCHEMA
+            )
         everything = pl.concat(list(inputs.values())) if inputs else pl.DataFrame(schema=SYNTHESIZED_SCHEMA)
         context.log.info(f"refined_qa: {everything.height} QA to refine over {len(inputs)} partitions")
-        results = client.run(refine.build_requests(everything), refine.validate_answer,
-                             progress_logger(context.log, "refined_qa"))
+        results = client.run(
+            refine.build_requests(everything),
+            refine.validate_answer,
+            progress_logger(context.log, "refined_qa"),
+        )
         by_key = {r.key: r for r in results}
         summary = []
         for key, qa in inputs.items():
@@ -53,12 +61,26 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             st.write_partition("refined_qa", {"discipline": discipline, "grade": grade}, kept)
             st.write_rejects("refined_qa", key, rejects)
             if qa.height:
-                summary.append({"partition": key, "input": qa.height, "kept": kept.height,
-                                "rejected": rejects.height, "reject_reasons": counts_by(rejects, "reason") or "-"})
+                summary.append(
+                    {
+                        "partition": key,
+                        "input": qa.height,
+                        "kept": kept.height,
+                        "rejected": rejects.height,
+                        "reject_reasons": counts_by(rejects, "reason") or "-",
+                    }
+                )
         rows = sum(s["kept"] for s in summary)
-        return dg.MaterializeResult(metadata={
-            "rows": rows, "rows_rejected": sum(s["rejected"] for s in summary), "dagster/row_count": rows,
-            "partitions_with_rows": len(summary), "partitions": md_table(summary), **llm_metadata(client.stats)})
+        return dg.MaterializeResult(
+            metadata={
+                "rows": rows,
+                "rows_rejected": sum(s["rejected"] for s in summary),
+                "dagster/row_count": rows,
+                "partitions_with_rows": len(summary),
+                "partitions": md_table(summary),
+                **llm_metadata(client.stats),
+            }
+        )
 
     @dg.asset_check(asset=refined_qa, partitions_def=parts.qa_partitions, blocking=True)
     def refined_qa_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
@@ -67,8 +89,9 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         the configuration says must reject."""
         st = store.get()
         reject_flags = project_config().pipeline.refinement.reject_flags
-        return report_partition_checks(context, "refined_qa", "refined_qa_valid",
-                                       lambda key: evaluate_partition(st, key, reject_flags))
+        return report_partition_checks(
+            context, "refined_qa", "refined_qa_valid", lambda key: evaluate_partition(st, key, reject_flags)
+        )
 
     return [refined_qa, refined_qa_valid]
 
@@ -78,9 +101,13 @@ def evaluate_partition(st: Store, key: str, reject_flags: list[str]) -> checks.C
     discipline, grade = qa_key_parts(key)
     df = st.read_partition("refined_qa", {"discipline": discipline, "grade": grade})
     outcome = checks.table_checks(
-        df, REFINED_SCHEMA, unique_on="qa_id", equals={"discipline": discipline, "grade": grade},
+        df,
+        REFINED_SCHEMA,
+        unique_on="qa_id",
+        equals={"discipline": discipline, "grade": grade},
         not_null=["qa_id", "seed_id", "question", "refined_answer", "refine_request_hash"],
-        allowed={"status": ["kept"]})
+        allowed={"status": ["kept"]},
+    )
     if outcome.passed and df.height:
         flagged = df.filter(pl.col("flags").list.eval(pl.element().is_in(reject_flags)).list.any()).height
         outcome.metadata["kept_rows_with_reject_flags"] = flagged

@@ -1,6 +1,5 @@
 """``seeds[source]``: one row per normalized seed of a configured source (no LLM)."""
 
-
 import dagster as dg
 
 from boostqa_assets import checks
@@ -36,18 +35,30 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             path = st.write_partition("seeds", {"source": key}, result.seeds)
             st.write_rejects("seeds", key, result.rejects)
             reasons = counts_by(result.rejects, "reason")
-            context.log.info(f"seeds[{key}]: read {result.rows_read} rows from {result.path}, kept "
-                             f"{result.seeds.height}, rejected {result.rejects.height} {reasons}, "
-                             f"not sampled {result.rows_not_sampled}")
-            summary.append({"source": key, "rows_read": result.rows_read, "kept": result.seeds.height,
-                            "rejected": result.rejects.height, "not_sampled": result.rows_not_sampled,
-                            "reject_reasons": reasons or "-", "path": path})
-        return dg.MaterializeResult(metadata={
-            "rows": sum(s["kept"] for s in summary),
-            "rows_rejected": sum(s["rejected"] for s in summary),
-            "partitions": md_table(summary),
-            "dagster/row_count": sum(s["kept"] for s in summary),
-        })
+            context.log.info(
+                f"seeds[{key}]: read {result.rows_read} rows from {result.path}, kept "
+                f"{result.seeds.height}, rejected {result.rejects.height} {reasons}, "
+                f"not sampled {result.rows_not_sampled}"
+            )
+            summary.append(
+                {
+                    "source": key,
+                    "rows_read": result.rows_read,
+                    "kept": result.seeds.height,
+                    "rejected": result.rejects.height,
+                    "not_sampled": result.rows_not_sampled,
+                    "reject_reasons": reasons or "-",
+                    "path": path,
+                }
+            )
+        return dg.MaterializeResult(
+            metadata={
+                "rows": sum(s["kept"] for s in summary),
+                "rows_rejected": sum(s["rejected"] for s in summary),
+                "partitions": md_table(summary),
+                "dagster/row_count": sum(s["kept"] for s in summary),
+            }
+        )
 
     @dg.asset_check(asset=seeds, partitions_def=parts.source_partitions, blocking=True)
     def seeds_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
@@ -57,8 +68,14 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
 
         def evaluate(key: str) -> checks.CheckOutcome:
             df = st.read_partition("seeds", {"source": key})
-            return checks.table_checks(df, SEED_SCHEMA, not_null=["seed_id", "source", "kind", "language"],
-                                       unique_on="seed_id", equals={"source": key}, require_rows=True)
+            return checks.table_checks(
+                df,
+                SEED_SCHEMA,
+                not_null=["seed_id", "source", "kind", "language"],
+                unique_on="seed_id",
+                equals={"source": key},
+                require_rows=True,
+            )
 
         return report_partition_checks(context, "seeds", "seeds_valid", evaluate)
 

@@ -25,9 +25,11 @@ def progress_logger(log: Any, label: str, every_s: float = 10.0) -> ProgressFn:
             return
         last[0] = now
         rate = done / max(now - started, 1e-9)
-        log.info(f"{label}: {done}/{total} requests ({100 * done / total:.0f}%), {rate:.2f}/s, "
-                 f"{stats.cache_hits} cache hits, {stats.failed} failed, {stats.retries} retries, "
-                 f"{stats.tokens_in} in / {stats.tokens_out} out tokens")
+        log.info(
+            f"{label}: {done}/{total} requests ({100 * done / total:.0f}%), {rate:.2f}/s, "
+            f"{stats.cache_hits} cache hits, {stats.failed} failed, {stats.retries} retries, "
+            f"{stats.tokens_in} in / {stats.tokens_out} out tokens"
+        )
 
     return report
 
@@ -66,8 +68,12 @@ def llm_metadata(stats: LLMStats) -> dict[str, Any]:
     }
 
 
-def report_partition_checks(context: dg.AssetCheckExecutionContext, asset: str, check_name: str,
-                            evaluate: Callable[[str], CheckOutcome]) -> dg.AssetCheckResult:
+def report_partition_checks(
+    context: dg.AssetCheckExecutionContext,
+    asset: str,
+    check_name: str,
+    evaluate: Callable[[str], CheckOutcome],
+) -> dg.AssetCheckResult:
     """Evaluate a check for every partition of the run.
 
     A run of one partition returns that partition's result. A run of many (single-run backfill) records
@@ -83,9 +89,20 @@ def report_partition_checks(context: dg.AssetCheckExecutionContext, asset: str, 
         outcome = evaluate(key)
         if not outcome.passed:
             failed.append(key)
-        context.op_execution_context.log_event(dg.AssetCheckEvaluation(
-            asset_key=dg.AssetKey(asset), check_name=check_name, passed=outcome.passed, partition=key,
-            metadata={k: v for k, v in outcome.metadata.items() if isinstance(v, (str, int, float, bool))}))
-    return dg.AssetCheckResult(passed=not failed, metadata={
-        "partitions_checked": len(keys), "partitions_failed": len(failed),
-        "failed_partitions": ", ".join(failed[:50]) or "-"})
+        context.op_execution_context.log_event(
+            dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey(asset),
+                check_name=check_name,
+                passed=outcome.passed,
+                partition=key,
+                metadata={k: v for k, v in outcome.metadata.items() if isinstance(v, (str, int, float, bool))},
+            )
+        )
+    return dg.AssetCheckResult(
+        passed=not failed,
+        metadata={
+            "partitions_checked": len(keys),
+            "partitions_failed": len(failed),
+            "failed_partitions": ", ".join(failed[:50]) or "-",
+        },
+    )

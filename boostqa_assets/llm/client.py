@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from boostqa_assets.configs import ConfigError, RoleConfig
 from boostqa_assets.llm.cache import ResponseCache
@@ -140,8 +146,12 @@ class LLMClient:
         self.cache = cache
         self.replay_only = replay_only
         self.circuit_breaker_failures = circuit_breaker_failures
-        self.stats = LLMStats(role=role, model=cfg.model, price_per_mtok_in=cfg.price_per_mtok_in,
-                              price_per_mtok_out=cfg.price_per_mtok_out)
+        self.stats = LLMStats(
+            role=role,
+            model=cfg.model,
+            price_per_mtok_in=cfg.price_per_mtok_in,
+            price_per_mtok_out=cfg.price_per_mtok_out,
+        )
         self.__api_key = self._read_api_key()
         self._grammar_cache: dict[str, str] = {}
         self._consecutive_failures = 0
@@ -156,8 +166,10 @@ class LLMClient:
             return None
         value = os.environ.get(name)
         if not value:
-            raise ConfigError(f"role {self.role!r}: api_key_env names {name!r}, but that environment variable "
-                              "is not set; fix: export it, or unset api_key_env for an endpoint without a key")
+            raise ConfigError(
+                f"role {self.role!r}: api_key_env names {name!r}, but that environment variable "
+                "is not set; fix: export it, or unset api_key_env for an endpoint without a key"
+            )
         return value
 
     def redact(self, text: str) -> str:
@@ -205,9 +217,10 @@ class LLMClient:
         if req.schema is not None:
             mode = cfg.structured_output
             if mode == "json_schema":
-                body["response_format"] = {"type": "json_schema",
-                                           "json_schema": {"name": req.prompt_id, "schema": req.schema,
-                                                           "strict": True}}
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": req.prompt_id, "schema": req.schema, "strict": True},
+                }
             elif mode == "json_object_schema":
                 body["response_format"] = {"type": "json_object", "schema": req.schema}
             elif mode == "json_object":
@@ -249,18 +262,27 @@ class LLMClient:
             raise _Retryable("http_429", "rate limited (429)", _retry_after_seconds(response))
         if response.status_code >= 500:
             self.stats.http_5xx += 1
-            raise _Retryable(f"http_{response.status_code}", f"server error {response.status_code}: "
-                             f"{self.redact(response.text)[:200]}", _retry_after_seconds(response))
+            raise _Retryable(
+                f"http_{response.status_code}",
+                f"server error {response.status_code}: {self.redact(response.text)[:200]}",
+                _retry_after_seconds(response),
+            )
         if response.status_code in (401, 403, 404):
             # Every other request would get the same answer: stop the run instead of rejecting every row.
-            hint = {401: "unauthorized: check the API key", 403: "forbidden: check the key's permissions",
-                    404: "not found: check the base URL and the model name"}[response.status_code]
+            hint = {
+                401: "unauthorized: check the API key",
+                403: "forbidden: check the key's permissions",
+                404: "not found: check the base URL and the model name",
+            }[response.status_code]
             raise LLMEndpointError(
                 f"role {self.role!r}: {self.base_url} answered HTTP {response.status_code} ({hint}; the key is read "
-                f"from ${self.cfg.api_key_env or '<none configured>'}): {self.redact(response.text)[:200]}")
+                f"from ${self.cfg.api_key_env or '<none configured>'}): {self.redact(response.text)[:200]}"
+            )
         if response.status_code >= 400:
-            raise _Fatal(f"http_{response.status_code}",
-                         f"HTTP {response.status_code}: {self.redact(response.text)[:300]}")
+            raise _Fatal(
+                f"http_{response.status_code}",
+                f"HTTP {response.status_code}: {self.redact(response.text)[:300]}",
+            )
         try:
             return response.json()
         except ValueError:
@@ -272,8 +294,15 @@ class LLMClient:
             hit = self.cache.get(rhash)
             if hit is not None:
                 self.stats.cache_hits += 1
-                return _Reply(hit["content"], hit.get("reasoning", ""), hit.get("finish_reason"),
-                              hit.get("tokens_in", 0), hit.get("tokens_out", 0), 0.0, True)
+                return _Reply(
+                    hit["content"],
+                    hit.get("reasoning", ""),
+                    hit.get("finish_reason"),
+                    hit.get("tokens_in", 0),
+                    hit.get("tokens_out", 0),
+                    0.0,
+                    True,
+                )
         if self.replay_only:
             raise ReplayMissError(f"role {self.role!r}: replay-only mode and request {rhash[:16]} is not cached")
 
@@ -295,11 +324,21 @@ class LLMClient:
                         latency = time.perf_counter() - started
         reply = self._parse_payload(payload, latency)
         if self.cache is not None:
-            self.cache.put(rhash, {
-                "request_hash": rhash, "role": self.role, "model": self.cfg.model, "request": body,
-                "content": reply.content, "reasoning": reply.reasoning, "finish_reason": reply.finish_reason,
-                "tokens_in": reply.tokens_in, "tokens_out": reply.tokens_out, "latency_s": round(latency, 4),
-            })
+            self.cache.put(
+                rhash,
+                {
+                    "request_hash": rhash,
+                    "role": self.role,
+                    "model": self.cfg.model,
+                    "request": body,
+                    "content": reply.content,
+                    "reasoning": reply.reasoning,
+                    "finish_reason": reply.finish_reason,
+                    "tokens_in": reply.tokens_in,
+                    "tokens_out": reply.tokens_out,
+                    "latency_s": round(latency, 4),
+                },
+            )
         return reply
 
     def _parse_payload(self, payload: dict[str, Any], latency: float) -> _Reply:
@@ -314,8 +353,15 @@ class LLMClient:
         content, tag_reasoning = split_reasoning(content)
         reasoning = "\n".join(r for r in (field_reasoning, tag_reasoning) if r)
         usage = payload.get("usage") or {}
-        return _Reply(content, reasoning, choice.get("finish_reason"), int(usage.get("prompt_tokens") or 0),
-                      int(usage.get("completion_tokens") or 0), latency, False)
+        return _Reply(
+            content,
+            reasoning,
+            choice.get("finish_reason"),
+            int(usage.get("prompt_tokens") or 0),
+            int(usage.get("completion_tokens") or 0),
+            latency,
+            False,
+        )
 
     # --- one logical request -----------------------------------------------------------------------
 
@@ -341,12 +387,19 @@ class LLMClient:
                 return None, "invalid_json", f"not JSON, and the repaired object does not fit: {exc}"[:300]
             return None, "schema_mismatch", str(exc)[:300]
 
-    async def _run_one(self, http: httpx.AsyncClient, sem: asyncio.Semaphore, req: LLMRequest,
-                       validator: Validator) -> LLMResult:
+    async def _run_one(
+        self, http: httpx.AsyncClient, sem: asyncio.Semaphore, req: LLMRequest, validator: Validator
+    ) -> LLMResult:
         self.stats.logical_requests += 1
         max_tokens = req.max_tokens or self.cfg.max_tokens
-        result = LLMResult(key=req.key, prompt_id=req.prompt_id, prompt_version=req.prompt_version,
-                           model=self.cfg.model, request_hash="", ok=False)
+        result = LLMResult(
+            key=req.key,
+            prompt_id=req.prompt_id,
+            prompt_version=req.prompt_version,
+            model=self.cfg.model,
+            request_hash="",
+            ok=False,
+        )
         for attempt in range(self.cfg.max_parse_retries + 1):
             body = self.build_body(req, attempt, max_tokens)
             result.request_hash = request_hash(body)
@@ -356,7 +409,10 @@ class LLMClient:
                 if req.prefill and self.cfg.api == "completions":
                     reply.content = req.prefill + reply.content
             except _Retryable as exc:
-                result.error, result.detail = "transport", f"{exc.kind} after {self.cfg.max_retries} retries: {exc}"
+                result.error, result.detail = (
+                    "transport",
+                    f"{exc.kind} after {self.cfg.max_retries} retries: {exc}",
+                )
                 self._note_failure(result.detail)
                 break
             except _Fatal as exc:
@@ -372,7 +428,11 @@ class LLMClient:
                 self.stats.tokens_out += reply.tokens_out
                 self.stats.latencies.append(reply.latency_s)
             value, error, detail = self._validate(req, reply, validator)
-            result.content, result.reasoning, result.finish_reason = reply.content, reply.reasoning, reply.finish_reason
+            result.content, result.reasoning, result.finish_reason = (
+                reply.content,
+                reply.reasoning,
+                reply.finish_reason,
+            )
             result.raw_output = reply.content
             if error is None:
                 result.ok, result.value, result.error, result.detail = True, value, None, ""
@@ -387,7 +447,8 @@ class LLMClient:
         else:
             self.stats.failed += 1
             self.stats.failures_by_reason[result.error or "unknown"] = (
-                self.stats.failures_by_reason.get(result.error or "unknown", 0) + 1)
+                self.stats.failures_by_reason.get(result.error or "unknown", 0) + 1
+            )
         return result
 
     def _note_failure(self, detail: str) -> None:
@@ -403,11 +464,14 @@ class LLMClient:
 
     # --- batches -----------------------------------------------------------------------------------
 
-    async def _run_all(self, requests: Sequence[LLMRequest], validator: Validator,
-                       progress: ProgressFn | None) -> list[LLMResult]:
+    async def _run_all(
+        self, requests: Sequence[LLMRequest], validator: Validator, progress: ProgressFn | None
+    ) -> list[LLMResult]:
         sem = asyncio.Semaphore(self.cfg.max_concurrency)
-        limits = httpx.Limits(max_connections=self.cfg.max_concurrency * 2,
-                              max_keepalive_connections=self.cfg.max_concurrency * 2)
+        limits = httpx.Limits(
+            max_connections=self.cfg.max_concurrency * 2,
+            max_keepalive_connections=self.cfg.max_concurrency * 2,
+        )
         timeout = httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s))
         results: list[LLMResult | None] = [None] * len(requests)
         done = 0
@@ -449,8 +513,9 @@ class LLMClient:
                     await asyncio.gather(*pending, return_exceptions=True)
         return [r for r in results if r is not None]
 
-    def run(self, requests: Sequence[LLMRequest], validator: Validator,
-            progress: ProgressFn | None = None) -> list[LLMResult]:
+    def run(
+        self, requests: Sequence[LLMRequest], validator: Validator, progress: ProgressFn | None = None
+    ) -> list[LLMResult]:
         """Run every request (concurrently, up to the cap) and return results in request order."""
         if not requests:
             return []

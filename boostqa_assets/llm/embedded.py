@@ -64,17 +64,38 @@ class EmbeddedServer:
         self.port = free_port()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"llama-server-{self.port}.log"
-        cmd = [sys.executable, "-m", "boostqa_assets.llm.embedded", str(os.getpid()), "--model", str(model), "--model_alias", MODEL_ALIAS,
-               "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.cfg.n_ctx),
-               "--n_threads", str(self.cfg.n_threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "boostqa_assets.llm.embedded",
+            str(os.getpid()),
+            "--model",
+            str(model),
+            "--model_alias",
+            MODEL_ALIAS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.cfg.n_ctx),
+            "--n_threads",
+            str(self.cfg.n_threads),
+        ]
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + self.cfg.start_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the embedded llama.cpp server exited with code {self.proc.returncode}; "
-                                   f"see {log_path}")
+                raise RuntimeError(
+                    f"the embedded llama.cpp server exited with code {self.proc.returncode}; see {log_path}"
+                )
             try:
                 if httpx.get(self.base_url + "/models", timeout=1.0).status_code == 200:
                     logger.info("embedded model %s up at %s (pid %s)", MODEL_ALIAS, self.base_url, self.proc.pid)
@@ -83,8 +104,9 @@ class EmbeddedServer:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"the embedded llama.cpp server did not answer within {self.cfg.start_timeout_s}s; "
-                           f"see {log_path}")
+        raise RuntimeError(
+            f"the embedded llama.cpp server did not answer within {self.cfg.start_timeout_s}s; see {log_path}"
+        )
 
     def stop(self) -> None:
         if self.proc is None:

@@ -42,13 +42,22 @@ logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 FAULT_KINDS = ("500", "503", "429", "400", "timeout", "drop", "malformed", "schema_mismatch", "truncated")
 # Order of the cumulative draw for random faults; fixed so a seed always gives the same sequence.
-_RANDOM_FAULTS = (("500", "error_500_rate"), ("503", "error_503_rate"), ("400", "error_400_rate"),
-                  ("timeout", "timeout_rate"), ("drop", "drop_rate"), ("malformed", "malformed_rate"),
-                  ("schema_mismatch", "schema_mismatch_rate"), ("truncated", "truncated_rate"))
-_ERRORS = {"500": (500, "server_error", "Injected internal server error"),
-           "503": (503, "server_error", "Injected service unavailable"),
-           "429": (429, "rate_limit_exceeded", "Injected rate limit"),
-           "400": (400, "invalid_request_error", "Injected bad request (not retryable)")}
+_RANDOM_FAULTS = (
+    ("500", "error_500_rate"),
+    ("503", "error_503_rate"),
+    ("400", "error_400_rate"),
+    ("timeout", "timeout_rate"),
+    ("drop", "drop_rate"),
+    ("malformed", "malformed_rate"),
+    ("schema_mismatch", "schema_mismatch_rate"),
+    ("truncated", "truncated_rate"),
+)
+_ERRORS = {
+    "500": (500, "server_error", "Injected internal server error"),
+    "503": (503, "server_error", "Injected service unavailable"),
+    "429": (429, "rate_limit_exceeded", "Injected rate limit"),
+    "400": (400, "invalid_request_error", "Injected bad request (not retryable)"),
+}
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -151,8 +160,12 @@ def _topic(text: str) -> str:
 class _SchemaFaker:
     """Builds a deterministic instance of a JSON schema, varied by the prompt text."""
 
-    _FORMATS: ClassVar[dict[str, str]] = {"date": "2024-01-01", "date-time": "2024-01-01T00:00:00Z",
-                "email": "user@example.com", "uri": "https://example.com/"}
+    _FORMATS: ClassVar[dict[str, str]] = {
+        "date": "2024-01-01",
+        "date-time": "2024-01-01T00:00:00Z",
+        "email": "user@example.com",
+        "uri": "https://example.com/",
+    }
 
     def __init__(self, root: dict[str, Any], text: str) -> None:
         self.root, self.text, self.topic = root, text, _topic(text)
@@ -254,11 +267,18 @@ class _Stats:
         self.ok_by_body: dict[str, int] = {}
 
     def snapshot(self, in_flight: int) -> dict[str, Any]:
-        return {"requests": self.requests, "answered_ok": self.answered_ok, "in_flight": in_flight,
-                "max_in_flight": self.max_in_flight, "tokens_in": self.tokens_in,
-                "tokens_out": self.tokens_out, "by_status": dict(self.by_status),
-                "by_fault": dict(self.by_fault), "requests_by_body": dict(self.requests_by_body),
-                "ok_by_body": dict(self.ok_by_body)}
+        return {
+            "requests": self.requests,
+            "answered_ok": self.answered_ok,
+            "in_flight": in_flight,
+            "max_in_flight": self.max_in_flight,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "by_status": dict(self.by_status),
+            "by_fault": dict(self.by_fault),
+            "requests_by_body": dict(self.requests_by_body),
+            "ok_by_body": dict(self.ok_by_body),
+        }
 
 
 class _Runtime:
@@ -311,11 +331,21 @@ class _Runtime:
         reset = _duration(w[0][0] + c.window_s - now if w else 0.0)
         headers: dict[str, str] = {}
         if c.rpm is not None:
-            headers.update({"x-ratelimit-limit-requests": str(c.rpm), "x-ratelimit-reset-requests": reset,
-                            "x-ratelimit-remaining-requests": str(max(0, c.rpm - len(w)))})
+            headers.update(
+                {
+                    "x-ratelimit-limit-requests": str(c.rpm),
+                    "x-ratelimit-reset-requests": reset,
+                    "x-ratelimit-remaining-requests": str(max(0, c.rpm - len(w))),
+                }
+            )
         if c.tpm is not None:
-            headers.update({"x-ratelimit-limit-tokens": str(c.tpm), "x-ratelimit-reset-tokens": reset,
-                            "x-ratelimit-remaining-tokens": str(max(0, int(c.tpm - self.window_tokens)))})
+            headers.update(
+                {
+                    "x-ratelimit-limit-tokens": str(c.tpm),
+                    "x-ratelimit-reset-tokens": reset,
+                    "x-ratelimit-remaining-tokens": str(max(0, int(c.tpm - self.window_tokens))),
+                }
+            )
         if entry is None:
             headers["retry-after"] = str(max(1, math.ceil(wait)))
         return entry, headers
@@ -335,13 +365,15 @@ class FakeOpenAIApp:
         self._rt = _Runtime(config or FaultConfig())
         self._stats = _Stats()
         self._in_flight = 0
-        self._app = Starlette(routes=[
-            Route("/v1/models", self._models, methods=["GET"]),
-            Route("/v1/chat/completions", self._chat, methods=["POST"]),
-            Route("/v1/completions", self._text, methods=["POST"]),
-            Route("/_stats", self._stats_ep, methods=["GET"]),
-            Route("/_reset", self._reset_ep, methods=["POST"]),
-        ])
+        self._app = Starlette(
+            routes=[
+                Route("/v1/models", self._models, methods=["GET"]),
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._text, methods=["POST"]),
+                Route("/_stats", self._stats_ep, methods=["GET"]),
+                Route("/_reset", self._reset_ep, methods=["POST"]),
+            ]
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: _ASGICallable, send: _ASGICallable) -> None:
         """Keep the server's own ``send`` in scope: the 'drop' fault needs its transport."""
@@ -365,8 +397,12 @@ class FakeOpenAIApp:
         self._stats = _Stats(max_in_flight=self._in_flight)
 
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": "fake-model", "object": "model", "created": 0, "owned_by": "boostqa"}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "boostqa"}],
+            }
+        )
 
     async def _stats_ep(self, request: Request) -> Response:
         return JSONResponse(self.stats())
@@ -391,12 +427,13 @@ class FakeOpenAIApp:
         finally:
             self._in_flight -= 1
 
-    def _error(
-        self, st: _Stats, status: int, kind: str, msg: str, headers: dict[str, str] | None
-    ) -> Response:
+    def _error(self, st: _Stats, status: int, kind: str, msg: str, headers: dict[str, str] | None) -> Response:
         st.by_status[str(status)] = st.by_status.get(str(status), 0) + 1
-        return JSONResponse({"error": {"message": msg, "type": kind, "code": kind, "param": None}},
-                            status_code=status, headers=headers)
+        return JSONResponse(
+            {"error": {"message": msg, "type": kind, "code": kind, "param": None}},
+            status_code=status,
+            headers=headers,
+        )
 
     async def _handle(self, request: Request, chat: bool, st: _Stats) -> Response:
         rt = self._rt
@@ -406,10 +443,16 @@ class FakeOpenAIApp:
         except ValueError:
             body = None
         if not isinstance(body, dict) or (chat and not isinstance(body.get("messages"), list)):
-            return self._error(st, 400, "invalid_request_error", "body must be a JSON object"
-                               + (" with a 'messages' list" if chat else ""), None)
-        key = hashlib.blake2b(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(),
-                              digest_size=8).hexdigest()
+            return self._error(
+                st,
+                400,
+                "invalid_request_error",
+                "body must be a JSON object" + (" with a 'messages' list" if chat else ""),
+                None,
+            )
+        key = hashlib.blake2b(
+            json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), digest_size=8
+        ).hexdigest()
         st.requests_by_body[key] = st.requests_by_body.get(key, 0) + 1
         text = prompt_text(body)
         p_tok = len(text) // 4 + 1
@@ -464,16 +507,25 @@ class FakeOpenAIApp:
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
-            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish,
-                                      "logprobs": None}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish,
+                "logprobs": None,
+            }
         else:
             choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
-        return JSONResponse({
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{key}-{st.requests}",
-            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": body.get("model") or "fake-model", "choices": [choice],
-            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok}},
-            headers=headers or None)
+        return JSONResponse(
+            {
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{key}-{st.requests}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": body.get("model") or "fake-model",
+                "choices": [choice],
+                "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
+            },
+            headers=headers or None,
+        )
 
     @staticmethod
     async def _hang(request: Request, seconds: float) -> bool:
@@ -498,8 +550,7 @@ class FakeOpenAIApp:
         cycle = getattr(raw_send, "__self__", None)  # uvicorn's RequestResponseCycle
         transport = getattr(cycle, "transport", None)
         if transport is None:  # unknown server: start a response and die mid-way instead
-            await raw_send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-length", b"99")]})
+            await raw_send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"99")]})
             raise ConnectionAbortedError("fake_server: injected drop")
         transport.abort()
         for _ in range(100):  # let connection_lost run so uvicorn ignores the response below
@@ -511,8 +562,18 @@ class FakeOpenAIApp:
 
 def _uvicorn_config(app: FakeOpenAIApp) -> uvicorn.Config:
     """Lean settings: no access log, no lifespan, and no changes to the host's logging config."""
-    return uvicorn.Config(app, host=HOST, loop="asyncio", http="auto", lifespan="off", access_log=False,
-                          proxy_headers=False, log_config=None, timeout_graceful_shutdown=1, backlog=2048)
+    return uvicorn.Config(
+        app,
+        host=HOST,
+        loop="asyncio",
+        http="auto",
+        lifespan="off",
+        access_log=False,
+        proxy_headers=False,
+        log_config=None,
+        timeout_graceful_shutdown=1,
+        backlog=2048,
+    )
 
 
 def _listen(port: int) -> socket.socket:
@@ -528,8 +589,13 @@ def _listen(port: int) -> socket.socket:
 class FakeOpenAIServer(FakeOpenAIApp):
     """The app plus uvicorn in a daemon thread; use as a context manager (stats/set_config inherited)."""
 
-    def __init__(self, config: FaultConfig | None = None, responder: Responder | None = None,
-                 port: int = 0, startup_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        config: FaultConfig | None = None,
+        responder: Responder | None = None,
+        port: int = 0,
+        startup_timeout_s: float = 10.0,
+    ) -> None:
         super().__init__(config, responder)
         self.port = port
         self._startup_timeout_s = startup_timeout_s
@@ -547,8 +613,9 @@ class FakeOpenAIServer(FakeOpenAIApp):
         sock = _listen(self.port)
         self.port = sock.getsockname()[1]
         self._server = uvicorn.Server(_uvicorn_config(self))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"fake-openai-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name=f"fake-openai-{self.port}", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + self._startup_timeout_s
         while not self._server.started:
@@ -578,8 +645,11 @@ def _flag(name: str) -> str:
 
 def build_arg_parser() -> argparse.ArgumentParser:
     """One flag per FaultConfig field (``latency_s`` -> ``--latency-s``, alias ``--latency``)."""
-    parser = argparse.ArgumentParser(prog="python -m boostqa_assets.llm.fake_server", allow_abbrev=False,
-                                     description="OpenAI-compatible fake LLM server with fault injection")
+    parser = argparse.ArgumentParser(
+        prog="python -m boostqa_assets.llm.fake_server",
+        allow_abbrev=False,
+        description="OpenAI-compatible fake LLM server with fault injection",
+    )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = free port)")
     for name, field in FaultConfig.model_fields.items():
         flags = [_flag(name)] + ([_flag(name)[:-2]] if name.endswith("_s") else [])
@@ -618,8 +688,14 @@ def start_fake_server_process(
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "boostqa_assets.llm.fake_server", "--port", "0",
-           *config_to_cli_args(config or FaultConfig())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "boostqa_assets.llm.fake_server",
+        "--port",
+        "0",
+        *config_to_cli_args(config or FaultConfig()),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
     lines: queue.Queue[str] = queue.Queue()
     stdout = proc.stdout

@@ -21,9 +21,9 @@ def split_reasoning(content: str) -> tuple[str, str]:
     closes = list(_CLOSE.finditer(answer))
     if closes:  # the opening tag was in the prompt (R1/Qwen3 templates): all before the last close is thought
         reasoning.insert(0, _CLOSE.sub("", answer[: closes[-1].start()]).strip())
-        answer = answer[closes[-1].end():]
+        answer = answer[closes[-1].end() :]
     opened = _OPEN.search(answer)
     if opened:
-        reasoning.append(answer[opened.end():].strip())
+        reasoning.append(answer[opened.end() :].strip())
         answer = answer[: opened.start()]
     return answer.strip(), "\n".join(r for r in reasoning if r)

@@ -71,20 +71,35 @@ def seed_item_text(row: dict[str, Any], max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 3].rstrip() + "..."
 
 
-def build_requests(seeds: pl.DataFrame, tax: TaxonomyConfig, max_chars: int,
-                   version: str | None = None) -> list[LLMRequest]:
+def build_requests(
+    seeds: pl.DataFrame, tax: TaxonomyConfig, max_chars: int, version: str | None = None
+) -> list[LLMRequest]:
     schema = annotation_schema(tax)
     requests = []
     for row in seeds.iter_rows(named=True):
-        prompt = render(PROMPT_ID, version, disciplines=tax.discipline_names, grades=tax.grades,
-                        difficulties=tax.difficulties, item=seed_item_text(row, max_chars))
-        requests.append(LLMRequest(key=row["seed_id"], prompt_id=prompt.prompt_id, prompt_version=prompt.version,
-                                   prompt=prompt.text, schema=schema))
+        prompt = render(
+            PROMPT_ID,
+            version,
+            disciplines=tax.discipline_names,
+            grades=tax.grades,
+            difficulties=tax.difficulties,
+            item=seed_item_text(row, max_chars),
+        )
+        requests.append(
+            LLMRequest(
+                key=row["seed_id"],
+                prompt_id=prompt.prompt_id,
+                prompt_version=prompt.version,
+                prompt=prompt.text,
+                schema=schema,
+            )
+        )
     return requests
 
 
-def assemble(seeds: pl.DataFrame, results: list[LLMResult], tax: TaxonomyConfig,
-             partition: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def assemble(
+    seeds: pl.DataFrame, results: list[LLMResult], tax: TaxonomyConfig, partition: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Join replies back onto seeds: annotated rows, and rejects (with the raw output) for failed ones."""
     by_key = {r.key: r for r in results}
     kept: list[dict[str, Any]] = []
@@ -95,19 +110,40 @@ def assemble(seeds: pl.DataFrame, results: list[LLMResult], tax: TaxonomyConfig,
             rejects.append(_reject(row, partition, "no_result", "no LLM result for this seed", None, None))
             continue
         if not res.ok:
-            rejects.append(_reject(row, partition, res.error or "llm_error", res.detail, res.raw_output,
-                                   res.request_hash))
+            rejects.append(
+                _reject(row, partition, res.error or "llm_error", res.detail, res.raw_output, res.request_hash)
+            )
             continue
         reply: AnnotationReply = res.value
-        kept.append({**row, "discipline": reply.discipline, "category": tax.category_of(reply.discipline),
-                     "grade": reply.grade, "difficulty": reply.difficulty, "annotation_status": "ok",
-                     "annotate_model": res.model, "annotate_prompt_id": res.prompt_id,
-                     "annotate_prompt_version": res.prompt_version, "annotate_request_hash": res.request_hash})
+        kept.append(
+            {
+                **row,
+                "discipline": reply.discipline,
+                "category": tax.category_of(reply.discipline),
+                "grade": reply.grade,
+                "difficulty": reply.difficulty,
+                "annotation_status": "ok",
+                "annotate_model": res.model,
+                "annotate_prompt_id": res.prompt_id,
+                "annotate_prompt_version": res.prompt_version,
+                "annotate_request_hash": res.request_hash,
+            }
+        )
     return frame(kept, ANNOTATED_SCHEMA), frame(rejects, REJECT_SCHEMA)
 
 
-def _reject(row: dict[str, Any], partition: str, reason: str, detail: str, raw: str | None,
-            rhash: str | None) -> dict[str, Any]:
-    return {"stage": "annotated_seeds", "partition": partition, "source": row.get("source"),
-            "seed_id": row.get("seed_id"), "qa_id": None, "reason": reason, "detail": detail,
-            "raw_output": raw, "request_hash": rhash or None, "record": to_json(row)}
+def _reject(
+    row: dict[str, Any], partition: str, reason: str, detail: str, raw: str | None, rhash: str | None
+) -> dict[str, Any]:
+    return {
+        "stage": "annotated_seeds",
+        "partition": partition,
+        "source": row.get("source"),
+        "seed_id": row.get("seed_id"),
+        "qa_id": None,
+        "reason": reason,
+        "detail": detail,
+        "raw_output": raw,
+        "request_hash": rhash or None,
+        "record": to_json(row),
+    }

@@ -39,32 +39,55 @@ def row_weights(df: pl.DataFrame, recipe: Recipe) -> pl.Series:
 
     # with_columns (not select) broadcasts a literal to every row when the recipe has no weights at all
     return df.with_columns(
-        (mapped("category", recipe.category_weights) * mapped("grade", recipe.grade_weights)
-         * mapped("track", recipe.track_weights)).alias("_w")
+        (
+            mapped("category", recipe.category_weights)
+            * mapped("grade", recipe.grade_weights)
+            * mapped("track", recipe.track_weights)
+        ).alias("_w")
     )["_w"].alias("w")
 
 
 def build_mixture(refined: pl.DataFrame, recipe: Recipe) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Documents of the mixture (MIXTURE_SCHEMA, in sampled order) and the manifest."""
     kept = refined.filter(pl.col("status") == "kept")
-    texts = [recipe.template.format(question=q, answer=a)
-             for q, a in zip(kept["question"], kept["refined_answer"], strict=True)]
+    texts = [
+        recipe.template.format(question=q, answer=a)
+        for q, a in zip(kept["question"], kept["refined_answer"], strict=True)
+    ]
     n_tokens = count_tokens(texts, recipe.encoding) if texts else []
     weights = row_weights(kept, recipe) if kept.height else pl.Series("w", [], dtype=pl.Float64)
-    keys = [(-math.log(_uniform(recipe.seed, q)) / w) if w > 0 else math.inf
-            for q, w in zip(kept["qa_id"], weights, strict=True)]
-    pool = kept.with_columns(pl.Series("text", texts, dtype=pl.Utf8), pl.Series("n_tokens", n_tokens,
-                             dtype=pl.Int64), pl.Series("_key", keys, dtype=pl.Float64))
+    keys = [
+        (-math.log(_uniform(recipe.seed, q)) / w) if w > 0 else math.inf
+        for q, w in zip(kept["qa_id"], weights, strict=True)
+    ]
+    pool = kept.with_columns(
+        pl.Series("text", texts, dtype=pl.Utf8),
+        pl.Series("n_tokens", n_tokens, dtype=pl.Int64),
+        pl.Series("_key", keys, dtype=pl.Float64),
+    )
     pool = pool.filter(pl.col("_key").is_finite()).sort(["_key", "qa_id"])
     pool = pool.with_columns(pl.col("n_tokens").cum_sum().alias("_cum"))
     chosen = pool.filter(pl.col("_cum") <= recipe.token_budget)
-    docs = chosen.with_row_index("_i").select(
-        pl.col("qa_id").map_elements(lambda q: "d_" + stable_hash(recipe.name, q), return_dtype=pl.Utf8)
-        .alias("doc_id"),
-        pl.lit(recipe.name).alias("recipe"),
-        "qa_id", "seed_id", "source", "discipline", "category", "grade", "track", "text", "n_tokens",
-        (pl.col("_i") // recipe.shard_rows).cast(pl.Int64).alias("shard"),
-    ).select(list(MIXTURE_SCHEMA))
+    docs = (
+        chosen.with_row_index("_i")
+        .select(
+            pl.col("qa_id")
+            .map_elements(lambda q: "d_" + stable_hash(recipe.name, q), return_dtype=pl.Utf8)
+            .alias("doc_id"),
+            pl.lit(recipe.name).alias("recipe"),
+            "qa_id",
+            "seed_id",
+            "source",
+            "discipline",
+            "category",
+            "grade",
+            "track",
+            "text",
+            "n_tokens",
+            (pl.col("_i") // recipe.shard_rows).cast(pl.Int64).alias("shard"),
+        )
+        .select(list(MIXTURE_SCHEMA))
+    )
     manifest = _manifest(docs, recipe, available_rows=kept.height, available_tokens=int(sum(n_tokens)))
     return docs, manifest
 

@@ -46,11 +46,23 @@ def validate_answer(obj: Any) -> AnswerReply:
 def build_requests(qa: pl.DataFrame, version: str | None = None, max_chars: int = 2000) -> list[LLMRequest]:
     requests = []
     for row in qa.iter_rows(named=True):
-        prompt = render(PROMPT_ID, version, grade=row["grade"], question=" ".join(row["question"].split()),
-                        answer=" ".join(row["answer"].split())[:max_chars])
-        requests.append(LLMRequest(key=row["qa_id"], prompt_id=prompt.prompt_id, prompt_version=prompt.version,
-                                   prompt=prompt.text, schema=ANSWER_SCHEMA,
-                                   prefill='{"answer": "'))
+        prompt = render(
+            PROMPT_ID,
+            version,
+            grade=row["grade"],
+            question=" ".join(row["question"].split()),
+            answer=" ".join(row["answer"].split())[:max_chars],
+        )
+        requests.append(
+            LLMRequest(
+                key=row["qa_id"],
+                prompt_id=prompt.prompt_id,
+                prompt_version=prompt.version,
+                prompt=prompt.text,
+                schema=ANSWER_SCHEMA,
+                prefill='{"answer": "',
+            )
+        )
     return requests
 
 
@@ -74,21 +86,22 @@ def detect_script(text: str) -> str:
 def looks_truncated(answer: str) -> bool:
     if answer.count("```") % 2 == 1:
         return True
-    for open_, close in ("()", "[]", "{}"):
-        if answer.count(open_) - answer.count(close) >= 2:
-            return True
-    return False
+    return any(answer.count(open_) - answer.count(close) >= 2 for open_, close in ("()", "[]", "{}"))
 
 
-def rule_flags(question: str, answer: str, finish_reason: str | None, cfg: RefinementConfig,
-               refusal_res: list[re.Pattern[str]] | None = None) -> list[str]:
+def rule_flags(
+    question: str,
+    answer: str,
+    finish_reason: str | None,
+    cfg: RefinementConfig,
+    refusal_res: list[re.Pattern[str]] | None = None,
+) -> list[str]:
     """Flags of one refined answer, independent of the other rows."""
     flags = []
     text = answer.strip()
     if not text:
         return ["empty"]
-    patterns = refusal_res if refusal_res is not None else [re.compile(p, re.IGNORECASE)
-                                                           for p in cfg.refusal_patterns]
+    patterns = refusal_res if refusal_res is not None else [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     if any(p.search(text) for p in patterns):
         flags.append("refusal")
     if finish_reason == "length" or looks_truncated(text):
@@ -114,8 +127,9 @@ def length_outlier_mask(lengths: list[int], k: float, min_rows: int) -> list[boo
     return [x > fence for x in lengths]
 
 
-def assemble(qa: pl.DataFrame, results: list[LLMResult], cfg: RefinementConfig,
-             partition: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def assemble(
+    qa: pl.DataFrame, results: list[LLMResult], cfg: RefinementConfig, partition: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     by_key = {r.key: r for r in results}
     refusal_res = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     staged: list[tuple[dict[str, Any], LLMResult]] = []
@@ -123,8 +137,15 @@ def assemble(qa: pl.DataFrame, results: list[LLMResult], cfg: RefinementConfig,
     for row in qa.iter_rows(named=True):
         res = by_key.get(row["qa_id"])
         if res is None or not res.ok:
-            rejects.append(_reject(row, partition, (res.error or "llm_error") if res else "no_result",
-                                   res.detail if res else "no LLM result", res))
+            rejects.append(
+                _reject(
+                    row,
+                    partition,
+                    (res.error or "llm_error") if res else "no_result",
+                    res.detail if res else "no LLM result",
+                    res,
+                )
+            )
             continue
         staged.append((row, res))
     answers = [res.value.answer for _, res in staged]
@@ -139,14 +160,31 @@ def assemble(qa: pl.DataFrame, results: list[LLMResult], cfg: RefinementConfig,
         if blocking:
             rejects.append(_reject(row, partition, blocking[0], "flags: " + ", ".join(flags), res))
             continue
-        kept.append({**row, "refined_answer": answer, "flags": flags, "status": "kept",
-                     "refine_model": res.model, "refine_prompt_id": res.prompt_id,
-                     "refine_prompt_version": res.prompt_version, "refine_request_hash": res.request_hash})
+        kept.append(
+            {
+                **row,
+                "refined_answer": answer,
+                "flags": flags,
+                "status": "kept",
+                "refine_model": res.model,
+                "refine_prompt_id": res.prompt_id,
+                "refine_prompt_version": res.prompt_version,
+                "refine_request_hash": res.request_hash,
+            }
+        )
     return frame(kept, REFINED_SCHEMA), frame(rejects, REJECT_SCHEMA)
 
 
 def _reject(row: dict[str, Any], partition: str, reason: str, detail: str, res: LLMResult | None) -> dict[str, Any]:
-    return {"stage": "refined_qa", "partition": partition, "source": row["source"], "seed_id": row["seed_id"],
-            "qa_id": row["qa_id"], "reason": reason, "detail": detail,
-            "raw_output": res.raw_output if res else None, "request_hash": res.request_hash if res else None,
-            "record": to_json(row)}
+    return {
+        "stage": "refined_qa",
+        "partition": partition,
+        "source": row["source"],
+        "seed_id": row["seed_id"],
+        "qa_id": row["qa_id"],
+        "reason": reason,
+        "detail": detail,
+        "raw_output": res.raw_output if res else None,
+        "request_hash": res.request_hash if res else None,
+        "record": to_json(row),
+    }

@@ -40,8 +40,11 @@ logger = logging.getLogger(__name__)
 STAGE = "seeds"
 MAX_RECORD_CHARS = 10_000
 MAX_DETAIL_CHARS = 500
-REQUIRED: dict[str, tuple[str, ...]] = {"qa": ("question", "answer"), "problem": ("question",),
-                                        "passage": ("text",)}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "qa": ("question", "answer"),
+    "problem": ("question",),
+    "passage": ("text",),
+}
 _CHUNK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 _MISSING: Any = object()
@@ -82,8 +85,10 @@ def resolve_path(cfg: SourceConfig, config_dir: Path) -> str:
         except (ImportError, ValueError):
             spec = None
         if spec is None or not spec.submodule_search_locations:
-            raise SourceError(f"source {cfg.name!r}: file {path} not found: package {package!r} is not "
-                              f"installed; fix: install it (see requirements-data.in)")
+            raise SourceError(
+                f"source {cfg.name!r}: file {path} not found: package {package!r} is not "
+                f"installed; fix: install it (see requirements-data.in)"
+            )
         return str(Path(next(iter(spec.submodule_search_locations))) / inner)
     if "://" in path:
         return path
@@ -91,8 +96,7 @@ def resolve_path(cfg: SourceConfig, config_dir: Path) -> str:
     return str(local if local.is_absolute() else (Path(config_dir) / local).resolve())
 
 
-def read_source(cfg: SourceConfig, config_dir: Path,
-                storage_options: dict[str, Any] | None = None) -> SourceReadResult:
+def read_source(cfg: SourceConfig, config_dir: Path, storage_options: dict[str, Any] | None = None) -> SourceReadResult:
     """Read, validate, dedup and sample one source. Raises ``SourceError`` if the file cannot be read."""
     path = resolve_path(cfg, config_dir)
     fmt = cfg.resolved_format()
@@ -112,11 +116,24 @@ def read_source(cfg: SourceConfig, config_dir: Path,
         not_sampled, kept = len(kept) - cfg.limit, kept[: cfg.limit]
     kept = sorted(kept, key=lambda s: s["seed_id"])
     reasons = Counter(r["reason"] for r in collector.rejects)
-    logger.info("source %s: %d rows read from %s -> %d seeds, %d rejects %s, %d not sampled (limit %s)",
-                cfg.name, collector.rows_read, path, len(kept), len(collector.rejects), dict(reasons),
-                not_sampled, cfg.limit)
-    return SourceReadResult(seeds=frame(kept, SEED_SCHEMA), rejects=frame(collector.rejects, REJECT_SCHEMA),
-                            rows_read=collector.rows_read, rows_not_sampled=not_sampled, path=path)
+    logger.info(
+        "source %s: %d rows read from %s -> %d seeds, %d rejects %s, %d not sampled (limit %s)",
+        cfg.name,
+        collector.rows_read,
+        path,
+        len(kept),
+        len(collector.rejects),
+        dict(reasons),
+        not_sampled,
+        cfg.limit,
+    )
+    return SourceReadResult(
+        seeds=frame(kept, SEED_SCHEMA),
+        rejects=frame(collector.rejects, REJECT_SCHEMA),
+        rows_read=collector.rows_read,
+        rows_not_sampled=not_sampled,
+        path=path,
+    )
 
 
 # --- opening and record readers ------------------------------------------------------------------------
@@ -170,8 +187,12 @@ def _jsonl_items(f: IO[bytes]) -> Iterator[_Item]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield where, None, line.decode("utf-8", "replace"), (
-                "invalid_utf8", f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+            yield (
+                where,
+                None,
+                line.decode("utf-8", "replace"),
+                ("invalid_utf8", f"not valid UTF-8 ({exc.reason} at byte {exc.start})"),
+            )
             continue
         try:
             value = json.loads(text)
@@ -192,8 +213,10 @@ def _json_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item]:
     layout = cfg.json_records
     if layout == "dict_values":
         if not isinstance(doc, dict):
-            raise SourceError(f"{where_file}: json_records is 'dict_values' but the top level is a "
-                              f"{type(doc).__name__}; fix: set `json_records` to match the file")
+            raise SourceError(
+                f"{where_file}: json_records is 'dict_values' but the top level is a "
+                f"{type(doc).__name__}; fix: set `json_records` to match the file"
+            )
         for i, (key, value) in enumerate(doc.items(), 1):
             yield f"record {i} (key {str(key)[:80]!r})", value, None, None
         return
@@ -203,10 +226,12 @@ def _json_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item]:
         if records is _MISSING:
             raise SourceError(f"{where_file}: key {layout!r} (json_records) is not in the top-level object")
     if not isinstance(records, list):
-        raise SourceError(f"{where_file}: expected a list of records at "
-                          f"{'the top level' if layout == 'list' else repr(layout)}, got a "
-                          f"{type(records).__name__}; fix: set `json_records` "
-                          "(list, dict_values, jsonl or a key)")
+        raise SourceError(
+            f"{where_file}: expected a list of records at "
+            f"{'the top level' if layout == 'list' else repr(layout)}, got a "
+            f"{type(records).__name__}; fix: set `json_records` "
+            "(list, dict_values, jsonl or a key)"
+        )
     for i, value in enumerate(records, 1):
         yield f"record {i}", value, None, None
 
@@ -216,8 +241,9 @@ def _parquet_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item
     try:
         df = pl.read_parquet(io.BytesIO(data))
     except Exception as exc:  # polars/arrow raise several error types for a corrupt file
-        raise SourceError(f"source {cfg.name!r}: {path} is not a readable Parquet file: "
-                          f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        raise SourceError(
+            f"source {cfg.name!r}: {path} is not a readable Parquet file: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc
     for i, row in enumerate(df.iter_rows(named=True), 1):
         yield f"row {i}", row, None, None
 
@@ -236,8 +262,10 @@ def _csv_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item]:
     header = [h.strip() for h in header]
     need = [col for fld, col in cfg.fields.items() if fld in REQUIRED[cfg.kind] and col not in header]
     if need:
-        raise SourceError(f"source {cfg.name!r}: {path}: the header row {header[:12]} lacks the column(s) "
-                          f"{need}; fix: the first row must name the columns, or fix `fields`")
+        raise SourceError(
+            f"source {cfg.name!r}: {path}: the header row {header[:12]} lacks the column(s) "
+            f"{need}; fix: the first row must name the columns, or fix `fields`"
+        )
     n = 0
     while True:
         try:
@@ -255,8 +283,12 @@ def _csv_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item]:
         if any(_has_surrogates(c) for c in row):
             yield where, None, _safe("\n".join(row)), ("invalid_utf8", "the row is not valid UTF-8")
         elif len(row) != len(header):
-            yield where, None, to_json(row), (
-                "unparseable_line", f"{len(row)} fields where the header has {len(header)}")
+            yield (
+                where,
+                None,
+                to_json(row),
+                ("unparseable_line", f"{len(row)} fields where the header has {len(header)}"),
+            )
         else:
             yield where, dict(zip(header, row, strict=True)), None, None
 
@@ -339,11 +371,20 @@ class _Collector:
         self.by_id: dict[str, str] = {}  # kept seed_id -> normalized content
 
     def reject(self, reason: str, where: str, detail: str, record: str, seed_id: str | None = None) -> None:
-        self.rejects.append({
-            "stage": STAGE, "partition": self.cfg.name, "source": self.cfg.name, "seed_id": seed_id,
-            "qa_id": None, "reason": reason, "detail": _safe(f"{where}: {detail}")[:MAX_DETAIL_CHARS],
-            "raw_output": None, "request_hash": None, "record": _safe(record)[:MAX_RECORD_CHARS],
-        })
+        self.rejects.append(
+            {
+                "stage": STAGE,
+                "partition": self.cfg.name,
+                "source": self.cfg.name,
+                "seed_id": seed_id,
+                "qa_id": None,
+                "reason": reason,
+                "detail": _safe(f"{where}: {detail}")[:MAX_DETAIL_CHARS],
+                "raw_output": None,
+                "request_hash": None,
+                "record": _safe(record)[:MAX_RECORD_CHARS],
+            }
+        )
 
     def add(self, where: str, value: Any, raw: str | None, error: tuple[str, str] | None) -> None:
         self.rows_read += 1
@@ -393,9 +434,19 @@ class _Collector:
             return
         self.by_content[norm] = seed_id
         self.by_id[seed_id] = norm
-        self.seeds.append({
-            "seed_id": seed_id, "source": cfg.name, "native_id": native_id, "kind": cfg.kind,
-            "language": values.get("language") or cfg.language, "question": question, "answer": answer,
-            "text": text, "title": values.get("title") or None, "url": values.get("url") or None,
-            "license": values.get("license") or cfg.license, "meta": meta_json,
-        })
+        self.seeds.append(
+            {
+                "seed_id": seed_id,
+                "source": cfg.name,
+                "native_id": native_id,
+                "kind": cfg.kind,
+                "language": values.get("language") or cfg.language,
+                "question": question,
+                "answer": answer,
+                "text": text,
+                "title": values.get("title") or None,
+                "url": values.get("url") or None,
+                "license": values.get("license") or cfg.license,
+                "meta": meta_json,
+            }
+        )

@@ -85,8 +85,9 @@ def _capped(rows: list[dict[str, Any]], cap: int | None, salt: str) -> list[dict
     return sorted(rows, key=lambda r: stable_hash(salt, r["seed_id"]))[:cap]
 
 
-def plan_tasks(annotated: pl.DataFrame, discipline: str, grade: str, tax: TaxonomyConfig,
-               cfg: SynthesisConfig) -> list[SynthTask]:
+def plan_tasks(
+    annotated: pl.DataFrame, discipline: str, grade: str, tax: TaxonomyConfig, cfg: SynthesisConfig
+) -> list[SynthTask]:
     """The synthesis tasks of partition (discipline, grade), in a deterministic order."""
     rows = annotated.filter(pl.col("discipline") == discipline).sort("seed_id").to_dicts()
     category = tax.category_of(discipline)
@@ -95,8 +96,9 @@ def plan_tasks(annotated: pl.DataFrame, discipline: str, grade: str, tax: Taxono
         multi = rows
     else:
         multi = [r for r in rows if r["grade"] == grade]
-    tracks: list[tuple[str, list[dict[str, Any]]]] = [("multi_grade", _capped(multi, cfg.max_seeds_per_partition,
-                                                                              salt + "|multi_grade"))]
+    tracks: list[tuple[str, list[dict[str, Any]]]] = [
+        ("multi_grade", _capped(multi, cfg.max_seeds_per_partition, salt + "|multi_grade"))
+    ]
     if grade in cfg.high_difficulty_grades:
         floor = tax.difficulty_rank(cfg.high_difficulty_min_seed_difficulty)
         hard = [r for r in rows if tax.difficulty_rank(r["difficulty"]) >= floor]
@@ -110,8 +112,7 @@ def plan_tasks(annotated: pl.DataFrame, discipline: str, grade: str, tax: Taxono
     return tasks
 
 
-def build_requests(tasks: list[SynthTask], max_chars: int, versions: dict[str, str] | None = None
-                   ) -> list[LLMRequest]:
+def build_requests(tasks: list[SynthTask], max_chars: int, versions: dict[str, str] | None = None) -> list[LLMRequest]:
     versions = versions or {}
     requests = []
     for t in tasks:
@@ -119,16 +120,32 @@ def build_requests(tasks: list[SynthTask], max_chars: int, versions: dict[str, s
         seed = seed_item_text(t.seed, max_chars)
         if t.seed.get("answer"):
             seed += " Answer: " + " ".join(str(t.seed["answer"]).split())[: max_chars // 2]
-        prompt = render(pid, versions.get(pid), discipline=t.discipline, grade=t.grade,
-                        grade_hint=GRADE_HINTS.get(t.grade, ""), seed=seed, variant=t.variant)
-        requests.append(LLMRequest(key=t.qa_id, prompt_id=prompt.prompt_id, prompt_version=prompt.version,
-                                   prompt=prompt.text, schema=QA_SCHEMA, seed_offset=t.variant,
-                                   prefill='{"question": "'))
+        prompt = render(
+            pid,
+            versions.get(pid),
+            discipline=t.discipline,
+            grade=t.grade,
+            grade_hint=GRADE_HINTS.get(t.grade, ""),
+            seed=seed,
+            variant=t.variant,
+        )
+        requests.append(
+            LLMRequest(
+                key=t.qa_id,
+                prompt_id=prompt.prompt_id,
+                prompt_version=prompt.version,
+                prompt=prompt.text,
+                schema=QA_SCHEMA,
+                seed_offset=t.variant,
+                prefill='{"question": "',
+            )
+        )
     return requests
 
 
-def assemble(tasks: list[SynthTask], results: list[LLMResult], tax: TaxonomyConfig, partition: str,
-             top_difficulty: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def assemble(
+    tasks: list[SynthTask], results: list[LLMResult], tax: TaxonomyConfig, partition: str, top_difficulty: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     by_key = {r.key: r for r in results}
     kept: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
@@ -136,24 +153,43 @@ def assemble(tasks: list[SynthTask], results: list[LLMResult], tax: TaxonomyConf
         res = by_key.get(t.qa_id)
         seed = t.seed
         if res is None or not res.ok:
-            rejects.append({
-                "stage": "synthesized_qa", "partition": partition, "source": seed["source"],
-                "seed_id": seed["seed_id"], "qa_id": t.qa_id,
-                "reason": (res.error or "llm_error") if res else "no_result",
-                "detail": res.detail if res else "no LLM result for this task",
-                "raw_output": res.raw_output if res else None, "request_hash": res.request_hash if res else None,
-                "record": to_json({"track": t.track, "variant": t.variant, "seed": seed}),
-            })
+            rejects.append(
+                {
+                    "stage": "synthesized_qa",
+                    "partition": partition,
+                    "source": seed["source"],
+                    "seed_id": seed["seed_id"],
+                    "qa_id": t.qa_id,
+                    "reason": (res.error or "llm_error") if res else "no_result",
+                    "detail": res.detail if res else "no LLM result for this task",
+                    "raw_output": res.raw_output if res else None,
+                    "request_hash": res.request_hash if res else None,
+                    "record": to_json({"track": t.track, "variant": t.variant, "seed": seed}),
+                }
+            )
             continue
         reply: QAReply = res.value
-        kept.append({
-            "qa_id": t.qa_id, "seed_id": seed["seed_id"], "source": seed["source"], "discipline": t.discipline,
-            "category": tax.category_of(t.discipline), "grade": t.grade,
-            "difficulty": top_difficulty if t.track == "high_difficulty" else seed["difficulty"],
-            "seed_grade": seed["grade"], "seed_difficulty": seed["difficulty"], "track": t.track,
-            "language": seed["language"], "question": reply.question, "answer": reply.answer,
-            "reasoning": res.reasoning, "annotate_request_hash": seed["annotate_request_hash"],
-            "synth_model": res.model, "synth_prompt_id": res.prompt_id, "synth_prompt_version": res.prompt_version,
-            "synth_request_hash": res.request_hash,
-        })
+        kept.append(
+            {
+                "qa_id": t.qa_id,
+                "seed_id": seed["seed_id"],
+                "source": seed["source"],
+                "discipline": t.discipline,
+                "category": tax.category_of(t.discipline),
+                "grade": t.grade,
+                "difficulty": top_difficulty if t.track == "high_difficulty" else seed["difficulty"],
+                "seed_grade": seed["grade"],
+                "seed_difficulty": seed["difficulty"],
+                "track": t.track,
+                "language": seed["language"],
+                "question": reply.question,
+                "answer": reply.answer,
+                "reasoning": res.reasoning,
+                "annotate_request_hash": seed["annotate_request_hash"],
+                "synth_model": res.model,
+                "synth_prompt_id": res.prompt_id,
+                "synth_prompt_version": res.prompt_version,
+                "synth_request_hash": res.request_hash,
+            }
+        )
     return frame(kept, SYNTHESIZED_SCHEMA), frame(rejects, REJECT_SCHEMA)

@@ -57,24 +57,40 @@ def qa_validator(obj: Any) -> dict[str, str]:
 
 
 def make_requests(n: int = N, schema: dict[str, Any] | None = QA_SCHEMA, **kw: Any) -> list[LLMRequest]:
-    return [LLMRequest(key=f"row-{i:03d}", prompt_id="qa", prompt_version="v1",
-                       prompt=f"Write one exam question about topic number {i}.", schema=schema, **kw)
-            for i in range(n)]
+    return [
+        LLMRequest(
+            key=f"row-{i:03d}",
+            prompt_id="qa",
+            prompt_version="v1",
+            prompt=f"Write one exam question about topic number {i}.",
+            schema=schema,
+            **kw,
+        )
+        for i in range(n)
+    ]
 
 
 def role(**kw: Any) -> RoleConfig:
     """Small timeouts and backoffs so the whole file runs in seconds."""
-    base: dict[str, Any] = {"base_url": "http://unused", "model": "fake-model", "api": "chat",
-                            "structured_output": "json_schema", "max_tokens": 64, "timeout_s": 2.0,
-                            "max_concurrency": 8, "max_retries": 4, "max_parse_retries": 2,
-                            "backoff_base_s": 0.01, "backoff_max_s": 0.2}
+    base: dict[str, Any] = {
+        "base_url": "http://unused",
+        "model": "fake-model",
+        "api": "chat",
+        "structured_output": "json_schema",
+        "max_tokens": 64,
+        "timeout_s": 2.0,
+        "max_concurrency": 8,
+        "max_retries": 4,
+        "max_parse_retries": 2,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.2,
+    }
     return RoleConfig(**{**base, **kw})
 
 
 def server_key(body: dict[str, Any]) -> str:
     """The fake server's per-body key (what ``requests_by_body`` / ``ok_by_body`` are keyed by)."""
-    return hashlib.blake2b(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(),
-                           digest_size=8).hexdigest()
+    return hashlib.blake2b(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), digest_size=8).hexdigest()
 
 
 class Recorder:
@@ -122,8 +138,9 @@ class EchoKeyServer(FakeOpenAIServer):
 def serve() -> Iterator[Callable[..., FakeOpenAIServer]]:
     started: list[FakeOpenAIServer] = []
 
-    def make(config: FaultConfig | None = None, cls: type[FakeOpenAIServer] = FakeOpenAIServer,
-             **kwargs: Any) -> FakeOpenAIServer:
+    def make(
+        config: FaultConfig | None = None, cls: type[FakeOpenAIServer] = FakeOpenAIServer, **kwargs: Any
+    ) -> FakeOpenAIServer:
         srv = cls(config=config, **kwargs).start()
         started.append(srv)
         return srv
@@ -166,12 +183,21 @@ def _body_client(**kw: Any) -> LLMClient:
 
 def test_chat_body_has_messages_and_sampling_parameters() -> None:
     c = _body_client(api="chat", seed=7, stop=["\n\n", "END"], temperature=0.0, top_p=0.9)
-    req = LLMRequest(key="k", prompt_id="qa", prompt_version="v1", prompt="Hello?", system="Be brief.",
-                     schema=QA_SCHEMA, seed_offset=3)
+    req = LLMRequest(
+        key="k",
+        prompt_id="qa",
+        prompt_version="v1",
+        prompt="Hello?",
+        system="Be brief.",
+        schema=QA_SCHEMA,
+        seed_offset=3,
+    )
     body = c.build_body(req)
     assert body["model"] == "fake-model" and body["max_tokens"] == 64 and body["top_p"] == 0.9
-    assert body["messages"] == [{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": "Hello?"}]
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello?"},
+    ]
     assert "prompt" not in body
     assert body["stop"] == ["\n\n", "END"]
     assert body["seed"] == 7 + 3 and body["temperature"] == 0.0
@@ -188,8 +214,17 @@ def test_chat_body_has_messages_and_sampling_parameters() -> None:
 
 def test_completions_body_has_prompt_and_prefill() -> None:
     c = _body_client(api="completions", structured_output="none", stop=["\n\n"])
-    req = LLMRequest(key="k", prompt_id="qa", prompt_version="v1", prompt="Seed: x\nJSON:", system="Task.",
-                     schema=QA_SCHEMA, prefill='{"question": "', max_tokens=32, temperature=0.3)
+    req = LLMRequest(
+        key="k",
+        prompt_id="qa",
+        prompt_version="v1",
+        prompt="Seed: x\nJSON:",
+        system="Task.",
+        schema=QA_SCHEMA,
+        prefill='{"question": "',
+        max_tokens=32,
+        temperature=0.3,
+    )
     body = c.build_body(req)
     assert "messages" not in body and "response_format" not in body and "grammar" not in body
     assert body["prompt"].startswith("Task.\n\nSeed: x\nJSON:")
@@ -212,8 +247,10 @@ def test_structured_output_modes(api: str, mode: str) -> None:
     assert body["top_k"] == 5  # extra_body passes through
     rf = body.get("response_format")
     if mode == "json_schema":
-        assert rf == {"type": "json_schema",
-                      "json_schema": {"name": "qa", "schema": QA_SCHEMA, "strict": True}}
+        assert rf == {
+            "type": "json_schema",
+            "json_schema": {"name": "qa", "schema": QA_SCHEMA, "strict": True},
+        }
     elif mode == "json_object_schema":
         assert rf == {"type": "json_object", "schema": QA_SCHEMA}
     elif mode == "json_object":
@@ -280,10 +317,10 @@ TRANSPORT_FAULTS = [  # kind, times per body, stats counter it must move, extra 
 ]
 
 
-@pytest.mark.parametrize(("kind", "times", "counter", "extra"), TRANSPORT_FAULTS,
-                         ids=[f[0] for f in TRANSPORT_FAULTS])
+@pytest.mark.parametrize(("kind", "times", "counter", "extra"), TRANSPORT_FAULTS, ids=[f[0] for f in TRANSPORT_FAULTS])
 def test_transport_faults_are_retried_without_losing_or_duplicating_rows(
-        serve: Serve, kind: str, times: int, counter: str, extra: dict[str, Any]) -> None:
+    serve: Serve, kind: str, times: int, counter: str, extra: dict[str, Any]
+) -> None:
     rec = Recorder()
     srv = serve(FaultConfig(fail_first_n={kind: times}, hang_s=10), responder=rec)
     c = client_for(srv, max_concurrency=N, **extra)
@@ -326,8 +363,7 @@ def test_http_400_is_not_retried(serve: Serve) -> None:
     reqs = make_requests()
     results = c.run(reqs, qa_validator)  # 20 rejected rows in a row must not open the circuit breaker
     assert_one_per_request(results, reqs)
-    assert all(not r.ok and r.error == "http_400" and "HTTP 400" in r.detail and r.attempts == 1
-               for r in results)
+    assert all(not r.ok and r.error == "http_400" and "HTTP 400" in r.detail and r.attempts == 1 for r in results)
     assert c.stats.http_requests == srv.stats()["requests"] == N
     assert c.stats.retries == 0 and c.stats.reasks == 0
     assert c.stats.failures_by_reason == {"http_400": N}
@@ -348,13 +384,15 @@ def test_http_400_at_random_only_rejects_its_own_rows(serve: Serve) -> None:
 
 # --- 2. faults: bad replies ------------------------------------------------------------------------------
 
-PARSE_FAULTS = [("malformed", "invalid_json"), ("schema_mismatch", "schema_mismatch"),
-                ("truncated", "truncated")]
+PARSE_FAULTS = [
+    ("malformed", "invalid_json"),
+    ("schema_mismatch", "schema_mismatch"),
+    ("truncated", "truncated"),
+]
 
 
 @pytest.mark.parametrize(("kind", "error"), PARSE_FAULTS, ids=[f[0] for f in PARSE_FAULTS])
-def test_persistent_bad_replies_are_reasked_then_rejected_with_raw_output(
-        serve: Serve, kind: str, error: str) -> None:
+def test_persistent_bad_replies_are_reasked_then_rejected_with_raw_output(serve: Serve, kind: str, error: str) -> None:
     # fail_first_n counts per distinct body and every re-ask is a new body: each attempt gets the fault.
     rec = Recorder()
     srv = serve(FaultConfig(fail_first_n={kind: 1}), responder=rec)
@@ -423,8 +461,7 @@ def test_bad_reply_reasked_once_then_accepted(serve: Serve, kind: str) -> None:
     assert_stats_consistent(c.stats, results)
 
 
-def test_reask_is_not_answered_from_cache_without_a_seed(
-        serve: Serve, tmp_path: Path) -> None:
+def test_reask_is_not_answered_from_cache_without_a_seed(serve: Serve, tmp_path: Path) -> None:
     """With ``seed: null`` and temperature > 0 a re-ask used to be byte-identical to the failed attempt, so
     the cache handed back the same bad reply and every re-ask was wasted."""
     srv = serve(responder=_bad_first_time("malformed"))
@@ -436,11 +473,27 @@ def test_reask_is_not_answered_from_cache_without_a_seed(
 
 
 def test_random_mixed_faults_lose_and_duplicate_nothing(serve: Serve) -> None:
-    srv = serve(FaultConfig(error_500_rate=0.05, error_503_rate=0.05, timeout_rate=0.05, drop_rate=0.05,
-                            malformed_rate=0.05, schema_mismatch_rate=0.05, truncated_rate=0.05, seed=11,
-                            hang_s=10))
-    c = client_for(srv, max_retries=8, max_parse_retries=4, timeout_s=0.75, max_concurrency=N,
-                   circuit_breaker_failures=10_000)
+    srv = serve(
+        FaultConfig(
+            error_500_rate=0.05,
+            error_503_rate=0.05,
+            timeout_rate=0.05,
+            drop_rate=0.05,
+            malformed_rate=0.05,
+            schema_mismatch_rate=0.05,
+            truncated_rate=0.05,
+            seed=11,
+            hang_s=10,
+        )
+    )
+    c = client_for(
+        srv,
+        max_retries=8,
+        max_parse_retries=4,
+        timeout_s=0.75,
+        max_concurrency=N,
+        circuit_breaker_failures=10_000,
+    )
     reqs = make_requests(40)
     results = c.run(reqs, qa_validator)
     assert_one_per_request(results, reqs)
@@ -450,13 +503,13 @@ def test_random_mixed_faults_lose_and_duplicate_nothing(serve: Serve) -> None:
     assert c.stats.reasks == sum(r.attempts - 1 for r in results)
     assert all(r.ok or r.error in ("invalid_json", "schema_mismatch", "truncated") for r in results)
     assert st["answered_ok"] == c.stats.ok and set(st["ok_by_body"].values()) == {1}
-    assert c.stats.retries == st["by_fault"].get("500", 0) + st["by_fault"].get("503", 0) + \
-        st["by_fault"].get("timeout", 0) + st["by_fault"].get("drop", 0)
+    assert c.stats.retries == st["by_fault"].get("500", 0) + st["by_fault"].get("503", 0) + st["by_fault"].get(
+        "timeout", 0
+    ) + st["by_fault"].get("drop", 0)
     assert_stats_consistent(c.stats, results)
 
 
-def test_progress_and_order_with_more_requests_than_the_task_window(
-        serve: Serve) -> None:
+def test_progress_and_order_with_more_requests_than_the_task_window(serve: Serve) -> None:
     srv = serve(FaultConfig(latency_s=0.002, latency_jitter_s=0.002))
     c = client_for(srv, max_concurrency=3)
     reqs = make_requests(150)
@@ -492,17 +545,20 @@ def test_rpm_limit_retry_after_is_honoured(serve: Serve) -> None:
     assert set(srv.stats()["ok_by_body"].values()) == {1} and len(srv.stats()["ok_by_body"]) == n
 
 
-@pytest.mark.parametrize(("headers", "expected"), [
-    ({"retry-after": "2"}, 2.0),
-    ({"retry-after": "0.5"}, 0.5),
-    ({"retry-after": "-3"}, 0.0),
-    ({"x-ratelimit-reset-requests": "1.5s"}, 1.5),
-    ({"x-ratelimit-reset-requests": "250ms"}, 0.25),
-    ({"x-ratelimit-reset-tokens": "1m30s"}, 90.0),
-    ({"retry-after": "3", "x-ratelimit-reset-requests": "9s"}, 3.0),
-    ({}, None),
-    ({"x-ratelimit-reset-requests": "soon"}, None),
-])
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after": "-3"}, 0.0),
+        ({"x-ratelimit-reset-requests": "1.5s"}, 1.5),
+        ({"x-ratelimit-reset-requests": "250ms"}, 0.25),
+        ({"x-ratelimit-reset-tokens": "1m30s"}, 90.0),
+        ({"retry-after": "3", "x-ratelimit-reset-requests": "9s"}, 3.0),
+        ({}, None),
+        ({"x-ratelimit-reset-requests": "soon"}, None),
+    ],
+)
 def test_retry_after_parsing(headers: dict[str, str], expected: float | None) -> None:
     value = _retry_after_seconds(httpx.Response(429, headers=headers))
     assert value == pytest.approx(expected) if expected is not None else value is None
@@ -511,10 +567,8 @@ def test_retry_after_parsing(headers: dict[str, str], expected: float | None) ->
 # --- 4. reasoning ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("api", "mode"), [("chat", "field"), ("chat", "think_tags"),
-                                           ("completions", "think_tags")])
-def test_reasoning_is_kept_apart_from_the_answer(
-        serve: Serve, api: str, mode: str) -> None:
+@pytest.mark.parametrize(("api", "mode"), [("chat", "field"), ("chat", "think_tags"), ("completions", "think_tags")])
+def test_reasoning_is_kept_apart_from_the_answer(serve: Serve, api: str, mode: str) -> None:
     srv = serve(FaultConfig(reasoning=mode))
     c = client_for(srv, api=api, structured_output="json_object_schema")
     reqs = make_requests(5)
@@ -535,8 +589,7 @@ def test_no_reasoning_means_empty_reasoning(serve: Serve) -> None:
 # --- prefill (completions) -------------------------------------------------------------------------------
 
 
-def test_prefill_is_sent_and_put_back_in_front_of_the_reply(
-        serve: Serve, tmp_path: Path) -> None:
+def test_prefill_is_sent_and_put_back_in_front_of_the_reply(serve: Serve, tmp_path: Path) -> None:
     prefill = '{"question": "'
 
     def continue_prefill(body: dict[str, Any]) -> ResponderReply:
@@ -569,8 +622,7 @@ def test_prefill_is_ignored_by_chat(serve: Serve) -> None:
 # --- 5. cache and replay ---------------------------------------------------------------------------------
 
 
-def test_cache_second_run_sends_nothing_and_holds_no_key(
-        serve: Serve, tmp_path: Path, api_key: str) -> None:
+def test_cache_second_run_sends_nothing_and_holds_no_key(serve: Serve, tmp_path: Path, api_key: str) -> None:
     srv = serve(cls=HeaderServer)
     assert isinstance(srv, HeaderServer)
     reqs = make_requests()
@@ -606,6 +658,7 @@ def test_cache_replays_rejected_rows_identically(serve: Serve, tmp_path: Path) -
     before = srv.stats()["requests"]
     r2 = client_for(srv, cache=ResponseCache(str(tmp_path))).run(reqs, qa_validator)
     assert srv.stats()["requests"] == before == 15
+
     def outcome(rs: list[LLMResult]) -> list[tuple[Any, ...]]:
         return [(r.error, r.raw_output, r.attempts) for r in rs]
 
@@ -630,7 +683,8 @@ def _closed_port() -> int:
 
 
 def test_circuit_breaker_opens_on_a_failing_endpoint(
-        serve: Serve, api_key: str, caplog: pytest.LogCaptureFixture) -> None:
+    serve: Serve, api_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
     srv = serve(FaultConfig(error_500_rate=1.0))
     c = client_for(srv, api_key_env=KEY_ENV, max_retries=1)
     started = time.perf_counter()
@@ -667,7 +721,8 @@ class BarrierServer(FakeOpenAIServer):
 
 
 def test_circuit_breaker_collects_every_task_that_failed_together(
-        serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
     """Many rows failing in the same instant must not leave 'Task exception was never retrieved' noise."""
     srv = serve(cls=BarrierServer, n=N)
     c = client_for(srv, max_retries=0, max_concurrency=N, circuit_breaker_failures=1)
@@ -695,8 +750,7 @@ def test_circuit_breaker_opens_on_a_closed_port(api_key: str) -> None:
     assert c.stats.transport_errors >= 5
 
 
-def test_circuit_breaker_message_redacts_an_echoed_key(
-        serve: Serve, api_key: str) -> None:
+def test_circuit_breaker_message_redacts_an_echoed_key(serve: Serve, api_key: str) -> None:
     srv = serve(cls=EchoKeyServer, status=500)
     c = client_for(srv, api_key_env=KEY_ENV, max_retries=1)
     with pytest.raises(LLMEndpointError) as info:
@@ -750,19 +804,22 @@ def test_no_api_key_env_sends_no_authorization(serve: Serve) -> None:
 # --- 9. split_reasoning ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("content", "answer", "reasoning"), [
-    ("<think>plan it</think>\n{\"a\": 1}", '{"a": 1}', "plan it"),
-    ("<think>one</think>A<think> two </think>B", "AB", "one\ntwo"),
-    ("<think>cut off by max_tokens", "", "cut off by max_tokens"),
-    ("<think>done</think>answer<think>unclosed", "answer", "done\nunclosed"),
-    ("plain answer", "plain answer", ""),
-    ("<THINK>Upper</THINK>ans", "ans", "Upper"),
-    ("<Think>\nmixed\n</tHiNk>\n\nans", "ans", "mixed"),
-    ("<think></think>ans", "ans", ""),
-    # the opening tag was part of the prompt (DeepSeek-R1 / Qwen3 templates): only the closing tag comes back
-    ("the model mulls it over</think>\n\n{\"a\": 1}", '{"a": 1}', "the model mulls it over"),
-    ("", "", ""),
-])
+@pytest.mark.parametrize(
+    ("content", "answer", "reasoning"),
+    [
+        ('<think>plan it</think>\n{"a": 1}', '{"a": 1}', "plan it"),
+        ("<think>one</think>A<think> two </think>B", "AB", "one\ntwo"),
+        ("<think>cut off by max_tokens", "", "cut off by max_tokens"),
+        ("<think>done</think>answer<think>unclosed", "answer", "done\nunclosed"),
+        ("plain answer", "plain answer", ""),
+        ("<THINK>Upper</THINK>ans", "ans", "Upper"),
+        ("<Think>\nmixed\n</tHiNk>\n\nans", "ans", "mixed"),
+        ("<think></think>ans", "ans", ""),
+        # the opening tag was part of the prompt (DeepSeek-R1 / Qwen3 templates): only the closing tag comes back
+        ('the model mulls it over</think>\n\n{"a": 1}', '{"a": 1}', "the model mulls it over"),
+        ("", "", ""),
+    ],
+)
 def test_split_reasoning(content: str, answer: str, reasoning: str) -> None:
     assert split_reasoning(content) == (answer, reasoning)
 
@@ -770,31 +827,40 @@ def test_split_reasoning(content: str, answer: str, reasoning: str) -> None:
 # --- 10. _extract_json -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ('{"a": 1}', {"a": 1}),
-    ('  \n{"a": {"b": [1, 2]}}\n ', {"a": {"b": [1, 2]}}),
-    ('```json\n{"a": 1}\n```', {"a": 1}),
-    ('```\n{"a": 1}\n```', {"a": 1}),
-    ('Here you go:\n```json\n{"a": "x"}\n```\nAnything else?', {"a": "x"}),
-    ('Sure! Here is the JSON: {"a": 1}', {"a": 1}),
-    ('{"a": 1}\nI hope this helps.', {"a": 1}),
-    ('Answer: {"a": "b"} -- done', {"a": "b"}),
-    ('{"a": "x"}\nJSON: {"a": "y"}', {"a": "x"}),  # a base model running on into the next few-shot example
-    ('{"a": 1} (note: I assumed {x})', {"a": 1}),
-    ("[1, 2]", [1, 2]),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"a": 1}', {"a": 1}),
+        ('  \n{"a": {"b": [1, 2]}}\n ', {"a": {"b": [1, 2]}}),
+        ('```json\n{"a": 1}\n```', {"a": 1}),
+        ('```\n{"a": 1}\n```', {"a": 1}),
+        ('Here you go:\n```json\n{"a": "x"}\n```\nAnything else?', {"a": "x"}),
+        ('Sure! Here is the JSON: {"a": 1}', {"a": 1}),
+        ('{"a": 1}\nI hope this helps.', {"a": 1}),
+        ('Answer: {"a": "b"} -- done', {"a": "b"}),
+        (
+            '{"a": "x"}\nJSON: {"a": "y"}',
+            {"a": "x"},
+        ),  # a base model running on into the next few-shot example
+        ('{"a": 1} (note: I assumed {x})', {"a": 1}),
+        ("[1, 2]", [1, 2]),
+    ],
+)
 def test_extract_json_accepts(text: str, expected: Any) -> None:
     assert _extract_json(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    '{"a": "unterminated',
-    '{"a": {"b": 1}, "c": "cut',
-    '```json\n{"a": 1,\n',
-    "I cannot answer that.",
-    "",
-    "{not json}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": "unterminated',
+        '{"a": {"b": 1}, "c": "cut',
+        '```json\n{"a": 1,\n',
+        "I cannot answer that.",
+        "",
+        "{not json}",
+    ],
+)
 def test_extract_json_rejects(text: str) -> None:
     with pytest.raises(json.JSONDecodeError):
         _extract_json(text)
@@ -802,7 +868,8 @@ def test_extract_json_rejects(text: str) -> None:
 
 @pytest.mark.parametrize("status", [401, 403, 404])
 def test_refusing_endpoint_stops_the_run_without_leaking_the_key(
-        serve: Callable[..., FakeOpenAIServer], api_key: str, status: int) -> None:
+    serve: Callable[..., FakeOpenAIServer], api_key: str, status: int
+) -> None:
     srv = serve(cls=EchoKeyServer, status=status)
     client = client_for(srv, api_key_env=KEY_ENV)
     started = time.monotonic()

@@ -55,8 +55,14 @@ def _check(value: Any, schema: dict[str, Any], root: dict[str, Any] | None = Non
         return None
     kind = schema.get("type")
     python_types: dict[str, type | tuple[type, ...]] = {
-        "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
-        "integer": int, "number": (int, float)}
+        "object": dict,
+        "array": list,
+        "string": str,
+        "boolean": bool,
+        "null": type(None),
+        "integer": int,
+        "number": (int, float),
+    }
     if kind is not None:
         assert isinstance(value, python_types[kind]), (value, kind)
         assert not (kind in ("integer", "number") and isinstance(value, bool))
@@ -77,8 +83,11 @@ def _check(value: Any, schema: dict[str, Any], root: dict[str, Any] | None = Non
     return None
 
 
-def _chat(content: str = "Context: cats sleep a lot.\nWhy do cats sleep so much?",
-          schema: dict[str, Any] | None = QA_SCHEMA, **extra: Any) -> dict[str, Any]:
+def _chat(
+    content: str = "Context: cats sleep a lot.\nWhy do cats sleep so much?",
+    schema: dict[str, Any] | None = QA_SCHEMA,
+    **extra: Any,
+) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "test-model", "messages": [{"role": "user", "content": content}]}
     if schema is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "qa", "schema": schema}}
@@ -100,8 +109,9 @@ def server() -> Iterator[Callable[..., FakeOpenAIServer]]:
         srv.stop()
 
 
-def _post(srv: FakeOpenAIServer, body: dict[str, Any], timeout: float = 5.0,
-          path: str = "/chat/completions") -> httpx.Response:
+def _post(
+    srv: FakeOpenAIServer, body: dict[str, Any], timeout: float = 5.0, path: str = "/chat/completions"
+) -> httpx.Response:
     return httpx.post(srv.base_url + path, json=body, timeout=timeout)
 
 
@@ -157,16 +167,25 @@ def test_schema_json_is_valid_deterministic_and_prompt_dependent(
     llama_style = _chat()
     llama_style["response_format"] = {"type": "json_object", "schema": QA_SCHEMA}
     _check(json.loads(_content(_post(srv, llama_style))), QA_SCHEMA)
-    difficulties = {json.loads(_content(_post(srv, _chat(f"Passage {i}\nQuestion {i}?"))))["difficulty"]
-                    for i in range(20)}
+    difficulties = {
+        json.loads(_content(_post(srv, _chat(f"Passage {i}\nQuestion {i}?"))))["difficulty"] for i in range(20)
+    }
     assert len(difficulties) >= 3  # different prompts pick different enum values
 
 
 def test_nested_schema_with_refs_ranges_and_arrays(server: Callable[..., FakeOpenAIServer]) -> None:
     schema = {
-        "$defs": {"Pair": {"type": "object", "properties": {
-            "q": {"type": "string", "maxLength": 30}, "score": {"type": "number", "minimum": 0, "maximum": 1},
-            "ok": {"type": "boolean"}}, "required": ["q", "score", "ok"]}},
+        "$defs": {
+            "Pair": {
+                "type": "object",
+                "properties": {
+                    "q": {"type": "string", "maxLength": 30},
+                    "score": {"type": "number", "minimum": 0, "maximum": 1},
+                    "ok": {"type": "boolean"},
+                },
+                "required": ["q", "score", "ok"],
+            }
+        },
         "type": "object",
         "properties": {
             "pairs": {"type": "array", "items": {"$ref": "#/$defs/Pair"}, "minItems": 3, "maxItems": 5},
@@ -302,8 +321,7 @@ def test_random_faults_are_seeded_and_reproducible(server: Callable[..., FakeOpe
 
     def statuses(srv: FakeOpenAIServer) -> list[int]:
         with httpx.Client(timeout=5) as client:
-            return [client.post(srv.base_url + "/chat/completions", json=_chat(f"p{i}")).status_code
-                    for i in range(40)]
+            return [client.post(srv.base_url + "/chat/completions", json=_chat(f"p{i}")).status_code for i in range(40)]
 
     srv = server(cfg)
     first = statuses(srv)
@@ -359,9 +377,12 @@ def test_custom_responder(server: Callable[..., FakeOpenAIServer]) -> None:
 
     srv = server(responder=responder)
     choice = _post(srv, _chat()).json()["choices"][0]
-    assert choice == {"index": 0, "message": {"role": "assistant", "content": "custom!",
-                                              "reasoning_content": "because"},
-                      "finish_reason": "length", "logprobs": None}
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "custom!", "reasoning_content": "because"},
+        "finish_reason": "length",
+        "logprobs": None,
+    }
     assert calls[0]["model"] == "test-model"
     srv2 = server(responder=lambda body: "plain " + body["prompt"])
     assert _post(srv2, {"prompt": "hi"}, path="/completions").json()["choices"][0]["text"] == "plain hi"
@@ -387,9 +408,19 @@ def test_stats_endpoints_and_reset(server: Callable[..., FakeOpenAIServer]) -> N
 
 
 def test_cli_flags_round_trip() -> None:
-    cfg = FaultConfig(latency_s=1.0, latency_jitter_s=0.1, rpm=600, tpm=9000, window_s=2.0,
-                      error_500_rate=0.1, drop_rate=0.05, hang_s=3.0, fail_first_n={"429": 1, "drop": 2},
-                      reasoning="think_tags", seed=3)
+    cfg = FaultConfig(
+        latency_s=1.0,
+        latency_jitter_s=0.1,
+        rpm=600,
+        tpm=9000,
+        window_s=2.0,
+        error_500_rate=0.1,
+        drop_rate=0.05,
+        hang_s=3.0,
+        fail_first_n={"429": 1, "drop": 2},
+        reasoning="think_tags",
+        seed=3,
+    )
     port, parsed = parse_cli_args(["--port", "0", *config_to_cli_args(cfg)])
     assert port == 0 and parsed == cfg
     _, short = parse_cli_args(["--latency", "1.0", "--rpm", "600", "--window", "2", "--hang", "3"])

@@ -68,21 +68,15 @@ def ok(seed_id: str, discipline: str, grade: str, difficulty: str) -> LLMResult:
 @pytest.mark.parametrize(
     ("row", "expected"),
     [
-        pytest.param(
-            {"question": "What  is\n\tgravity?", "text": "ignored"}, "What is gravity?", id="question"
-        ),
+        pytest.param({"question": "What  is\n\tgravity?", "text": "ignored"}, "What is gravity?", id="question"),
         pytest.param(
             {"question": None, "title": "Gravity", "text": "A force\nof attraction."},
             "Gravity: A force of attraction.",
             id="titled-passage",
         ),
-        pytest.param(
-            {"question": "", "title": None, "text": "Just a passage."}, "Just a passage.", id="passage"
-        ),
+        pytest.param({"question": "", "title": None, "text": "Just a passage."}, "Just a passage.", id="passage"),
         pytest.param({"question": None, "title": None, "text": None}, "", id="nothing"),
-        pytest.param(
-            {"question": None, "title": "Only a title", "text": None}, "Only a title:", id="title-only"
-        ),
+        pytest.param({"question": None, "title": "Only a title", "text": None}, "Only a title:", id="title-only"),
     ],
 )
 def test_seed_item_text(row: dict[str, Any], expected: str) -> None:
@@ -102,9 +96,7 @@ def test_seed_item_text_truncates_with_an_ellipsis() -> None:
 
 
 def test_build_requests_one_per_seed(tax: TaxonomyConfig) -> None:
-    seeds = frame(
-        [seed_row("s1"), seed_row("s2", question=None, title="Rome", text="An empire.")], SEED_SCHEMA
-    )
+    seeds = frame([seed_row("s1"), seed_row("s2", question=None, title="Rome", text="An empire.")], SEED_SCHEMA)
     requests = build_requests(seeds, tax, max_chars=200)
     assert [r.key for r in requests] == ["s1", "s2"]
     for r in requests:
@@ -222,9 +214,7 @@ def test_assemble_failure_without_details(tax: TaxonomyConfig) -> None:
 
 def test_assemble_ignores_results_for_unknown_seeds(tax: TaxonomyConfig) -> None:
     seeds = frame([seed_row("s1")], SEED_SCHEMA)
-    kept, rejects = assemble(
-        seeds, [ok("s1", "physics", "high", "easy"), ok("zz", "law", "high", "easy")], tax, "src"
-    )
+    kept, rejects = assemble(seeds, [ok("s1", "physics", "high", "easy"), ok("zz", "law", "high", "easy")], tax, "src")
     assert kept["seed_id"].to_list() == ["s1"] and rejects.height == 0
 
 

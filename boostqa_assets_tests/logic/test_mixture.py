@@ -34,9 +34,7 @@ WORDS = ["force", "energy", "empire", "market", "river", "theorem", "cell", "law
 
 def refined_row(i: int, discipline: str, grade: str, track: str, source: str = "src_a") -> dict[str, Any]:
     rng = random.Random(i)
-    question = (
-        f"Question {i}: what about " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "?"
-    )
+    question = f"Question {i}: what about " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "?"
     answer = "Answer: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "."
     return {
         "qa_id": f"q_{i:04d}",
@@ -71,9 +69,7 @@ def refined_row(i: int, discipline: str, grade: str, track: str, source: str = "
 def refined_frame(n: int = 300) -> pl.DataFrame:
     names = list(DISCIPLINES)
     rows = [
-        refined_row(
-            i, names[i % 4], GRADES[(i // 4) % 5], TRACKS[(i // 20) % 2], source="src_a" if i % 3 else "src_b"
-        )
+        refined_row(i, names[i % 4], GRADES[(i // 4) % 5], TRACKS[(i // 20) % 2], source="src_a" if i % 3 else "src_b")
         for i in range(n)
     ]
     return frame(rows, REFINED_SCHEMA)
@@ -130,10 +126,7 @@ def test_n_tokens_and_text_follow_the_template(refined: pl.DataFrame) -> None:
 
 def test_only_kept_rows_are_sampled(refined: pl.DataFrame) -> None:
     marked = refined.with_columns(
-        pl.when(pl.col("qa_id") < "q_0100")
-        .then(pl.lit("dropped"))
-        .otherwise(pl.col("status"))
-        .alias("status")
+        pl.when(pl.col("qa_id") < "q_0100").then(pl.lit("dropped")).otherwise(pl.col("status")).alias("status")
     )
     docs, manifest = build_mixture(marked, recipe(token_budget=10**9))
     assert docs.height == manifest["available_rows"] == refined.height - 100
@@ -192,9 +185,7 @@ def test_weight_zero_excludes(refined: pl.DataFrame) -> None:
 
 
 def test_row_weights_multiply_and_default_to_one(refined: pl.DataFrame) -> None:
-    r = recipe(
-        category_weights={"stem": 3.0}, grade_weights={"graduate": 2.0}, track_weights={"multi_grade": 0.5}
-    )
+    r = recipe(category_weights={"stem": 3.0}, grade_weights={"graduate": 2.0}, track_weights={"multi_grade": 0.5})
     w = row_weights(refined, r).to_list()
     for row, weight in zip(refined.iter_rows(named=True), w, strict=True):
         expected = (
@@ -244,8 +235,7 @@ def test_manifest_totals_sum_to_tokens_total(refined: pl.DataFrame) -> None:
         assert sum(manifest[key].values()) == total, key
     assert set(manifest["tokens_by_source"]) <= {"src_a", "src_b"}
     assert manifest["tokens_by_discipline"] == {
-        k: int(v)
-        for k, v in docs.group_by("discipline").agg(pl.col("n_tokens").sum()).sort("discipline").iter_rows()
+        k: int(v) for k, v in docs.group_by("discipline").agg(pl.col("n_tokens").sum()).sort("discipline").iter_rows()
     }
     assert manifest["available_rows"] == refined.height
     assert manifest["sampling_seed"] == 17 and manifest["encoding"] == "o200k_base"
@@ -285,11 +275,7 @@ def test_shard_files(refined: pl.DataFrame) -> None:
     assert listed["tokens_total"] == manifest["tokens_total"]
     back = pl.concat([pl.read_parquet(io.BytesIO(files[f"part-{s:05d}.parquet"])) for s in range(n_shards)])
     assert back.equals(docs)
-    lines = [
-        json.loads(line)
-        for s in range(n_shards)
-        for line in files[f"part-{s:05d}.jsonl"].decode().splitlines()
-    ]
+    lines = [json.loads(line) for s in range(n_shards) for line in files[f"part-{s:05d}.jsonl"].decode().splitlines()]
     assert [d["doc_id"] for d in lines] == docs["doc_id"].to_list()
     assert all(len(files[f"part-{s:05d}.jsonl"].decode().splitlines()) <= 7 for s in range(n_shards))
 

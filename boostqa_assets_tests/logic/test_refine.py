@@ -34,28 +34,20 @@ ZH_Q = "水在海平面上的沸点是多少摄氏度？"
         pytest.param(ZH_Q, "水在海平面上的沸点是一百摄氏度。", "stop", [], id="clean-zh"),
         pytest.param(EN_Q, "", "stop", ["empty"], id="empty"),
         pytest.param(EN_Q, "   \n\t ", "stop", ["empty"], id="whitespace-only"),
-        pytest.param(
-            EN_Q, "I'm sorry, but I cannot help with that.", "stop", ["refusal"], id="refusal-sorry"
-        ),
+        pytest.param(EN_Q, "I'm sorry, but I cannot help with that.", "stop", ["refusal"], id="refusal-sorry"),
         pytest.param(EN_Q, "I am unable to determine this.", "stop", ["refusal"], id="refusal-unable"),
-        pytest.param(
-            EN_Q, "As an AI language model, I think it is 100 C.", "stop", ["refusal"], id="refusal-ai"
-        ),
+        pytest.param(EN_Q, "As an AI language model, I think it is 100 C.", "stop", ["refusal"], id="refusal-ai"),
         pytest.param(EN_Q, "i can't answer questions about water.", "stop", ["refusal"], id="refusal-case"),
         pytest.param(EN_Q, "I will not answer that here.", "stop", ["refusal"], id="refusal-will-not"),
         pytest.param(EN_Q, "Sorry-free answer: water boils at 100 C.", "stop", [], id="sorry-is-not-refusal"),
-        pytest.param(
-            EN_Q, "Water boils at 100 degrees Celsius at", "length", ["truncated"], id="finish-length"
-        ),
+        pytest.param(EN_Q, "Water boils at 100 degrees Celsius at", "length", ["truncated"], id="finish-length"),
         pytest.param(EN_Q, "Use this code:\n```python\nprint(100)\n", "stop", ["truncated"], id="open-fence"),
         pytest.param(EN_Q, "Use this code:\n```python\nprint(100)\n```", "stop", [], id="closed-fence"),
         pytest.param(EN_Q, "It is f(g(h(x", "stop", ["truncated"], id="open-brackets"),
         pytest.param(EN_Q, "It is f(x)", "stop", [], id="balanced-brackets"),
         pytest.param(EN_Q, "100", "stop", ["too_short"], id="too-short"),
         pytest.param(EN_Q, "Water boils at 100 C. " * 20, "stop", ["too_long"], id="too-long"),
-        pytest.param(
-            ZH_Q, "Water boils at 100 degrees Celsius.", "stop", ["language_mismatch"], id="zh-q-en-a"
-        ),
+        pytest.param(ZH_Q, "Water boils at 100 degrees Celsius.", "stop", ["language_mismatch"], id="zh-q-en-a"),
         pytest.param(EN_Q, "水在海平面上的沸点是一百摄氏度。", "stop", ["language_mismatch"], id="en-q-zh-a"),
         pytest.param(EN_Q, "100 °C = 212 °F", "stop", [], id="no-letters-is-unknown-script"),
         pytest.param(EN_Q, "I'm sorry ```", "length", ["refusal", "truncated"], id="several-flags"),
@@ -163,9 +155,7 @@ def result(qa_id: str, answer: str, finish_reason: str = "stop") -> LLMResult:
 
 
 def test_build_requests() -> None:
-    qa = frame(
-        [qa_row(1, question="What  is\nheat?", answer="energy   in\ttransit " * 5)], SYNTHESIZED_SCHEMA
-    )
+    qa = frame([qa_row(1, question="What  is\nheat?", answer="energy   in\ttransit " * 5)], SYNTHESIZED_SCHEMA)
     [req] = build_requests(qa, max_chars=30)
     assert (req.key, req.prompt_id, req.prompt_version) == ("q001", "refine", "v1")
     assert req.prefill == '{"answer": "'

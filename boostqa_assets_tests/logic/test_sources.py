@@ -63,15 +63,26 @@ def check_rows(res: SourceReadResult, native_ids: tuple[str, ...] = ("1", "2")) 
 
 def test_jsonl_field_mapping_nested_and_normalization(tmp_path: Path) -> None:
     rows = [
-        {"id": 7, "item": {"q": "  Name two primes.\n", "a": [2, 3]}, "lang": "de", "topic": "math",
-         "n": 1.5},
+        {
+            "id": 7,
+            "item": {"q": "  Name two primes.\n", "a": [2, 3]},
+            "lang": "de",
+            "topic": "math",
+            "n": 1.5,
+        },
         {"id": "x", "item": {"q": "Which structure?", "a": {"k": [1, {"z": 2}]}}, "tags": ["a", "b"]},
     ]
     path = write_jsonl(tmp_path / "data.jsonl", rows)
-    cfg = SourceConfig.model_validate({
-        "name": "src", "path": "data.jsonl", "kind": "qa", "license": "MIT",
-        "fields": {"id": "id", "question": "item.q", "answer": "item.a", "language": "lang"},
-        "meta_fields": ["topic", "n", "tags", "absent"]})
+    cfg = SourceConfig.model_validate(
+        {
+            "name": "src",
+            "path": "data.jsonl",
+            "kind": "qa",
+            "license": "MIT",
+            "fields": {"id": "id", "question": "item.q", "answer": "item.a", "language": "lang"},
+            "meta_fields": ["topic", "n", "tags", "absent"],
+        }
+    )
     res = read_source(cfg, tmp_path)
     check_shape(res)
     assert res.path == str(path) and res.rows_read == 2
@@ -120,12 +131,23 @@ def test_json_key_and_jsonl_layout(tmp_path: Path) -> None:
 
 
 def test_parquet_with_struct_column(tmp_path: Path) -> None:
-    df = pl.DataFrame({"id": [1, 2], "qa": [{"q": "What is 2+2?", "a": "4"}, {"q": "Why?", "a": "Because"}],
-                       "topic": ["math", None]})
+    df = pl.DataFrame(
+        {
+            "id": [1, 2],
+            "qa": [{"q": "What is 2+2?", "a": "4"}, {"q": "Why?", "a": "Because"}],
+            "topic": ["math", None],
+        }
+    )
     df.write_parquet(tmp_path / "d.parquet")
-    cfg = SourceConfig.model_validate({"name": "src", "path": "d.parquet", "kind": "qa",
-                                       "fields": {"id": "id", "question": "qa.q", "answer": "qa.a"},
-                                       "meta_fields": ["topic"]})
+    cfg = SourceConfig.model_validate(
+        {
+            "name": "src",
+            "path": "d.parquet",
+            "kind": "qa",
+            "fields": {"id": "id", "question": "qa.q", "answer": "qa.a"},
+            "meta_fields": ["topic"],
+        }
+    )
     check_rows(read_source(cfg, tmp_path))
 
 
@@ -160,9 +182,18 @@ def test_jsonl_every_reject_reason(tmp_path: Path) -> None:
     res = read_source(qa_source("d.jsonl", max_chars=10_000), tmp_path)
     check_shape(res)
     assert sorted(res.seeds["native_id"].to_list()) == ["1", "12"]
-    assert reasons(res) == ["invalid_utf8", "unparseable_line", "not_an_object", "missing_field",
-                            "missing_field", "empty_text", "oversize", "duplicate", "duplicate_id",
-                            "invalid_utf8"]
+    assert reasons(res) == [
+        "invalid_utf8",
+        "unparseable_line",
+        "not_an_object",
+        "missing_field",
+        "missing_field",
+        "empty_text",
+        "oversize",
+        "duplicate",
+        "duplicate_id",
+        "invalid_utf8",
+    ]
     assert res.rows_read == 12
     rej = res.rejects.to_dicts()
     assert all(r["stage"] == "seeds" and r["partition"] == "src" and r["source"] == "src" for r in rej)
@@ -179,8 +210,7 @@ def test_jsonl_every_reject_reason(tmp_path: Path) -> None:
 
 
 def test_csv_rejects(tmp_path: Path) -> None:
-    data = (b"id,q,a\n1,Good?,yes\n2,Bad \xff\xfe byte,no\n3,too,many,fields\n4,\"\",empty\n"
-            b"5,Fine too?,sure\n")
+    data = b'id,q,a\n1,Good?,yes\n2,Bad \xff\xfe byte,no\n3,too,many,fields\n4,"",empty\n5,Fine too?,sure\n'
     (tmp_path / "d.csv").write_bytes(data)
     res = read_source(qa_source("d.csv"), tmp_path)
     check_shape(res)

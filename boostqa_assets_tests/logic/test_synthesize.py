@@ -135,11 +135,7 @@ def test_high_difficulty_floor_is_inclusive(tax: TaxonomyConfig) -> None:
         ]
     )
     c = cfg(high_difficulty_grades=["graduate"], high_difficulty_min_seed_difficulty="medium")
-    hard = [
-        t.seed["seed_id"]
-        for t in plan_tasks(df, "physics", "graduate", tax, c)
-        if t.track == "high_difficulty"
-    ]
+    hard = [t.seed["seed_id"] for t in plan_tasks(df, "physics", "graduate", tax, c) if t.track == "high_difficulty"]
     assert hard == ["h", "m"]  # sorted by seed id
 
 
@@ -195,9 +191,7 @@ def test_cap_is_deterministic_and_independent_of_row_order(tax: TaxonomyConfig) 
 def test_cap_differs_between_partitions(tax: TaxonomyConfig) -> None:
     rows = [seed(f"s{i:02d}", "physics", "high") for i in range(30)]
     c = cfg(max_seeds_per_partition=3)
-    chosen = {
-        g: {t.seed["seed_id"] for t in plan_tasks(annotated(rows), "physics", g, tax, c)} for g in GRADES
-    }
+    chosen = {g: {t.seed["seed_id"] for t in plan_tasks(annotated(rows), "physics", g, tax, c)} for g in GRADES}
     assert all(len(v) == 3 for v in chosen.values())
     assert len({frozenset(v) for v in chosen.values()}) > 1  # salted per partition, not the same few seeds
 
@@ -220,9 +214,7 @@ def test_build_requests_uses_the_track_prompt_and_prefill(tax: TaxonomyConfig) -
     tasks = plan_tasks(df, "physics", "graduate", tax, cfg(qa_per_seed=2))
     requests = build_requests(tasks, max_chars=500)
     assert [r.key for r in requests] == [t.qa_id for t in tasks]
-    assert [r.prompt_id for r in requests] == ["synthesize_multi_grade"] * 2 + [
-        "synthesize_high_difficulty"
-    ] * 2
+    assert [r.prompt_id for r in requests] == ["synthesize_multi_grade"] * 2 + ["synthesize_high_difficulty"] * 2
     assert {r.prompt_version for r in requests} == {"v1"}
     assert [r.seed_offset for r in requests] == [0, 1, 0, 1]
     for r in requests:
@@ -296,9 +288,7 @@ def test_assemble_keeps_reasoning_apart_and_rejects_failures(tax: TaxonomyConfig
             detail="not JSON: Expecting value",
             raw_output='{"question": "half a repl',
         ),
-        ok_result(
-            t_hard, "Derive the wave equation.", "From Maxwell's equations ...", reasoning="hard thoughts"
-        ),
+        ok_result(t_hard, "Derive the wave equation.", "From Maxwell's equations ...", reasoning="hard thoughts"),
     ]
     kept, rejects = assemble(tasks, results, tax, "physics|graduate", top_difficulty="hard")
     assert kept.schema == SYNTHESIZED_SCHEMA
@@ -366,8 +356,6 @@ def test_assemble_missing_result_is_a_reject(tax: TaxonomyConfig) -> None:
 
 def test_assemble_failure_without_error_code(tax: TaxonomyConfig) -> None:
     tasks = plan_tasks(annotated([seed("s1", "physics", "high")]), "physics", "high", tax, cfg())
-    res = LLMResult(
-        key=tasks[0].qa_id, prompt_id="p", prompt_version="v1", model="m", request_hash="rh", ok=False
-    )
+    res = LLMResult(key=tasks[0].qa_id, prompt_id="p", prompt_version="v1", model="m", request_hash="rh", ok=False)
     _, rejects = assemble(tasks, [res], tax, "physics|high", "hard")
     assert rejects["reason"].to_list() == ["llm_error"]
