@@ -34,6 +34,10 @@ VIEW_SCHEMAS: dict[str, pl.Schema] = {
     "refined_qa": REFINED_SCHEMA,
     "qa_mixture": MIXTURE_SCHEMA,
     "rejects": REJECT_SCHEMA,
+    # Cache entries are JSON files (see llm/cache.py); `request` is JSON in the view, text when empty.
+    "llm_cache": pl.Schema({"request_hash": pl.Utf8, "role": pl.Utf8, "model": pl.Utf8, "request": pl.Utf8,
+                            "content": pl.Utf8, "reasoning": pl.Utf8, "finish_reason": pl.Utf8,
+                            "tokens_in": pl.Int64, "tokens_out": pl.Int64, "latency_s": pl.Float64}),
 }
 
 _DUCK_TYPES: dict[type, str] = {
@@ -61,9 +65,9 @@ def view_statements(store: Store, sql_dir: Path = SQL_DIR) -> list[str]:
     statements = []
     for name, schema in VIEW_SCHEMAS.items():
         body = (sql_dir / "views" / f"{name}.sql").read_text().replace("{root}", root)
-        glob = body.split("read_parquet('", 1)[1].split("'", 1)[0]
-        has_files = bool(store.fs.glob(glob.split("://", 1)[-1] if store.protocol == "s3" else glob))
         select = "\n".join(line for line in body.splitlines() if not line.startswith("--"))
+        glob = select.split("'", 2)[1]  # the first quoted string is the file glob
+        has_files = bool(store.fs.glob(glob.split("://", 1)[-1] if store.protocol == "s3" else glob))
         statements.append(f"CREATE OR REPLACE VIEW {name} AS {select if has_files else _empty_view(schema)};")
     for path in sorted((sql_dir / "reports").glob("*.sql")):
         statements.append(path.read_text())

@@ -81,6 +81,14 @@ def test_full_pipeline_in_process(project_env: dict[str, str], fake_llm: FakeOpe
     for col in ("annotate_request_hash", "synth_request_hash", "refine_request_hash"):
         assert lineage[col].str.len_chars().min() == 64
 
+    # The request cache is queryable and every row's request hashes point into it.
+    roles = {r for (r,) in con.sql("SELECT DISTINCT role FROM llm_cache").fetchall()}
+    assert roles == {"annotator", "synthesizer", "refiner"}
+    missing = con.sql(
+        "SELECT count(*) FROM refined_qa r ANTI JOIN llm_cache c ON c.request_hash = r.refine_request_hash"
+    ).fetchall()[0][0]
+    assert missing == 0
+
     # Manifest next to the shards.
     folder = Path(get_settings().data_root) / "qa_mixture" / "recipe=stem_heavy"
     manifest = json.loads((folder / "manifest.json").read_text())

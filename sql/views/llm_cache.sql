@@ -1,0 +1,2 @@
+-- llm_cache: one row per cached LLM response, keyed by the request hash stored on every row's lineage columns
+SELECT * FROM read_json('{root}/_llm_cache/*/*.json', format = 'auto', columns = {request_hash: 'VARCHAR', role: 'VARCHAR', model: 'VARCHAR', request: 'JSON', content: 'VARCHAR', reasoning: 'VARCHAR', finish_reason: 'VARCHAR', tokens_in: 'BIGINT', tokens_out: 'BIGINT', latency_s: 'DOUBLE'})
