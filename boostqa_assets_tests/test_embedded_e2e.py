@@ -41,6 +41,7 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     )
     recipes = yaml.safe_load((DEFAULT_CONFIG_DIR / "recipes.yaml").read_text())
     recipes["recipes"][0]["grade_weights"] = {"high": 1.0, "undergraduate": 2.0}
+    recipes["recipes"][0]["category_weights"] = {"stem": 3.0, "humanities": 1.0, "other": 0.5}
     (config / "recipes.yaml").write_text(yaml.safe_dump(recipes))
     pipeline = yaml.safe_load((DEFAULT_CONFIG_DIR / "pipeline.yaml").read_text())
     pipeline["synthesis"].update({"high_difficulty_grades": ["undergraduate"], "max_seeds_per_partition": 1})
