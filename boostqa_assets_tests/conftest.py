@@ -156,6 +156,9 @@ def write_project(root: Path, llm_base_url: str | None = None, data_root: str | 
         ]
     }
     (config / "sources.yaml").write_text(yaml.safe_dump(sources))
+    recipes = yaml.safe_load((config / "recipes.yaml").read_text())
+    recipes["recipes"][0]["token_budget"] = 200_000  # room for every test row
+    (config / "recipes.yaml").write_text(yaml.safe_dump(recipes))
     pipeline = yaml.safe_load((config / "pipeline.yaml").read_text())
     pipeline["synthesis"]["max_seeds_per_partition"] = None
     (config / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
