@@ -41,9 +41,15 @@ def test_lineage_edges() -> None:
     }
 
 
-def test_llm_assets_declare_a_pool_per_role() -> None:
+def test_llm_assets_declare_a_pool_per_endpoint(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     defs = build_definitions()
     pools = {name: defs.resolve_assets_def(name).node_def.pool for name in STAGES}  # type: ignore[union-attr]
-    assert pools["annotated_seeds"] == "llm_annotator"
-    assert pools["synthesized_qa"] == "llm_synthesizer"
-    assert pools["refined_qa"] == "llm_refiner"
+    # All roles on the embedded model share one pool.
+    assert {pools[a] for a in ("annotated_seeds", "synthesized_qa", "refined_qa")} == {"llm_embedded"}
+    monkeypatch.setenv("BOOSTQA_SYNTHESIZER_BASE_URL", "https://api.deepseek.com/v1")
+    monkeypatch.setenv("BOOSTQA_REFINER_BASE_URL", "http://10.0.0.5:8000/v1")
+    defs = build_definitions()
+    pools = {name: defs.resolve_assets_def(name).node_def.pool for name in STAGES}  # type: ignore[union-attr]
+    assert pools["synthesized_qa"] == "llm_api_deepseek_com"
+    assert pools["refined_qa"] == "llm_10_0_0_5_8000"
+    assert pools["annotated_seeds"] == "llm_embedded"

@@ -6,6 +6,7 @@ import polars as pl
 from boostqa_assets import checks
 from boostqa_assets.defs.support import (
     counts_by,
+    endpoint_pool,
     llm_metadata,
     md_table,
     progress_logger,
@@ -27,7 +28,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         group_name="boostqa",
         kinds={"parquet", "llm"},
         code_version="refined-" + prompt_fingerprint(refine.PROMPT_ID),
-        pool="llm_refiner",
+        pool=endpoint_pool("refiner"),
     )
     def refined_qa(context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource) -> dg.MaterializeResult:
         """One row per kept QA pair of the partition: `refined_answer` from the refiner role, `flags` from

@@ -106,3 +106,18 @@ def report_partition_checks(
             "failed_partitions": ", ".join(failed[:50]) or "-",
         },
     )
+
+
+def endpoint_pool(role: str) -> str:
+    """The Dagster concurrency pool of a role: one pool per endpoint (host and port, or `embedded`), so roles
+    that share an endpoint share its slots across every run of the instance (limits in `dagster.yaml`)."""
+    from urllib.parse import urlsplit
+
+    from boostqa_assets.resources import project_config
+
+    cfg = project_config().llm.roles[role]  # type: ignore[index]
+    if cfg.is_embedded:
+        return "llm_embedded"
+    parts = urlsplit(cfg.base_url)
+    host = f"{parts.hostname or 'unknown'}_{parts.port}" if parts.port else (parts.hostname or "unknown")
+    return "llm_" + "".join(c if c.isalnum() else "_" for c in host.lower())

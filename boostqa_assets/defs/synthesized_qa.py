@@ -5,6 +5,7 @@ import dagster as dg
 from boostqa_assets import checks
 from boostqa_assets.defs.support import (
     counts_by,
+    endpoint_pool,
     llm_metadata,
     md_table,
     progress_logger,
@@ -25,7 +26,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         group_name="boostqa",
         kinds={"parquet", "llm"},
         code_version="synth-" + prompt_fingerprint(*synthesize.TRACK_PROMPTS.values()),
-        pool="llm_synthesizer",
+        pool=endpoint_pool("synthesizer"),
     )
     def synthesized_qa(
         context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource
