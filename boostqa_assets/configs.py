@@ -180,7 +180,15 @@ StructuredMode = Literal["json_schema", "json_object_schema", "json_object", "gb
 
 
 class RoleConfig(_Strict):
-    """How one role talks to its endpoint. ``base_url: embedded`` means the local llama.cpp server."""
+    """How one role talks to its endpoint. ``base_url: embedded`` means the local llama.cpp server.
+
+    Limits (``boostqa_assets.llm.limits``) hold per endpoint (base URL + model) across every process and run on
+    the machine that shares the limits directory, or across machines with ``limits_backend_url``:
+    ``max_concurrency`` requests on the wire, ``rpm`` requests, ``tpm_in`` input and ``tpm_out`` output tokens
+    per ``limits_window_s``. A budget (``budget_tokens``, ``budget_usd``) caps what one client (this role in one
+    materialization) may spend; the requests that no longer fit are not sent and come back with
+    ``error="budget_exhausted"``.
+    """
 
     base_url: str = "embedded"
     model: str = "gemma-3-270m"
@@ -198,7 +206,27 @@ class RoleConfig(_Strict):
         None, description="stop sequences (few-shot prompts end each example with a blank line)"
     )
     timeout_s: float = Field(120.0, gt=0)
-    max_concurrency: int = Field(4, ge=1)
+    max_concurrency: int = Field(
+        4, ge=1, description="requests on the wire at once per endpoint, across processes when limits are shared"
+    )
+    rpm: int | None = Field(None, ge=1, description="requests per window (limits_window_s) per endpoint; None: none")
+    tpm_in: int | None = Field(None, ge=1, description="input (prompt) tokens per window per endpoint; None: none")
+    tpm_out: int | None = Field(None, ge=1, description="output (completion) tokens per window per endpoint")
+    limits_window_s: float = Field(
+        60.0, gt=0, description="the window rpm/tpm_* count over: 60 = per minute (shorter only for tests)"
+    )
+    limits_backend_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix|postgresql|postgres)://",
+        description="share the rate counts across machines: redis://host:6379/0 or postgresql://user@host/db "
+        "(needs the `redis` or `psycopg[pool]` package); None: a SQLite file shared by this machine's processes",
+    )
+    budget_tokens: int | None = Field(
+        None, ge=1, description="stop sending once this many input+output tokens would be exceeded"
+    )
+    budget_usd: float | None = Field(
+        None, gt=0, description="stop sending once this cost (price_per_mtok_*) would be exceeded"
+    )
     max_retries: int = Field(6, ge=0, description="transport retries on 429, 5xx, timeouts, dropped connections")
     max_parse_retries: int = Field(2, ge=0, description="re-asks after an invalid or truncated reply")
     backoff_base_s: float = Field(0.5, gt=0)
@@ -259,6 +287,13 @@ class LLMConfig(_Strict):
             "max_parse_retries",
             "price_per_mtok_in",
             "price_per_mtok_out",
+            "rpm",
+            "tpm_in",
+            "tpm_out",
+            "limits_window_s",
+            "limits_backend_url",
+            "budget_tokens",
+            "budget_usd",
         )
         roles: dict[str, RoleConfig] = {}
         for role, cfg in self.roles.items():

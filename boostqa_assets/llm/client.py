@@ -1,22 +1,35 @@
 """An OpenAI-compatible client for one role: concurrency cap, retries with backoff, structured output,
-bounded re-asks for bad replies, a request cache, and accounting.
+bounded re-asks for bad replies, a request cache, limits shared across processes, a budget, and accounting.
 
 Transport retries use ``tenacity`` (well kept, async-aware, composable waits) with exponential backoff and
 jitter, raised to the server's ``Retry-After`` when it sends one. Bad replies (invalid JSON, schema mismatch,
 truncation) are re-asked a bounded number of times with a changed seed; then the row is rejected with its
 raw output, and the batch goes on.
+
+With an ``EndpointLimiter`` (``limits.py``) every HTTP attempt first takes a cross-process concurrency slot,
+waits out any endpoint pause and takes room under the rates; its reply's rate-limit headers can pause the
+endpoint for every process. With a ``Budget`` a request that no longer fits is not sent: its row comes back
+with ``error="budget_exhausted"`` (see ``Budget`` for the rule).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import hashlib
+import importlib.util
 import json
 import logging
+import math
 import os
 import re
+import ssl
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,12 +43,40 @@ from tenacity import (
 
 from boostqa_assets.configs import ConfigError, RoleConfig
 from boostqa_assets.llm.cache import ResponseCache
+from boostqa_assets.llm.limits import Budget, BudgetExhausted, EndpointLimiter, parse_duration_s
 from boostqa_assets.llm.reasoning import split_reasoning
-from boostqa_assets.llm.types import LLMRequest, LLMResult, LLMStats, Validator, request_hash
+from boostqa_assets.llm.types import LLMRequest, LLMResult, LLMStats, Validator, canonical_json
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, LLMStats], None]
+CONNECTIONS_PER_HTTP_CLIENT = 4  # httpcore scans its whole pool on every request: many small pools are faster
+
+if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+    # httpcore runs `import sniffio` on every request to learn the async library; when sniffio is not
+    # installed each failed import walks sys.path (~0.1 ms, a third of the client's time per request).
+    # A None entry makes that import fail at once, which httpcore reads as "asyncio", as before.
+    sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One verifying SSL context per process (loading the CA bundle costs ~25 ms per httpx client)."""
+    return httpx.create_ssl_context()
+
+
+def _encode(body: dict[str, Any]) -> tuple[bytes, str]:
+    """The wire bytes of a body and its request hash (``types.request_hash``).
+
+    The wire keeps the body's key order: a schema's ``properties`` order is the order a constrained model
+    writes the fields in (question before answer), so sorted keys are for the hash only.
+    """
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return data, hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def _prompt_chars(req: LLMRequest) -> int:
+    return len(req.prompt) + len(req.system or "") + len(req.prefill or "")
 
 
 class LLMEndpointError(RuntimeError):
@@ -77,14 +118,18 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
             return max(0.0, float(value))
         except ValueError:
             return None
-    reset = response.headers.get("x-ratelimit-reset-requests") or response.headers.get("x-ratelimit-reset-tokens")
-    if reset:
-        match = re.fullmatch(r"(?:(\d+)m)?([\d.]+)(ms|s)?", reset.strip())
-        if match:
-            minutes = float(match.group(1) or 0)
-            secs = float(match.group(2))
-            return minutes * 60 + (secs / 1000 if match.group(3) == "ms" else secs)
-    return None
+    return parse_duration_s(
+        response.headers.get("x-ratelimit-reset-requests") or response.headers.get("x-ratelimit-reset-tokens")
+    )
+
+
+@dataclass
+class _Pool:
+    """The HTTP side of one run: the in-process cap, free local slot numbers, httpx clients by slot."""
+
+    clients: list[httpx.AsyncClient]
+    sem: asyncio.Semaphore
+    free: list[int] = field(default_factory=list)
 
 
 def _extract_json(text: str) -> Any:
@@ -129,7 +174,15 @@ def _repair_json(text: str) -> dict[str, Any] | None:
 
 
 class LLMClient:
-    """Calls one role's endpoint. Build one per role per materialization; read ``stats`` afterwards."""
+    """Calls one role's endpoint. Build one per role per materialization; read ``stats`` afterwards.
+
+    ``limiter``: the endpoint's shared limits (``EndpointLimiter``, built by the caller). When None and the
+    role configures a limit (``rpm``, ``tpm_in``, ``tpm_out``, ``limits_backend_url``) or ``limits_dir`` is
+    given, the client builds one from the role under ``limits_dir`` (default ``<BOOSTQA_HOME>/limits``);
+    then ``max_concurrency`` is the cap across every process sharing that directory. With no limiter it caps
+    this process only, as before. ``budget``: a ``Budget`` to share between clients; when None the role's
+    ``budget_tokens`` / ``budget_usd`` give this client its own.
+    """
 
     def __init__(
         self,
@@ -139,6 +192,9 @@ class LLMClient:
         cache: ResponseCache | None = None,
         replay_only: bool = False,
         circuit_breaker_failures: int = 5,
+        limiter: EndpointLimiter | None = None,
+        limits_dir: str | os.PathLike[str] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.role = role
         self.cfg = cfg
@@ -156,6 +212,27 @@ class LLMClient:
         self._grammar_cache: dict[str, str] = {}
         self._consecutive_failures = 0
         self._last_failure = ""
+        self._owns_limiter = False
+        configured = any(v is not None for v in (cfg.rpm, cfg.tpm_in, cfg.tpm_out, cfg.limits_backend_url)) or (
+            limits_dir is not None
+        )
+        if limiter is None and configured and not replay_only:
+            if limits_dir is None:
+                from boostqa_assets.settings import get_settings
+
+                limits_dir = get_settings().home / "limits"
+            limiter = EndpointLimiter.from_role(cfg, self.base_url, Path(limits_dir))
+            self._owns_limiter = True
+        self.limiter = limiter
+        if budget is None and (cfg.budget_tokens is not None or cfg.budget_usd is not None):
+            budget = Budget(cfg.budget_tokens, cfg.budget_usd)
+        self.budget = budget
+        if budget is not None and budget.usd is not None and not (cfg.price_per_mtok_in or cfg.price_per_mtok_out):
+            logger.warning(
+                "role %s: budget_usd is set but price_per_mtok_in/out are 0, so requests cost nothing and the "
+                "money budget never stops the run; set the prices",
+                role,
+            )
 
     def __repr__(self) -> str:  # never show the key
         return f"LLMClient(role={self.role!r}, model={self.cfg.model!r}, base_url={self.base_url!r})"
@@ -238,6 +315,9 @@ class LLMClient:
             headers["authorization"] = f"Bearer {self.__api_key}"
         return headers
 
+    def _cost(self, tokens_in: int, tokens_out: int) -> float:
+        return (tokens_in * self.cfg.price_per_mtok_in + tokens_out * self.cfg.price_per_mtok_out) / 1e6
+
     def _wait(self, state: RetryCallState) -> float:
         base = wait_exponential_jitter(initial=self.cfg.backoff_base_s, max=self.cfg.backoff_max_s)(state)
         exc = state.outcome.exception() if state.outcome else None
@@ -246,17 +326,20 @@ class LLMClient:
             return max(exc.retry_after, 0.05) + 0.1 * base
         return base
 
-    async def _post_once(self, http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post_once(self, http: httpx.AsyncClient, data: bytes) -> dict[str, Any]:
+        """POST one request body (already encoded); the client's default headers carry type and key."""
         path = "/chat/completions" if self.cfg.api == "chat" else "/completions"
         self.stats.http_requests += 1
         try:
-            response = await http.post(self.base_url + path, json=body, headers=self._headers())
+            response = await http.post(self.base_url + path, content=data)
         except httpx.TimeoutException as exc:
             self.stats.timeouts += 1
             raise _Retryable("timeout", f"timed out after {self.cfg.timeout_s}s ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             self.stats.transport_errors += 1
             raise _Retryable("transport", f"{type(exc).__name__}: {self.redact(str(exc))[:200]}") from None
+        if self.limiter is not None and self.limiter.observe(response.status_code, response.headers):
+            self.stats.pauses += 1
         if response.status_code == 429:
             self.stats.http_429 += 1
             raise _Retryable("http_429", "rate limited (429)", _retry_after_seconds(response))
@@ -288,8 +371,47 @@ class LLMClient:
         except ValueError:
             raise _Retryable("bad_http_body", "the server answered 200 with a body that is not JSON") from None
 
-    async def _send(self, http: httpx.AsyncClient, sem: asyncio.Semaphore, body: dict[str, Any]) -> _Reply:
-        rhash = request_hash(body)
+    async def _attempt(self, pool: _Pool, data: bytes, prompt_tokens: int, max_tokens: int) -> tuple[Any, float]:
+        """One HTTP attempt: budget, local slot, the limiter's slot/pause/rates, the POST; then settle both."""
+        budget, limiter = self.budget, self.limiter
+        async with pool.sem:  # requests queued here reserve nothing yet: the budget sees what is about to go
+            reserved_tokens, reserved_usd = 0, 0.0
+            if budget is not None:
+                reserved_tokens = prompt_tokens + max_tokens
+                reserved_usd = self._cost(prompt_tokens, max_tokens)
+                if not budget.try_reserve(reserved_tokens, reserved_usd):
+                    raise BudgetExhausted(budget.describe())
+            used_in: int | None = None
+            used_out: int | None = None
+            slot = pool.free.pop()
+            try:
+                permit = None
+                if limiter is not None:
+                    permit = await limiter.acquire(prompt_tokens, max_tokens)
+                    self.stats.limiter_wait_s += permit.waited_s
+                try:
+                    started = time.perf_counter()  # latency counts time on the wire, not time queued
+                    try:
+                        payload = await self._post_once(pool.clients[slot // CONNECTIONS_PER_HTTP_CLIENT], data)
+                    finally:
+                        latency = time.perf_counter() - started
+                    usage = payload.get("usage") if isinstance(payload, dict) else None
+                    if isinstance(usage, dict):
+                        used_in = int(usage.get("prompt_tokens") or 0)
+                        used_out = int(usage.get("completion_tokens") or 0)
+                    else:  # a reply without usage: count the worst case (never under the budget's cap)
+                        used_in, used_out = prompt_tokens, max_tokens
+                finally:
+                    if permit is not None:
+                        limiter.release(permit, used_in, used_out)  # type: ignore[union-attr]
+            finally:
+                pool.free.append(slot)
+                if budget is not None:
+                    spent_in, spent_out = used_in or 0, used_out or 0
+                    budget.settle(reserved_tokens, reserved_usd, spent_in + spent_out, self._cost(spent_in, spent_out))
+        return payload, latency
+
+    async def _send(self, pool: _Pool, body: dict[str, Any], data: bytes, rhash: str, prompt_tokens: int) -> _Reply:
         if self.cache is not None:
             hit = self.cache.get(rhash)
             if hit is not None:
@@ -306,6 +428,7 @@ class LLMClient:
         if self.replay_only:
             raise ReplayMissError(f"role {self.role!r}: replay-only mode and request {rhash[:16]} is not cached")
 
+        max_tokens = int(body.get("max_tokens") or self.cfg.max_tokens)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.cfg.max_retries + 1),
             wait=self._wait,
@@ -316,12 +439,7 @@ class LLMClient:
         latency = 0.0
         async for attempt in retrying:
             with attempt:
-                async with sem:  # latency counts time on the wire, not time queued for a slot
-                    started = time.perf_counter()
-                    try:
-                        payload = await self._post_once(http, body)
-                    finally:
-                        latency = time.perf_counter() - started
+                payload, latency = await self._attempt(pool, data, prompt_tokens, max_tokens)
         reply = self._parse_payload(payload, latency)
         if self.cache is not None:
             self.cache.put(
@@ -387,11 +505,10 @@ class LLMClient:
                 return None, "invalid_json", f"not JSON, and the repaired object does not fit: {exc}"[:300]
             return None, "schema_mismatch", str(exc)[:300]
 
-    async def _run_one(
-        self, http: httpx.AsyncClient, sem: asyncio.Semaphore, req: LLMRequest, validator: Validator
-    ) -> LLMResult:
+    async def _run_one(self, pool: _Pool, req: LLMRequest, validator: Validator) -> LLMResult:
         self.stats.logical_requests += 1
         max_tokens = req.max_tokens or self.cfg.max_tokens
+        prompt_tokens = _prompt_chars(req) // 4 + 1  # limits.estimate_tokens, without joining the texts
         result = LLMResult(
             key=req.key,
             prompt_id=req.prompt_id,
@@ -402,12 +519,20 @@ class LLMClient:
         )
         for attempt in range(self.cfg.max_parse_retries + 1):
             body = self.build_body(req, attempt, max_tokens)
-            result.request_hash = request_hash(body)
+            data, result.request_hash = _encode(body)
             result.attempts = attempt + 1
             try:
-                reply = await self._send(http, sem, body)
+                reply = await self._send(pool, body, data, result.request_hash, prompt_tokens)
                 if req.prefill and self.cfg.api == "completions":
                     reply.content = req.prefill + reply.content
+            except BudgetExhausted as exc:
+                self.stats.budget_exhausted = True
+                previous = (
+                    f"; the previous attempt was rejected: {result.error} {result.detail}" if result.error else ""
+                )
+                result.error = "budget_exhausted"
+                result.detail = f"not sent: the run's budget is exhausted ({exc}){previous}"[:400]
+                break
             except _Retryable as exc:
                 result.error, result.detail = (
                     "transport",
@@ -467,21 +592,30 @@ class LLMClient:
     async def _run_all(
         self, requests: Sequence[LLMRequest], validator: Validator, progress: ProgressFn | None
     ) -> list[LLMResult]:
-        sem = asyncio.Semaphore(self.cfg.max_concurrency)
-        limits = httpx.Limits(
-            max_connections=self.cfg.max_concurrency * 2,
-            max_keepalive_connections=self.cfg.max_concurrency * 2,
-        )
+        cap = self.cfg.max_concurrency
+        per_client = CONNECTIONS_PER_HTTP_CLIENT
+        limits = httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)
         timeout = httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s))
         results: list[LLMResult | None] = [None] * len(requests)
         done = 0
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        # Local slot i always uses client i // per_client, so no client ever has more requests than connections.
+        pool = _Pool(
+            [
+                httpx.AsyncClient(timeout=timeout, limits=limits, headers=self._headers(), verify=_ssl_context())
+                for _ in range(math.ceil(cap / per_client))
+            ],
+            asyncio.Semaphore(cap),
+            list(range(cap - 1, -1, -1)),
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            for http in pool.clients:
+                await stack.enter_async_context(http)
             # A bounded window of tasks keeps memory flat for very large batches.
             window = max(64, self.cfg.max_concurrency * 4)
             pending: set[asyncio.Task[tuple[int, LLMResult]]] = set()
 
             async def run(i: int) -> tuple[int, LLMResult]:
-                return i, await self._run_one(http, sem, requests[i], validator)
+                return i, await self._run_one(pool, requests[i], validator)
 
             def collect(finished: set[asyncio.Task[tuple[int, LLMResult]]]) -> None:
                 nonlocal done
@@ -519,4 +653,13 @@ class LLMClient:
         """Run every request (concurrently, up to the cap) and return results in request order."""
         if not requests:
             return []
-        return asyncio.run(self._run_all(requests, validator, progress))
+        try:
+            return asyncio.run(self._run_all(requests, validator, progress))
+        finally:
+            if self._owns_limiter and self.limiter is not None:
+                self.limiter.close()  # the shared state stays on disk; this process's handles go
+
+    def close(self) -> None:
+        """Release the limiter's handles if this client built it (``run`` does it after each batch)."""
+        if self._owns_limiter and self.limiter is not None:
+            self.limiter.close()

@@ -4,6 +4,8 @@ Why: tests and benchmarks of the QA pipeline need an endpoint that is fast, dete
 can misbehave on purpose (rate limits, 5xx, hangs, dropped connections, broken JSON) without a
 GPU, a model or network access.  Runs in-process (``FakeOpenAIServer``, uvicorn in a thread) or
 as a child process (``python -m boostqa_assets.llm.fake_server`` / ``start_fake_server_process``).
+Also serves the Batch API (``/v1/files``, ``/v1/batches``): lines are answered by the same responder,
+with the same per-body faults, once ``batch_delay_s`` has passed.
 Binds to 127.0.0.1 only.
 """
 
@@ -11,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import email.parser
+import email.policy
 import hashlib
 import json
 import logging
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +89,9 @@ class FaultConfig(BaseModel):
     fail_first_n: dict[str, int] = Field(default_factory=dict, description='JSON, e.g. {"429": 1}')
     reasoning: Literal["none", "field", "think_tags"] = "none"
     seed: int = 0
+    batch_delay_s: float = Field(
+        default=0.0, ge=0.0, description="seconds from a batch's creation until a poll sees it completed"
+    )
 
     @field_validator("fail_first_n")
     @classmethod
@@ -265,6 +274,7 @@ class _Stats:
         self.by_fault: dict[str, int] = {}
         self.requests_by_body: dict[str, int] = {}
         self.ok_by_body: dict[str, int] = {}
+        self.batches_created = self.batch_lines = 0
 
     def snapshot(self, in_flight: int) -> dict[str, Any]:
         return {
@@ -278,6 +288,8 @@ class _Stats:
             "by_fault": dict(self.by_fault),
             "requests_by_body": dict(self.requests_by_body),
             "ok_by_body": dict(self.ok_by_body),
+            "batches_created": self.batches_created,
+            "batch_lines": self.batch_lines,
         }
 
 
@@ -357,6 +369,33 @@ class _Runtime:
             entry[1] = float(tokens)
 
 
+_BATCH_ENDPOINTS = {"/v1/chat/completions": True, "/v1/completions": False}  # endpoint -> chat?
+
+
+@dataclass
+class _Batch:
+    """One Batch API job: its public object, its parsed input lines and when it was created."""
+
+    obj: dict[str, Any]
+    lines: list[dict[str, Any]]
+    created: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def parse_multipart(content_type: str, data: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """``{field: (filename, bytes)}`` of a multipart/form-data body, with the stdlib email parser
+    (starlette's ``request.form()`` needs python-multipart, which is not a dependency)."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + data)
+    out: dict[str, tuple[str | None, bytes]] = {}
+    if msg.is_multipart():
+        for part in msg.get_payload():
+            name = part.get_param("name", header="content-disposition")
+            if isinstance(name, str):
+                payload = part.get_payload(decode=True)
+                out[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return out
+
+
 class FakeOpenAIApp:
     """The ASGI application; holds config, stats and the responder, shared by both run modes."""
 
@@ -365,11 +404,19 @@ class FakeOpenAIApp:
         self._rt = _Runtime(config or FaultConfig())
         self._stats = _Stats()
         self._in_flight = 0
+        # Batch API storage survives set_config and reset_stats, like a real server's files.
+        self._files: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self._batches: dict[str, _Batch] = {}
         self._app = Starlette(
             routes=[
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/completions", self._text, methods=["POST"]),
+                Route("/v1/files", self._file_create, methods=["POST"]),
+                Route("/v1/files/{file_id}", self._file_get, methods=["GET"]),
+                Route("/v1/files/{file_id}/content", self._file_content, methods=["GET"]),
+                Route("/v1/batches", self._batch_create, methods=["POST"]),
+                Route("/v1/batches/{batch_id}", self._batch_get, methods=["GET"]),
                 Route("/_stats", self._stats_ep, methods=["GET"]),
                 Route("/_reset", self._reset_ep, methods=["POST"]),
             ]
@@ -479,6 +526,26 @@ class FakeOpenAIApp:
         if fault == "timeout" and await self._hang(request, cfg.hang_s):
             st.by_status["499"] = st.by_status.get("499", 0) + 1  # nginx's 'client closed request'
             return Response(status_code=499)
+        payload = self._answer(rt, body, chat, fault, st, key, entry, p_tok, st.requests)
+        st.by_status["200"] = st.by_status.get("200", 0) + 1
+        return JSONResponse(payload, headers=headers or None)
+
+    def _answer(
+        self,
+        rt: _Runtime,
+        body: dict[str, Any],
+        chat: bool,
+        fault: str | None,
+        st: _Stats,
+        key: str,
+        entry: list[float] | None,
+        p_tok: int,
+        seq: int,
+    ) -> dict[str, Any]:
+        """The completion payload for ``body`` with a content fault (malformed, schema_mismatch, truncated)
+        applied; shared by the synchronous endpoints and batch lines."""
+        cfg = rt.config
+        text = prompt_text(body)
         reply = self.responder(body)
         if isinstance(reply, str):
             reply = ResponderReply(reply)
@@ -499,7 +566,6 @@ class FakeOpenAIApp:
             rt.settle(entry, p_tok + c_tok)
         st.tokens_in += p_tok
         st.tokens_out += c_tok
-        st.by_status["200"] = st.by_status.get("200", 0) + 1
         if fault is None:
             st.answered_ok += 1
             st.ok_by_body[key] = st.ok_by_body.get(key, 0) + 1
@@ -515,17 +581,174 @@ class FakeOpenAIApp:
             }
         else:
             choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
-        return JSONResponse(
-            {
-                "id": f"{'chatcmpl' if chat else 'cmpl'}-{key}-{st.requests}",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": body.get("model") or "fake-model",
-                "choices": [choice],
-                "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
-            },
-            headers=headers or None,
-        )
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{key}-{seq}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model") or "fake-model",
+            "choices": [choice],
+            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
+        }
+
+    # --- Batch API: /v1/files and /v1/batches -----------------------------------------------------
+
+    def _store_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        meta = {
+            "id": f"file-{uuid.uuid4().hex[:24]}",
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        self._files[meta["id"]] = (meta, data)
+        return meta
+
+    async def _file_create(self, request: Request) -> Response:
+        """Multipart upload (``purpose`` + ``file``); a raw body with ``?purpose=batch`` is accepted too."""
+        ctype = request.headers.get("content-type", "")
+        data = await request.body()
+        if ctype.startswith("multipart/form-data"):
+            form = parse_multipart(ctype, data)
+            purpose = form.get("purpose", (None, b""))[1].decode("utf-8", "replace").strip()
+            filename, data = form.get("file", (None, b""))
+            if "file" not in form:
+                return self._error(self._stats, 400, "invalid_request_error", "missing multipart field 'file'", None)
+        else:
+            purpose = request.query_params.get("purpose", "")
+            filename = request.query_params.get("filename")
+        if purpose != "batch":
+            return self._error(self._stats, 400, "invalid_request_error", "purpose must be 'batch'", None)
+        return JSONResponse(self._store_file(data, filename or "upload.jsonl", purpose))
+
+    def _file_or_404(self, file_id: str) -> tuple[dict[str, Any], bytes] | Response:
+        found = self._files.get(file_id)
+        if found is None:
+            return self._error(self._stats, 404, "invalid_request_error", f"No such file: {file_id}", None)
+        return found
+
+    async def _file_get(self, request: Request) -> Response:
+        found = self._file_or_404(request.path_params["file_id"])
+        return found if isinstance(found, Response) else JSONResponse(found[0])
+
+    async def _file_content(self, request: Request) -> Response:
+        found = self._file_or_404(request.path_params["file_id"])
+        return found if isinstance(found, Response) else Response(found[1], media_type="application/octet-stream")
+
+    async def _batch_create(self, request: Request) -> Response:
+        st = self._stats
+        try:
+            req = json.loads(await request.body())
+        except ValueError:
+            req = None
+        if not isinstance(req, dict):
+            return self._error(st, 400, "invalid_request_error", "body must be a JSON object", None)
+        endpoint, window = req.get("endpoint"), req.get("completion_window")
+        if endpoint not in _BATCH_ENDPOINTS or window != "24h":
+            msg = f"endpoint must be one of {sorted(_BATCH_ENDPOINTS)} and completion_window '24h'"
+            return self._error(st, 400, "invalid_request_error", msg, None)
+        found = self._file_or_404(str(req.get("input_file_id")))
+        if isinstance(found, Response):
+            return found
+        lines, errors, seen = [], [], set()
+        for n, raw in enumerate(found[1].decode("utf-8", "replace").splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = None
+            if not (
+                isinstance(line, dict)
+                and isinstance(line.get("body"), dict)
+                and line.get("url") == endpoint
+                and isinstance(line.get("custom_id"), str)
+                and line["custom_id"] not in seen
+            ):
+                msg = f"line {n}: needs custom_id (unique), url {endpoint!r} and a JSON body"
+                errors.append({"code": "invalid_request", "message": msg, "line": n})
+                continue
+            seen.add(line["custom_id"])
+            lines.append(line)
+        now = int(time.time())
+        obj: dict[str, Any] = {
+            "id": f"batch_{uuid.uuid4().hex[:24]}",
+            "object": "batch",
+            "endpoint": endpoint,
+            "errors": {"object": "list", "data": errors} if errors else None,
+            "input_file_id": req["input_file_id"],
+            "completion_window": window,
+            "status": "failed" if errors or not lines else "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "completed_at": None,
+            "failed_at": now if errors or not lines else None,
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": req.get("metadata"),
+        }
+        self._batches[obj["id"]] = _Batch(obj, lines)
+        st.batches_created += 1
+        st.batch_lines += len(lines)
+        return JSONResponse(obj)
+
+    async def _batch_get(self, request: Request) -> Response:
+        """Status moves validating -> in_progress -> completed once ``batch_delay_s`` (read at poll time,
+        so a test can shorten it for a 'restarted' run) has passed since creation."""
+        batch = self._batches.get(request.path_params["batch_id"])
+        if batch is None:
+            msg = f"No such batch: {request.path_params['batch_id']}"
+            return self._error(self._stats, 404, "invalid_request_error", msg, None)
+        obj = batch.obj
+        if obj["status"] in ("validating", "in_progress"):
+            obj["status"] = "in_progress"
+            obj["in_progress_at"] = obj["in_progress_at"] or int(time.time())
+            if time.monotonic() - batch.created >= self._rt.config.batch_delay_s:
+                self._complete(batch)
+        return JSONResponse(obj)
+
+    def _complete(self, batch: _Batch) -> None:
+        """Answer every line like the matching endpoint would (same responder, same per-body faults; no
+        rate limits or latency); HTTP-level faults become error-file lines."""
+        st, rt, obj = self._stats, self._rt, batch.obj
+        chat = _BATCH_ENDPOINTS[obj["endpoint"]]
+        out, err = [], []
+        for line in batch.lines:
+            body = line["body"]
+            rid = f"batch_req_{uuid.uuid4().hex[:24]}"
+            key = hashlib.blake2b(
+                json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), digest_size=8
+            ).hexdigest()
+            st.requests_by_body[key] = st.requests_by_body.get(key, 0) + 1
+            n = rt.attempts.get(key, 0)
+            rt.attempts[key] = n + 1
+            fault = rt.sequence[n] if n < len(rt.sequence) else rt.draw()
+            if fault is not None:
+                st.by_fault[fault] = st.by_fault.get(fault, 0) + 1
+            if chat and not isinstance(body.get("messages"), list):
+                status, kind, msg = 400, "invalid_request_error", "body must have a 'messages' list"
+            elif fault in _ERRORS or fault in ("timeout", "drop"):
+                status, kind, msg = _ERRORS.get(fault or "", (500, "server_error", f"Injected {fault}"))
+            else:
+                payload = self._answer(rt, body, chat, fault, st, key, None, len(prompt_text(body)) // 4 + 1, 0)
+                payload["id"] = f"{'chatcmpl' if chat else 'cmpl'}-{key}-{rid[-8:]}"
+                resp = {"status_code": 200, "request_id": rid, "body": payload}
+                out.append({"id": rid, "custom_id": line["custom_id"], "response": resp, "error": None})
+                continue
+            body_err = {"error": {"message": msg, "type": kind, "code": kind, "param": None}}
+            resp = {"status_code": status, "request_id": rid, "body": body_err}
+            err.append({"id": rid, "custom_id": line["custom_id"], "response": resp, "error": None})
+
+        def jsonl(rows: list[dict[str, Any]]) -> bytes:
+            return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+        obj["output_file_id"] = self._store_file(jsonl(out), f"{obj['id']}_output.jsonl", "batch_output")["id"]
+        if err:
+            obj["error_file_id"] = self._store_file(jsonl(err), f"{obj['id']}_error.jsonl", "batch_output")["id"]
+        obj["request_counts"] = {"total": len(batch.lines), "completed": len(out), "failed": len(err)}
+        obj["status"], obj["completed_at"] = "completed", int(time.time())
 
     @staticmethod
     async def _hang(request: Request, seconds: float) -> bool:

@@ -99,6 +99,11 @@ class LLMStats:
     tokens_out: int = 0
     latencies: list[float] = field(default_factory=list)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    # True once the run's budget refused a request: that row and every later one came back with
+    # error="budget_exhausted" without being sent (see ``limits.Budget``).
+    budget_exhausted: bool = False
+    limiter_wait_s: float = 0.0  # time requests waited for a concurrency slot, a pause or room under a rate
+    pauses: int = 0  # endpoint pauses this client set after a 429 or exhausted rate-limit headers
 
     @property
     def cost_usd(self) -> float:
@@ -125,5 +130,8 @@ class LLMStats:
             "latency_p50_s": round(_percentile(self.latencies, 0.5), 3),
             "latency_p95_s": round(_percentile(self.latencies, 0.95), 3),
             "est_cost_usd": round(self.cost_usd, 6),
+            "budget_exhausted": self.budget_exhausted,
+            "limiter_wait_s": round(self.limiter_wait_s, 3),
+            "endpoint_pauses": self.pauses,
             "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
         }

@@ -890,3 +890,62 @@ def test_almost_json_is_repaired_before_a_paid_reask(serve: Callable[..., FakeOp
     assert results[0].value["question"] == "What is 2+2?"
     assert client.stats.repairs == 3 and client.stats.reasks == 0
     assert srv.stats()["requests"] == 3
+
+
+# --- 11. shared endpoint limits (limits.py): header-driven pauses, the limiter the client builds --------------
+
+
+def _limited_client(srv: FakeOpenAIServer, directory: Path, **kw: Any) -> LLMClient:
+    from boostqa_assets.llm.limits import EndpointLimiter
+
+    cfg = role(**kw)
+    limiter = EndpointLimiter(directory, srv.base_url, cfg.model, max_concurrency=cfg.max_concurrency)
+    return LLMClient("synthesizer", cfg, srv.base_url, limiter=limiter)
+
+
+def test_exhausted_rate_limit_headers_pause_the_endpoint_before_a_429(serve: Serve, tmp_path: Path) -> None:
+    """The server says 'remaining 0, resets in Xs' on a success: the next request waits instead of drawing a 429."""
+    rpm, window, n = 3, 1.0, 7
+    srv = serve(FaultConfig(rpm=rpm, window_s=window))
+    blind = client_for(srv, max_concurrency=1)  # no limiter: the 4th request runs into the limit
+    assert all(r.ok for r in blind.run(make_requests(n), qa_validator))
+    assert blind.stats.http_429 > 0
+    srv.reset_stats()
+    c = _limited_client(srv, tmp_path, max_concurrency=1)
+    started = time.perf_counter()
+    results = c.run(make_requests(n), qa_validator)
+    elapsed = time.perf_counter() - started
+    assert all(r.ok for r in results)
+    assert c.stats.http_429 == 0 and srv.stats()["by_status"].get("429", 0) == 0
+    assert c.stats.pauses >= 2 and c.stats.limiter_wait_s > 0.5
+    assert elapsed >= (n // rpm) * window * 0.9  # 7 at 3 per window: two waits for the window to reset
+    assert c.stats.http_requests == n
+    assert c.stats.to_metadata()["endpoint_pauses"] == c.stats.pauses
+
+
+def test_a_429_retry_after_pauses_every_client_of_the_endpoint(serve: Serve, tmp_path: Path) -> None:
+    from boostqa_assets.llm.limits import EndpointLimiter
+
+    srv = serve(FaultConfig(fail_first_n={"429": 1}))  # each body's first attempt: 429, Retry-After: 1
+    c = _limited_client(srv, tmp_path, max_concurrency=2)
+    started = time.time()
+    results = c.run(make_requests(2), qa_validator)
+    assert all(r.ok for r in results) and c.stats.http_429 == 2 and c.stats.pauses >= 1
+    other = EndpointLimiter(tmp_path, srv.base_url, "fake-model")  # another client, run or process
+    assert other.paused_until() >= started + 1.0
+    assert EndpointLimiter(tmp_path, srv.base_url, "another-model").paused_until() == 0.0
+
+
+def test_the_client_builds_its_limiter_from_the_role(serve: Serve, tmp_path: Path) -> None:
+    srv = serve(FaultConfig(latency_s=0.05))
+    assert client_for(srv).limiter is None  # no limit configured, no directory: the old in-process cap
+    assert LLMClient("synthesizer", role(rpm=60), srv.base_url, replay_only=True, limits_dir=tmp_path).limiter is None
+    c = LLMClient("synthesizer", role(rpm=600, tpm_in=10**6, max_concurrency=2), srv.base_url, limits_dir=tmp_path)
+    limiter = c.limiter
+    assert limiter is not None and (limiter.rpm, limiter.tpm_in, limiter.max_concurrency) == (600, 10**6, 2)
+    assert all(r.ok for r in c.run(make_requests(8), qa_validator))
+    assert srv.stats()["max_in_flight"] <= 2
+    assert (tmp_path / f"{limiter.key}.sqlite").exists() and (tmp_path / f"{limiter.key}.slots").is_dir()
+    assert limiter.slots_held == 0  # every slot went back; run() also closed the handles it opened
+    only_dir = LLMClient("synthesizer", role(), srv.base_url, limits_dir=tmp_path)  # a directory alone: cap + pause
+    assert only_dir.limiter is not None and not only_dir.limiter.has_rates

@@ -1,0 +1,519 @@
+"""Tests for the shared endpoint limits (rates, concurrency cap, pause) and the run budget: in one process,
+and across processes (``spawn``) sharing one SQLite limits directory against one fake server process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from boostqa_assets.configs import ROLES, ConfigError, LLMConfig, RoleConfig
+from boostqa_assets.llm.cache import ResponseCache
+from boostqa_assets.llm.client import LLMClient
+from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig, start_fake_server_process, stop_process
+from boostqa_assets.llm.limits import (
+    MAX_UNITS,
+    Budget,
+    EndpointLimiter,
+    _Meter,
+    endpoint_key,
+    estimate_tokens,
+    parse_duration_s,
+)
+from boostqa_assets.llm.types import LLMRequest
+
+MODEL = "fake-model"
+QA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+    "required": ["question", "answer"],
+}
+
+
+def qa_validator(obj: Any) -> dict[str, str]:
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("question", "answer")):
+        raise ValueError(f"not a question/answer object: {str(obj)[:80]}")
+    return {"question": obj["question"], "answer": obj["answer"]}
+
+
+def make_requests(n: int, tag: str = "") -> list[LLMRequest]:
+    return [
+        LLMRequest(
+            key=f"{tag}row-{i:03d}",
+            prompt_id="qa",
+            prompt_version="v1",
+            prompt=f"Write one exam question about topic {tag}{i}.",
+            schema=QA_SCHEMA,
+        )
+        for i in range(n)
+    ]
+
+
+def role(base_url: str, **kw: Any) -> RoleConfig:
+    base: dict[str, Any] = {
+        "base_url": base_url,
+        "model": MODEL,
+        "api": "chat",
+        "structured_output": "json_schema",
+        "max_tokens": 64,
+        "timeout_s": 10.0,
+        "max_concurrency": 8,
+        "max_retries": 6,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.2,
+    }
+    return RoleConfig(**{**base, **kw})
+
+
+def server_stats(base_url: str) -> dict[str, Any]:
+    return httpx.get(base_url.removesuffix("/v1") + "/_stats", timeout=5).json()
+
+
+@pytest.fixture
+def server_process() -> Iterator[Any]:
+    procs: list[Any] = []
+
+    def start(config: FaultConfig) -> str:
+        proc, url = start_fake_server_process(config)
+        procs.append(proc)
+        return url
+
+    yield start
+    for proc in procs:
+        stop_process(proc)
+
+
+# --- workers run in spawned processes ----------------------------------------------------------------------
+
+
+def _batch_worker(spec: dict[str, Any], start: Any, out: Any) -> None:
+    """One 'partition': a client with a limiter on the shared directory runs its own batch."""
+    try:
+        cfg = role(spec["url"], **spec.get("role", {}))
+        limiter = EndpointLimiter(
+            spec["dir"], spec["url"], MODEL, window_s=spec.get("window_s", 60.0), **spec["limits"]
+        )
+        client = LLMClient("synthesizer", cfg, spec["url"], limiter=limiter)
+        reqs = make_requests(spec["n"], tag=spec["tag"])
+        out.put(("ready", spec["tag"], time.time()))
+        start.wait(60)
+        started = time.time()
+        results = client.run(reqs, qa_validator)
+        limiter.close()
+        out.put(
+            (
+                "done",
+                spec["tag"],
+                {
+                    "started": started,
+                    "finished": time.time(),
+                    "ok": sum(r.ok for r in results),
+                    "keys": [r.key for r in results],
+                    "http_429": client.stats.http_429,
+                    "http_requests": client.stats.http_requests,
+                    "limiter_wait_s": client.stats.limiter_wait_s,
+                    "pauses": client.stats.pauses,
+                },
+            )
+        )
+    except BaseException as exc:  # report, never hang the parent
+        out.put(("error", spec["tag"], repr(exc)))
+
+
+def _run_workers(specs: list[dict[str, Any]], timeout_s: float = 60.0) -> tuple[dict[str, Any], float]:
+    """Start one spawned process per spec, release them together, return their reports and the wall time."""
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_batch_worker, args=(spec, start, out), daemon=True) for spec in specs]
+    for p in procs:
+        p.start()
+    try:
+        for _ in specs:
+            kind, tag, payload = out.get(timeout=timeout_s)
+            assert kind == "ready", (kind, tag, payload)
+        released = time.time()
+        start.set()
+        reports: dict[str, Any] = {}
+        for _ in specs:
+            kind, tag, payload = out.get(timeout=timeout_s)
+            assert kind == "done", (kind, tag, payload)
+            reports[tag] = payload
+        return reports, time.time() - released
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+
+
+# --- parsing and units -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2", 2.0),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+        ("1m30s", 90.0),
+        ("6m0s", 360.0),
+        ("1h2m", 3720.0),
+        ("0s", 0.0),
+        (" 20ms ", 0.02),
+        ("soon", None),
+        ("", None),
+        (None, None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+        ("5x", None),
+    ],
+)
+def test_parse_duration(value: str | None, expected: float | None) -> None:
+    assert parse_duration_s(value) == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_endpoint_key_and_token_estimate() -> None:
+    assert endpoint_key("http://h/v1/", "m") == endpoint_key("http://h/v1", "m") != endpoint_key("http://h/v1", "n")
+    assert len(endpoint_key("http://h/v1", "m")) == 16
+    assert estimate_tokens("") == 1 and estimate_tokens("x" * 400) == 101
+
+
+def test_meter_keeps_large_limits_to_bounded_units_and_carries_the_rest() -> None:
+    small = _Meter("requests", 600)
+    assert small.quantum == 1 and small.units_limit == 600 and [small.take(1) for _ in range(3)] == [1, 1, 1]
+    big = _Meter("tokens_in", 2_000_000)
+    assert big.quantum == 400 and big.units_limit == MAX_UNITS
+    charged = sum(big.take(150) for _ in range(1000))  # 150,000 tokens in small requests
+    assert charged * big.quantum + big.carry == 150_000 and 0 <= big.carry < big.quantum
+    big.adjust(-1000)  # a reservation not used is credited to the next request
+    assert big.take(1000 + big.carry) == 0 or big.carry < big.quantum
+    huge = big.take(10**9)  # more than a whole window: charge one window now, the rest as debt
+    assert huge == MAX_UNITS and big.carry > 0
+
+
+def test_limiter_rejects_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rpm"):
+        EndpointLimiter(tmp_path, "http://h/v1", "m", rpm=0)
+    with pytest.raises(ValueError, match="not supported"):
+        EndpointLimiter(tmp_path, "http://h/v1", "m", backend_url="mysql://db")
+    with pytest.raises(ConfigError):
+        LLMConfig(roles={r: RoleConfig() for r in ROLES}).with_env_overrides(
+            {"BOOSTQA_SYNTHESIZER_LIMITS_BACKEND_URL": "mysql://db"}
+        )
+
+
+@pytest.mark.parametrize(
+    ("url", "package"), [("redis://127.0.0.1:6379/0", "redis"), ("postgresql://u@h/db", "psycopg")]
+)
+def test_remote_backends_are_imported_lazily_with_a_clear_message(tmp_path: Path, url: str, package: str) -> None:
+    try:
+        __import__("redis" if package == "redis" else "psycopg_pool")
+    except ImportError:
+        pass
+    else:
+        pytest.skip(f"{package} is installed: the lazy-import message cannot be checked")
+    limiter = EndpointLimiter(tmp_path, "http://h/v1", "m", rpm=10, backend_url=url)  # nothing imported yet
+    with pytest.raises(ImportError, match=package):
+        asyncio.run(limiter.acquire(1, 1))
+
+
+def test_role_config_limits_and_env_overrides() -> None:
+    cfg = LLMConfig(roles={r: RoleConfig() for r in ROLES})
+    env = {
+        "BOOSTQA_SYNTHESIZER_RPM": "600",
+        "BOOSTQA_SYNTHESIZER_TPM_IN": "100000",
+        "BOOSTQA_LLM_TPM_OUT": "50000",
+        "BOOSTQA_SYNTHESIZER_BUDGET_USD": "2.5",
+        "BOOSTQA_ANNOTATOR_BUDGET_TOKENS": "1000",
+        "BOOSTQA_REFINER_LIMITS_BACKEND_URL": "redis://127.0.0.1:6379/0",
+    }
+    roles = cfg.with_env_overrides(env).roles
+    syn = roles["synthesizer"]
+    assert (syn.rpm, syn.tpm_in, syn.tpm_out, syn.budget_usd) == (600, 100_000, 50_000, 2.5)
+    assert roles["annotator"].budget_tokens == 1000 and roles["annotator"].rpm is None
+    assert roles["refiner"].limits_backend_url == "redis://127.0.0.1:6379/0"
+    assert RoleConfig().rpm is None and RoleConfig().limits_window_s == 60.0  # default: no limit
+    lim = EndpointLimiter.from_role(syn, "http://h/v1", "/tmp/unused")
+    assert (lim.rpm, lim.tpm_in, lim.tpm_out, lim.max_concurrency, lim.window_s) == (600, 100_000, 50_000, 4, 60.0)
+
+
+# --- one process -------------------------------------------------------------------------------------------
+
+
+def _max_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    return max(sum(1 for t in times if a <= t < a + window) for a in times)
+
+
+def test_request_rate_holds_within_one_process(tmp_path: Path) -> None:
+    rpm, window, n = 10, 0.5, 35
+
+    async def main() -> list[float]:
+        limiter = EndpointLimiter(tmp_path, "http://h/v1", "m", rpm=rpm, window_s=window)
+        t0, times = time.perf_counter(), []
+
+        async def one() -> None:
+            permit = await limiter.acquire(10, 10)
+            times.append(time.perf_counter() - t0)
+            limiter.release(permit, 10, 10)
+
+        await asyncio.gather(*(one() for _ in range(n)))
+        limiter.close()
+        return times
+
+    times = asyncio.run(main())
+    assert _max_in_window(times, window) <= rpm
+    assert max(times) >= (n // rpm) * window * 0.95  # 35 at 10 per window: the last 5 wait 3 windows
+    assert max(times) <= (n // rpm) * window + 1.0  # and not much longer: the limit is used
+
+
+def test_input_and_output_token_rates_hold(tmp_path: Path) -> None:
+    async def main() -> tuple[float, float]:
+        lim_in = EndpointLimiter(tmp_path, "http://h/v1", "in", tpm_in=1000, window_s=0.5)
+        t0 = time.perf_counter()
+        for _ in range(25):  # 2,500 tokens at 1,000 per 0.5 s: two full windows of waiting
+            lim_in.release(await lim_in.acquire(100, 1), 100, 1)
+        t_in = time.perf_counter() - t0
+        lim_out = EndpointLimiter(tmp_path, "http://h/v1", "out", tpm_out=1000, window_s=0.5)
+        t0 = time.perf_counter()
+        for _ in range(25):  # max_tokens 500 is reserved at first, then the mean of what came back (100)
+            lim_out.release(await lim_out.acquire(1, 500), 1, 100)
+        t_out = time.perf_counter() - t0
+        lim_in.close()
+        lim_out.close()
+        return t_in, t_out
+
+    t_in, t_out = asyncio.run(main())
+    assert 0.95 <= t_in <= 2.5
+    assert 0.95 <= t_out <= 3.0
+
+
+def test_headers_pause_the_endpoint(tmp_path: Path) -> None:
+    limiter = EndpointLimiter(tmp_path, "http://h/v1", "m")
+    assert limiter.paused_until() == 0.0
+    assert limiter.observe(200, {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "2s"}) is None
+    assert limiter.paused_until() == 0.0
+    before = time.time()
+    assert limiter.observe(200, {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1.5s"}) == 1.5
+    assert before + 1.4 < limiter.paused_until() < time.time() + 1.6
+    assert limiter.observe(429, {"retry-after": "3"}) == 3.0
+    assert limiter.paused_until() > before + 2.9
+    until = limiter.paused_until()
+    limiter.observe(429, {"retry-after": "1"})  # a shorter pause never cuts a longer one
+    assert limiter.paused_until() == until
+    assert limiter.observe(500, {"retry-after": "9"}) is None  # a plain server error pauses nobody
+    other = EndpointLimiter(tmp_path, "http://h/v1", "m")  # same endpoint, another client: same pause
+    assert other.paused_until() == until
+    assert EndpointLimiter(tmp_path, "http://h/v1", "other-model").paused_until() == 0.0
+    limiter.close()
+    other.close()
+
+
+def test_slots_are_shared_and_freed_when_the_holder_dies(tmp_path: Path) -> None:
+    holder = textwrap.dedent(
+        f"""
+        import asyncio, sys, time
+        from boostqa_assets.llm.limits import EndpointLimiter
+        lim = EndpointLimiter({str(tmp_path)!r}, "http://h/v1", "m", max_concurrency=2)
+        async def main():
+            await lim.acquire(1, 1)
+            await lim.acquire(1, 1)
+            print("held", flush=True)
+            time.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+
+        async def try_take(timeout: float) -> bool:
+            limiter = EndpointLimiter(tmp_path, "http://h/v1", "m", max_concurrency=2)
+            try:
+                permit = await asyncio.wait_for(limiter.acquire(1, 1), timeout)
+            except TimeoutError:
+                return False
+            finally:
+                limiter.close()
+            limiter.release(permit)
+            return True
+
+        assert not asyncio.run(try_take(0.3))  # both slots are held by the other process
+        os.kill(proc.pid, signal.SIGKILL)  # no clean-up runs: the kernel drops its locks
+        proc.wait(10)
+        assert asyncio.run(try_take(2.0))
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+# --- across processes --------------------------------------------------------------------------------------
+
+
+def test_four_processes_share_the_request_rate(server_process: Any, tmp_path: Path) -> None:
+    rpm, window, per_process = 40, 1.0, 40
+    url = server_process(FaultConfig(rpm=rpm, window_s=window, latency_s=0.02))
+    specs = [
+        {
+            "url": url,
+            "dir": str(tmp_path / "limits"),
+            "tag": f"p{i}-",
+            "n": per_process,
+            "window_s": window,
+            "limits": {"rpm": rpm, "max_concurrency": 16},
+            "role": {"max_concurrency": 16},
+        }
+        for i in range(4)
+    ]
+    reports, elapsed = _run_workers(specs)
+    total = 4 * per_process
+    st = server_stats(url)
+    assert sum(r["ok"] for r in reports.values()) == total and st["answered_ok"] == total
+    for spec in specs:  # every row came back, in order, in its own process
+        assert reports[spec["tag"]]["keys"] == [r.key for r in make_requests(per_process, spec["tag"])]
+    rejected = st["by_status"].get("429", 0)
+    assert rejected <= 0.01 * total, f"{rejected} 429s for {total} requests"
+    floor = (total - rpm) / rpm * window  # the first window's requests go at once, then rpm per window
+    assert elapsed >= floor * 0.95, f"{total} requests in {elapsed:.2f}s: faster than {rpm}/{window}s"
+    assert elapsed <= floor + 2.5, f"{total} requests in {elapsed:.2f}s: far below the limit"
+
+
+def test_concurrency_cap_holds_across_processes(server_process: Any, tmp_path: Path) -> None:
+    cap = 3
+    url = server_process(FaultConfig(latency_s=0.2))
+    specs = [
+        {
+            "url": url,
+            "dir": str(tmp_path / "limits"),
+            "tag": f"c{i}-",
+            "n": 6,
+            "limits": {"max_concurrency": cap},
+            "role": {"max_concurrency": cap},
+        }
+        for i in range(4)
+    ]
+    reports, elapsed = _run_workers(specs)
+    st = server_stats(url)
+    assert st["answered_ok"] == 24 and all(r["ok"] == 6 for r in reports.values())
+    assert st["max_in_flight"] <= cap  # 4 processes x 3 local slots, but never more than 3 on the wire
+    assert st["max_in_flight"] == cap  # and the cap is used
+    assert elapsed >= 24 / cap * 0.2 * 0.9
+
+
+def test_a_retry_after_pause_reaches_every_process(server_process: Any, tmp_path: Path) -> None:
+    """Process A gets a 429 with Retry-After; process B, started during the pause, waits it out and is never
+    rate limited itself."""
+    url = server_process(FaultConfig(rpm=2, window_s=3.0))
+    directory = tmp_path / "limits"
+    ctx = mp.get_context("spawn")
+    start_a, start_b, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    spec = {"url": url, "dir": str(directory), "n": 1, "limits": {}, "role": {"max_concurrency": 1}}
+    proc_a = ctx.Process(target=_batch_worker, args=({**spec, "tag": "a-"}, start_a, out), daemon=True)
+    proc_b = ctx.Process(target=_batch_worker, args=({**spec, "tag": "b-"}, start_b, out), daemon=True)
+    proc_a.start()
+    proc_b.start()
+    try:
+        assert [out.get(timeout=60)[0] for _ in range(2)] == ["ready", "ready"]
+        for i in range(2):  # fill the server's window from outside the limiter
+            body = {"model": MODEL, "messages": [{"role": "user", "content": f"fill {i}"}]}
+            assert httpx.post(url + "/chat/completions", json=body, timeout=5).status_code == 200
+        watcher = EndpointLimiter(directory, url, MODEL)
+        start_a.set()
+        deadline = time.time() + 10
+        while watcher.paused_until() <= time.time():  # A's 429 pauses the endpoint
+            assert time.time() < deadline, "process A never paused the endpoint"
+            time.sleep(0.01)
+        until = watcher.paused_until()
+        start_b.set()
+        reports = {}
+        for _ in range(2):
+            kind, tag, payload = out.get(timeout=30)
+            assert kind == "done", (kind, tag, payload)
+            reports[tag] = payload
+        a, b = reports["a-"], reports["b-"]
+        # (the second of A's retry and B's request also sees the window full again, "remaining 0": a pause too)
+        assert a["ok"] == 1 and a["http_429"] == 1 and a["pauses"] >= 1
+        assert b["ok"] == 1 and b["http_429"] == 0 and b["http_requests"] == 1  # B honoured A's pause
+        assert b["finished"] >= until - 0.05 and b["limiter_wait_s"] > 0.3
+        assert server_stats(url)["by_status"].get("429", 0) == 1
+        watcher.close()
+    finally:
+        for p in (proc_a, proc_b):
+            p.join(10)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+
+
+# --- the budget ---------------------------------------------------------------------------------------------
+
+
+def test_budget_rules() -> None:
+    budget = Budget(tokens=100)
+    assert budget.try_reserve(60, 0.0)
+    assert not budget.try_reserve(50, 0.0) and budget.exhausted  # 60 in flight + 50 > 100
+    assert not budget.try_reserve(1, 0.0)  # exhausted for good, even though 1 would fit
+    budget.settle(60, 0.0, 30, 0.0)
+    assert budget.spent_tokens == 30 and "30 of 100 tokens" in budget.describe()
+    money = Budget(usd=0.01)
+    assert money.try_reserve(10, 0.006) and not money.try_reserve(10, 0.006)
+    with pytest.raises(ValueError):
+        Budget(tokens=0)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "usd"])
+def test_budget_exhaustion_stops_sending_and_keeps_every_row(tmp_path: Path, kind: str) -> None:
+    n = 12
+    reqs = make_requests(n)
+    with FakeOpenAIServer() as srv:
+        prices = {"price_per_mtok_in": 1.0, "price_per_mtok_out": 2.0}
+        # each request reserves ~16 prompt + 64 output tokens and really costs ~16 + ~25
+        limit = {"budget_tokens": 300} if kind == "tokens" else {"budget_usd": 300 * 2.0 / 1e6}
+        cfg = role(srv.base_url, max_concurrency=1, **prices, **limit)
+        client = LLMClient("synthesizer", cfg, srv.base_url, cache=ResponseCache(str(tmp_path / "cache")))
+        results = client.run(reqs, qa_validator)
+        sent = srv.stats()["requests"]
+        assert [r.key for r in results] == [q.key for q in reqs]  # no row lost, none duplicated
+        paid = [r for r in results if r.ok]
+        refused = [r for r in results if not r.ok]
+        assert 0 < len(paid) < n and len(paid) == sent  # it stopped, and only what was sent was paid for
+        assert all(r.error == "budget_exhausted" and "not sent" in r.detail for r in refused)
+        assert [r.ok for r in results] == [True] * len(paid) + [False] * len(refused)  # one at a time: a clean cut
+        st = client.stats
+        assert st.budget_exhausted and st.failures_by_reason == {"budget_exhausted": len(refused)}
+        assert st.to_metadata()["budget_exhausted"] is True
+        assert client.budget is not None
+        if kind == "tokens":
+            assert st.tokens_in + st.tokens_out == client.budget.spent_tokens <= 300
+        else:
+            assert st.cost_usd == pytest.approx(client.budget.spent_usd) and st.cost_usd <= 300 * 2.0 / 1e6
+        # a re-run with a larger budget re-uses what was paid for (the cache) and pays only for the rest
+        bigger = role(srv.base_url, max_concurrency=1, **prices, budget_tokens=10_000)
+        again = LLMClient("synthesizer", bigger, srv.base_url, cache=ResponseCache(str(tmp_path / "cache")))
+        second = again.run(reqs, qa_validator)
+        assert all(r.ok for r in second) and again.stats.cache_hits == len(paid)
+        assert srv.stats()["requests"] == n and not again.stats.budget_exhausted
+
+
+def test_a_shared_budget_stops_every_client_using_it() -> None:
+    with FakeOpenAIServer() as srv:
+        budget = Budget(tokens=250)
+        a = LLMClient("annotator", role(srv.base_url, max_concurrency=1), srv.base_url, budget=budget)
+        b = LLMClient("synthesizer", role(srv.base_url, max_concurrency=1), srv.base_url, budget=budget)
+        ra = a.run(make_requests(4, "a"), qa_validator)
+        rb = b.run(make_requests(4, "b"), qa_validator)
+        assert sum(r.ok for r in ra + rb) == srv.stats()["requests"] < 8
+        assert budget.exhausted and b.stats.budget_exhausted
+        assert budget.spent_tokens <= 250
+        assert json.dumps(b.stats.to_metadata())  # still plain JSON
