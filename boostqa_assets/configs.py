@@ -234,6 +234,9 @@ class RoleConfig(_Strict):
     extra_body: dict[str, Any] = Field(default_factory=dict)
     price_per_mtok_in: float = Field(0.0, ge=0)
     price_per_mtok_out: float = Field(0.0, ge=0)
+    batch: bool = Field(False, description="send through the provider's Batch API (/v1/files, /v1/batches)")
+    batch_poll_s: float = Field(30.0, gt=0, description="how often to poll a submitted batch")
+    batch_price_factor: float = Field(0.5, gt=0, le=1, description="batch price relative to the sync price")
 
     @property
     def is_embedded(self) -> bool:
@@ -273,6 +276,8 @@ class LLMConfig(_Strict):
         """
         env = dict(os.environ) if env is None else env
         overridable = (
+            "batch",
+            "batch_poll_s",
             "base_url",
             "model",
             "api",

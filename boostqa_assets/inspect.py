@@ -35,9 +35,20 @@ VIEW_SCHEMAS: dict[str, pl.Schema] = {
     "qa_mixture": MIXTURE_SCHEMA,
     "rejects": REJECT_SCHEMA,
     # Cache entries are JSON files (see llm/cache.py); `request` is JSON in the view, text when empty.
-    "llm_cache": pl.Schema({"request_hash": pl.Utf8, "role": pl.Utf8, "model": pl.Utf8, "request": pl.Utf8,
-                            "content": pl.Utf8, "reasoning": pl.Utf8, "finish_reason": pl.Utf8,
-                            "tokens_in": pl.Int64, "tokens_out": pl.Int64, "latency_s": pl.Float64}),
+    "llm_cache": pl.Schema(
+        {
+            "request_hash": pl.Utf8,
+            "role": pl.Utf8,
+            "model": pl.Utf8,
+            "request": pl.Utf8,
+            "content": pl.Utf8,
+            "reasoning": pl.Utf8,
+            "finish_reason": pl.Utf8,
+            "tokens_in": pl.Int64,
+            "tokens_out": pl.Int64,
+            "latency_s": pl.Float64,
+        }
+    ),
 }
 
 _DUCK_TYPES: dict[type, str] = {

@@ -88,4 +88,14 @@ class LLMResource(dg.ConfigurableResource):
         cfg = project.llm.roles[role]  # type: ignore[index]
         base_url = self._embedded_url(project) if cfg.is_embedded else cfg.base_url
         replay = get_settings().replay_only if self.replay_only is None else self.replay_only
-        return LLMClient(role, cfg, base_url, cache=self.cache(), replay_only=replay)
+        settings = get_settings()
+        # Limits, pauses and batch ids are shared by every process of this machine through these folders.
+        return LLMClient(
+            role,
+            cfg,
+            base_url,
+            cache=self.cache(),
+            replay_only=replay,
+            limits_dir=settings.home / "limits",
+            batch_state_dir=settings.home / "batches",
+        )

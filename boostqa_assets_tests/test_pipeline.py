@@ -191,3 +191,18 @@ def test_llm_failure_rejects_rows_and_keeps_going(
     assert con.sql("SELECT count(*) FROM annotated_seeds").fetchall()[0][0] == 0
     rows = con.sql("SELECT reason, raw_output FROM rejects WHERE stage = 'annotated_seeds'").fetchall()
     assert len(rows) == 9 and {r for r, _ in rows} == {"invalid_json"} and all(raw for _, raw in rows)
+
+
+def test_pipeline_through_the_batch_api(
+    project_env: dict[str, str], fake_llm: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batch: true` sends each stage's requests as one Batch API job; rows and rejects are the same."""
+    monkeypatch.setenv("BOOSTQA_LLM_BATCH", "true")
+    monkeypatch.setenv("BOOSTQA_LLM_BATCH_POLL_S", "0.05")
+    results = run_pipeline(build_definitions(), dg.DagsterInstance.ephemeral())
+    assert all(r.success for r in results), [(r.asset, r.success) for r in results]
+    stats = fake_llm.stats()
+    assert stats["batches_created"] >= 4  # annotation (per source), synthesis, refinement
+    con = connect(_store())
+    assert con.sql("SELECT count(*) FROM qa_mixture").fetchall()[0][0] == 29
+    assert con.sql("SELECT count(*) FROM rejects WHERE stage = 'refined_qa'").fetchall()[0][0] == 5

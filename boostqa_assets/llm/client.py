@@ -195,6 +195,7 @@ class LLMClient:
         limiter: EndpointLimiter | None = None,
         limits_dir: str | os.PathLike[str] | None = None,
         budget: Budget | None = None,
+        batch_state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.role = role
         self.cfg = cfg
@@ -227,6 +228,11 @@ class LLMClient:
         if budget is None and (cfg.budget_tokens is not None or cfg.budget_usd is not None):
             budget = Budget(cfg.budget_tokens, cfg.budget_usd)
         self.budget = budget
+        # Batch mode (cfg.batch) keeps submitted batch ids here so a restarted run resumes polling.
+        self.batch_state_dir = Path(batch_state_dir) if batch_state_dir is not None else None
+        self._in_batch = False
+        if cfg.batch:
+            self.stats.price_factor = cfg.batch_price_factor
         if budget is not None and budget.usd is not None and not (cfg.price_per_mtok_in or cfg.price_per_mtok_out):
             logger.warning(
                 "role %s: budget_usd is set but price_per_mtok_in/out are 0, so requests cost nothing and the "
@@ -653,6 +659,16 @@ class LLMClient:
         """Run every request (concurrently, up to the cap) and return results in request order."""
         if not requests:
             return []
+        if self.cfg.batch and self.batch_state_dir is not None and not self._in_batch:
+            from boostqa_assets.llm.batch import BatchRunner
+
+            self._in_batch = True  # the runner calls run() again for replies that need a re-ask
+            try:
+                return BatchRunner().run(
+                    self, list(requests), validator, self.batch_state_dir, poll_s=self.cfg.batch_poll_s
+                )
+            finally:
+                self._in_batch = False
         try:
             return asyncio.run(self._run_all(requests, validator, progress))
         finally:

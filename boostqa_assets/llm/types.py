@@ -105,9 +105,12 @@ class LLMStats:
     limiter_wait_s: float = 0.0  # time requests waited for a concurrency slot, a pause or room under a rate
     pauses: int = 0  # endpoint pauses this client set after a 429 or exhausted rate-limit headers
 
+    price_factor: float = 1.0  # 0.5 when the role runs through a half-price Batch API
+
     @property
     def cost_usd(self) -> float:
-        return (self.tokens_in * self.price_per_mtok_in + self.tokens_out * self.price_per_mtok_out) / 1e6
+        sync = (self.tokens_in * self.price_per_mtok_in + self.tokens_out * self.price_per_mtok_out) / 1e6
+        return sync * self.price_factor
 
     def to_metadata(self) -> dict[str, Any]:
         """Flat, JSON-friendly figures for Dagster materialization metadata."""
