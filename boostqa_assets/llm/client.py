@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -231,6 +232,7 @@ class LLMClient:
         # Batch mode (cfg.batch) keeps submitted batch ids here so a restarted run resumes polling.
         self.batch_state_dir = Path(batch_state_dir) if batch_state_dir is not None else None
         self._in_batch = False
+        self._inflight: dict[str, asyncio.Future[_Reply]] = {}
         if cfg.batch:
             self.stats.price_factor = cfg.batch_price_factor
         if budget is not None and budget.usd is not None and not (cfg.price_per_mtok_in or cfg.price_per_mtok_out):
@@ -418,6 +420,26 @@ class LLMClient:
         return payload, latency
 
     async def _send(self, pool: _Pool, body: dict[str, Any], data: bytes, rhash: str, prompt_tokens: int) -> _Reply:
+        """Send one request, unless the same request is already in flight: then wait for its reply.
+
+        Rows whose prompts come out identical (the same seed text at the same grade, say) share one paid
+        reply instead of racing each other past the cache.
+        """
+        running = self._inflight.get(rhash)
+        if running is not None:
+            reply = await asyncio.shield(running)
+            self.stats.cache_hits += 1
+            return dataclasses.replace(reply, cached=True)
+        task = asyncio.ensure_future(self._send_uncoalesced(pool, body, data, rhash, prompt_tokens))
+        self._inflight[rhash] = task
+        try:
+            return await task
+        finally:
+            self._inflight.pop(rhash, None)
+
+    async def _send_uncoalesced(
+        self, pool: _Pool, body: dict[str, Any], data: bytes, rhash: str, prompt_tokens: int
+    ) -> _Reply:
         if self.cache is not None:
             hit = self.cache.get(rhash)
             if hit is not None:

@@ -949,3 +949,13 @@ def test_the_client_builds_its_limiter_from_the_role(serve: Serve, tmp_path: Pat
     assert limiter.slots_held == 0  # every slot went back; run() also closed the handles it opened
     only_dir = LLMClient("synthesizer", role(), srv.base_url, limits_dir=tmp_path)  # a directory alone: cap + pause
     assert only_dir.limiter is not None and not only_dir.limiter.has_rates
+
+
+def test_identical_requests_in_flight_are_sent_once(serve: Callable[..., FakeOpenAIServer]) -> None:
+    srv = serve(FaultConfig(latency_s=0.2))
+    same = [LLMRequest(f"row-{i}", "qa", "v1", "the same prompt", schema=QA_SCHEMA) for i in range(10)]
+    client = client_for(srv, max_concurrency=4)
+    results = client.run(same, qa_validator)
+    assert [r.key for r in results] == [q.key for q in same] and all(r.ok for r in results)
+    assert srv.stats()["requests"] == 1
+    assert client.stats.cache_hits == 9 and client.stats.tokens_in == results[0].tokens_in
