@@ -71,15 +71,7 @@ class BatchRunner:
         for h in dict.fromkeys(hashes):
             hit = cache.get(h)
             if hit is not None:
-                replies[h] = _Reply(
-                    hit["content"],
-                    hit.get("reasoning", ""),
-                    hit.get("finish_reason"),
-                    hit.get("tokens_in", 0),
-                    hit.get("tokens_out", 0),
-                    0.0,
-                    True,
-                )
+                replies[h] = _Reply.from_cache(hit)
         pending = {h: b for h, b in zip(hashes, bodies, strict=True) if h not in replies}
         key = hashlib.sha256("\n".join(sorted(set(hashes))).encode()).hexdigest()
         state_path = Path(state_dir) / f"{key}.json"

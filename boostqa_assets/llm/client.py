@@ -111,6 +111,19 @@ class _Reply:
     latency_s: float
     cached: bool
 
+    @classmethod
+    def from_cache(cls, entry: dict[str, Any]) -> _Reply:
+        """A reply read back from a response-cache entry (see ``ResponseCache``)."""
+        return cls(
+            entry["content"],
+            entry.get("reasoning", ""),
+            entry.get("finish_reason"),
+            entry.get("tokens_in", 0),
+            entry.get("tokens_out", 0),
+            0.0,
+            True,
+        )
+
 
 def _retry_after_seconds(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after")
@@ -444,15 +457,7 @@ class LLMClient:
             hit = self.cache.get(rhash)
             if hit is not None:
                 self.stats.cache_hits += 1
-                return _Reply(
-                    hit["content"],
-                    hit.get("reasoning", ""),
-                    hit.get("finish_reason"),
-                    hit.get("tokens_in", 0),
-                    hit.get("tokens_out", 0),
-                    0.0,
-                    True,
-                )
+                return _Reply.from_cache(hit)
         if self.replay_only:
             raise ReplayMissError(f"role {self.role!r}: replay-only mode and request {rhash[:16]} is not cached")
 
