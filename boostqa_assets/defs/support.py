@@ -15,13 +15,23 @@ from boostqa_assets.llm.types import LLMStats
 
 
 def progress_logger(log: Any, label: str, every_s: float = 10.0) -> ProgressFn:
-    """Log counts and rates every ``every_s`` seconds and at the end of an LLM batch."""
+    """Log counts and rates every ``every_s`` seconds and at the end of an LLM batch; in a terminal (the
+    ``boostqa demo`` CLI) also draw a progress bar on stderr (tqdm turns itself off when stderr is not a TTY)."""
+    from tqdm import tqdm
+
     started = time.monotonic()
     last = [started]
+    bar: list[Any] = []
 
     def report(done: int, total: int, stats: LLMStats) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc=label, unit="req", disable=None, leave=False))
+        bar[0].update(done - bar[0].n)
+        bar[0].set_postfix(cache_hits=stats.cache_hits, failed=stats.failed, refresh=False)
         now = time.monotonic()
-        if done != total and now - last[0] < every_s:
+        if done == total:
+            bar[0].close()
+        elif now - last[0] < every_s:
             return
         last[0] = now
         rate = done / max(now - started, 1e-9)
