@@ -5,6 +5,7 @@
 - ``boostqa duckdb``: a DuckDB shell with one view per asset and the reports (coverage, rejects, lineage).
 - ``boostqa sql "SELECT ..."``: run one query over the same views and print the result.
 - ``boostqa check-config``: validate the configuration files and print a summary.
+- ``boostqa lineage ID``: a row's seed and each LLM step (model, prompt version, request hash, raw output).
 """
 
 from __future__ import annotations
@@ -100,6 +101,51 @@ def cmd_sql(args: argparse.Namespace) -> int:
     rel = con.sql(args.query)
     if rel is not None:
         _print(str(rel.pl()) if args.polars else str(rel))
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Everything that made one row: its seed, then each LLM step with model, prompt version, request hash and
+    the raw reply (from the request cache). Accepts a `qa_id`, a mixture `doc_id` or a `seed_id`."""
+    from boostqa_assets.inspect import connect
+
+    con = connect(_store())
+    key = args.id
+    qa_ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT qa_id FROM refined_qa WHERE qa_id = $1 OR seed_id = $1 "
+            "UNION SELECT qa_id FROM qa_mixture WHERE doc_id = $1 ORDER BY 1",
+            [key],
+        ).fetchall()
+    ]
+    if not qa_ids:
+        sys.stderr.write(
+            f"no kept QA row, mixture document or seed with id {key!r} (rejects: "
+            f"boostqa sql \"SELECT * FROM rejects WHERE qa_id = '{key}' OR seed_id = '{key}'\")\n"
+        )
+        return 1
+    for qa_id in qa_ids:
+        row = con.execute("SELECT * FROM lineage_qa WHERE qa_id = $1", [qa_id]).fetchall()
+        cols = [d[0] for d in con.description]
+        info = dict(zip(cols, row[0], strict=True))
+        _print(f"== {qa_id}  ({info['discipline']}, grade {info['grade']}, track {info['track']})")
+        docs = con.execute("SELECT doc_id, recipe FROM qa_mixture WHERE qa_id = $1", [qa_id]).fetchall()
+        _print("mixture: " + (", ".join(f"{d} in {r}" for d, r in docs) or "not sampled into any recipe"))
+        _print(f"seed {info['seed_id']} from {info['source']} ({info['seed_kind']}, native id {info['native_id']}):")
+        _print("  " + (info["seed_content"] or "")[:500].replace("\n", "\n  "))
+        steps = con.execute(
+            "SELECT step, model, prompt_id, prompt_version, request_hash, raw_output, raw_reasoning "
+            "FROM lineage_steps WHERE qa_id = $1 ORDER BY step_no",
+            [qa_id],
+        ).fetchall()
+        for step, model, pid, version, rhash, raw, reasoning in steps:
+            _print(f"{step}: model {model}, prompt {pid}/{version}, request {rhash}")
+            if reasoning:
+                _print("  reasoning: " + reasoning[:300].replace("\n", " "))
+            _print("  raw output: " + ((raw or "<not in the cache>")[:500]).replace("\n", "\n  "))
+        _print(f"question: {info['question']}")
+        _print(f"refined answer: {info['refined_answer']}")
     return 0
 
 
@@ -202,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument("--polars", action="store_true", help="print as a polars frame (all rows)")
     sql.set_defaults(fn=cmd_sql)
     sub.add_parser("check-config", help="validate the configuration files").set_defaults(fn=cmd_check_config)
+    lineage = sub.add_parser("lineage", help="print a row's seed and every LLM call that shaped it")
+    lineage.add_argument("id", help="a qa_id, a mixture doc_id or a seed_id")
+    lineage.set_defaults(fn=cmd_lineage)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

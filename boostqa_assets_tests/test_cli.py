@@ -45,3 +45,24 @@ def test_sql_and_duckdb_shell_read_the_views(project_env: dict[str, str]) -> Non
     )
     assert shell.returncode == 0, shell.stderr
     assert "n\n9\n" in shell.stdout and "n\n4\n" in shell.stdout  # 9 seeds; 4 seed rejects
+
+
+def test_lineage_prints_seed_and_every_llm_call(project_env: dict[str, str]) -> None:
+    from boostqa_assets.inspect import connect
+    from boostqa_assets.runner import run_pipeline
+    from boostqa_assets.settings import get_settings
+    from boostqa_assets.storage import Store
+
+    assert all(r.success for r in run_pipeline(build_definitions(), dg.DagsterInstance.ephemeral()))
+    con = connect(Store(get_settings().data_root))
+    doc_id, qa_id, seed_id, synth_hash = con.sql(
+        "SELECT doc_id, qa_id, seed_id, synth_request_hash FROM lineage ORDER BY doc_id LIMIT 1"
+    ).fetchall()[0]
+    res = _run(["lineage", doc_id], project_env)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert f"== {qa_id}" in out and f"seed {seed_id}" in out and synth_hash in out
+    assert all(step in out for step in ("annotate: model fake-model", "synthesize:", "refine:"))
+    assert out.count("raw output:") == 3 and "<not in the cache>" not in out
+    missing = _run(["lineage", "q_does_not_exist"], project_env)
+    assert missing.returncode == 1 and "rejects" in missing.stderr
