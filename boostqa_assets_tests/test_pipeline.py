@@ -95,6 +95,9 @@ def test_full_pipeline_in_process(project_env: dict[str, str], fake_llm: FakeOpe
     assert manifest["rows"] == 29 and manifest["tokens_total"] == sum(manifest["tokens_by_track"].values())
     assert (folder / "part-00000.jsonl").read_text().count("\n") == 29
     assert manifest["recipe_hash"] and manifest["sampling_seed"] == 17
+    card = (folder / "DATASET_CARD.md").read_text()
+    assert "| physics_qa | unknown | 5 |" in card and "| code_problems | MIT | 2 |" in card
+    assert "| refined_qa | refusal | 5 |" in card and "| seeds | duplicate | 1 |" in card
 
     # Coverage report: one row per populated discipline x grade cell.
     cov = con.sql("SELECT * FROM coverage").pl()

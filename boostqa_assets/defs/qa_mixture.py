@@ -7,9 +7,10 @@ import polars as pl
 
 from boostqa_assets import checks
 from boostqa_assets.defs.support import md_table, report_partition_checks
+from boostqa_assets.logic.card import dataset_card
 from boostqa_assets.logic.mixture import build_mixture, shard_files
 from boostqa_assets.partitions import Partitions
-from boostqa_assets.records import MIXTURE_SCHEMA, REFINED_SCHEMA, SEED_SCHEMA
+from boostqa_assets.records import MIXTURE_SCHEMA, REFINED_SCHEMA, REJECT_SCHEMA, SEED_SCHEMA
 from boostqa_assets.resources import StoreResource, project_config
 
 
@@ -39,23 +40,28 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         Seeded weighted sampling without replacement (weights per category, grade and track) fills the
         recipe's token budget, counted with tiktoken. Written as Parquet and JSONL shards plus
         `manifest.json` (token totals by discipline, grade, track and source; the recipe and its hash; the
-        sampling seed), replacing the recipe's folder as a whole.
+        sampling seed) and `DATASET_CARD.md` (sources and licences, tokens, what every filter removed),
+        replacing the recipe's folder as a whole.
         """
         project = project_config()
         st = store.get()
         refined = st.read_asset("refined_qa", REFINED_SCHEMA)
+        seeds = st.read_asset("seeds", SEED_SCHEMA)
+        rejects = st.read_asset("rejects", REJECT_SCHEMA)  # every stage's rejects
         results = {}
         for key in context.partition_keys:
             recipe = project.recipes.get(key)
             docs, manifest = build_mixture(refined, recipe)
             files = shard_files(docs, manifest)
+            card = dataset_card(manifest, seeds, rejects, refined.height)
+            files["DATASET_CARD.md"] = card.encode("utf-8")
             target = st.write_directory("qa_mixture", {"recipe": key}, files)
-            results[key] = (docs, manifest, target)
+            results[key] = (docs, manifest, target, card)
             context.log.info(
                 f"qa_mixture[{key}]: {docs.height} docs, {manifest['tokens_total']} tokens "
                 f"({manifest['budget_filled']:.0%} of the budget) from {refined.height} kept QA"
             )
-        docs, manifest, target = results[context.partition_keys[-1]]
+        docs, manifest, target, card = results[context.partition_keys[-1]]
         return dg.MaterializeResult(
             metadata={
                 "rows": docs.height,
@@ -66,6 +72,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "recipe_hash": manifest["recipe_hash"],
                 "sampling_seed": manifest["sampling_seed"],
                 "path": target,
+                "dataset_card": dg.MetadataValue.md(card),
                 "coverage_tokens": _coverage_table(docs, project.taxonomy.grades),
                 "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),
                 "tokens_by_source": dg.MetadataValue.json(manifest["tokens_by_source"]),
