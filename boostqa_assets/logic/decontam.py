@@ -49,13 +49,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
 
-from boostqa_assets.configs import SourceConfig
+from boostqa_assets.configs import BenchmarkRef, SourceConfig
 from boostqa_assets.logic.sources import _MISSING, _READ_ERRORS, SourceError, _items, _lookup, _open, resolve_path
 from boostqa_assets.records import REJECT_SCHEMA, frame, to_json
 
@@ -71,20 +70,6 @@ _SHORT_SALT = 0xD6E8FEB86659FD93
 
 class BenchmarkError(SourceError):
     """A benchmark file is missing, unreadable or does not have the configured columns."""
-
-
-class BenchmarkRef(BaseModel):
-    """One benchmark to decontaminate against."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1, description="reported in rejects, e.g. 'mmlu'")
-    path: str = Field(min_length=1, description="local (relative to config_dir), s3://, https:// or pkg://<pkg>/<file>")
-    format: Literal["jsonl", "json", "parquet", "csv"] | None = None
-    text_fields: list[str] = Field(min_length=1, description="columns (dotted paths in JSON) whose text is an item")
-    id_field: str | None = Field(None, description="item id column; default the 1-based record number")
-    skip_if: dict[str, str] = Field(default_factory=dict, description="skip a record when any column equals this")
-    json_records: str = Field("list", description="JSON layout, as for sources: list, dict_values, jsonl or a key")
 
 
 DEFAULT_BENCHMARKS: list[BenchmarkRef] = [
