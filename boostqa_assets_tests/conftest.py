@@ -39,6 +39,12 @@ KEYWORDS = [
 ]
 
 
+GRADE_WORDS = [
+    ("young child", "primary"),
+    ("worked example", "middle"),
+    ("university", "undergraduate"),
+    ("research level", "graduate"),
+]
 LEVEL_LEADS = {
     "primary": "Using simple everyday words a young child knows, explain",
     "middle": "With one worked example and every basic term defined, show",
@@ -47,8 +53,8 @@ LEVEL_LEADS = {
     "graduate": "At research level, with proofs and a multi-part critical analysis, evaluate",
 }
 HARDER = {
-    "undergraduate": "Combine two advanced techniques in a long multi-step argument to generalise",
-    "graduate": "Construct a counterexample or a full proof, discussing edge cases, that extends",
+    "undergraduate": "Combine two advanced university techniques in a long multi-step argument to generalise",
+    "graduate": "At research level, construct a counterexample or a full proof, with edge cases, that extends",
 }
 
 
@@ -69,8 +75,11 @@ def pipeline_responder(body: dict[str, Any]) -> ResponderReply:
         discipline = next((d for k, d in KEYWORDS if k in item), "general_knowledge")
         if "unlabellable" in item:
             discipline = "astrology"
-        difficulty = "hard" if ("prove" in item or "derive" in item) else "medium"
-        return ResponderReply(json.dumps({"discipline": discipline, "grade": "high", "difficulty": difficulty}))
+        hard_words = ("prove", "derive", "proof", "counterexample", "multi-step")
+        difficulty = "hard" if any(w in item for w in hard_words) else "medium"
+        # Re-annotating a synthesized question reads its level from the wording (grade fidelity checks).
+        grade = next((g for k, g in GRADE_WORDS if k in item), "high")
+        return ResponderReply(json.dumps({"discipline": discipline, "grade": grade, "difficulty": difficulty}))
     if "exam question" in text or "harder variant" in text:
         seed = _last(r"\nSeed: (.*)", text)
         level = _last(r"\nLevel: (\w+)", text)

@@ -103,6 +103,15 @@ def test_full_pipeline_in_process(project_env: dict[str, str], fake_llm: FakeOpe
     cov = con.sql("SELECT * FROM coverage").pl()
     assert cov.filter(pl.col("discipline") == "physics")["refined_rows"].sum() == 17
 
+    # Grade fidelity: every high-difficulty row and a sample of multi-grade rows were re-annotated.
+    synth_meta = next(r for r in results if r.asset == "synthesized_qa").metadata
+    assert synth_meta["grade_fidelity_rate"] == 1.0 and synth_meta["difficulty_degraded"] == 0
+    assert synth_meta["grade_fidelity_sampled"] >= 2
+    unchecked_hd = con.sql(
+        "SELECT count(*) FROM synthesized_qa WHERE track = 'high_difficulty' AND check_grade IS NULL"
+    ).fetchall()[0][0]
+    assert unchecked_hd == 0
+
     # Materialization metadata carries LLM accounting.
     synth = next(r for r in results if r.asset == "synthesized_qa")
     assert synth.metadata["llm_requests"] == 34 and synth.metadata["tokens_in"] > 0
