@@ -875,7 +875,7 @@ def test_refusing_endpoint_stops_the_run_without_leaking_the_key(
     started = time.monotonic()
     with pytest.raises(LLMEndpointError) as err:
         client.run(make_requests(10), qa_validator)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # it stops at once; slack for a loaded machine
     assert f"HTTP {status}" in str(err.value) and KEY_ENV in str(err.value)
     assert api_key not in str(err.value)
     assert srv.stats()["requests"] <= client.cfg.max_concurrency * 2  # it stopped, it did not try every row
