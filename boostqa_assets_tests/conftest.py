@@ -94,6 +94,8 @@ def pipeline_responder(body: dict[str, Any]) -> ResponderReply:
         draft = _last(r"\nDraft answer: (.*)", text)
         if "REFUSE" in draft:
             return ResponderReply(json.dumps({"answer": "I'm sorry, I cannot help with that request."}))
+        if "TRUNCATE" in draft:  # a reply that hit max_tokens
+            return ResponderReply(json.dumps({"answer": "The answer begins with"}), finish_reason="length")
         return ResponderReply(json.dumps({"answer": "Refined: " + draft}))
     return ResponderReply("unrecognised prompt")
 
