@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from boostqa_assets import checks
+from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
     counts_by,
     endpoint_pool,
@@ -76,7 +76,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset_check(asset=annotated_seeds, partitions_def=parts.source_partitions, blocking=True)
     def annotated_seeds_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
         """Per source partition: the annotated schema, unique `seed_id`, no null labels, every label inside
-        the taxonomy, and every request hash recorded (lineage)."""
+        the taxonomy, and every request hash recorded (lineage); plus the Great Expectations suite of
+        `expectations.py` (numbers as `gx_*` metadata)."""
         st = store.get()
         tax = project_config().taxonomy
 
@@ -104,7 +105,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             )
             if outcome.passed and df.height:
                 outcome.metadata["rows_by_grade"] = str(counts_by(df, "grade"))
-            return outcome
+            return checks.CheckOutcome.all_of(outcome, expectations.validate("annotated_seeds", df, tax))
 
         return report_partition_checks(context, "annotated_seeds", "annotated_seeds_valid", evaluate)
 

@@ -5,7 +5,7 @@ import json
 import dagster as dg
 import polars as pl
 
-from boostqa_assets import checks
+from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import md_table, report_partition_checks
 from boostqa_assets.logic import gates
 from boostqa_assets.logic.card import dataset_card
@@ -98,7 +98,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     def qa_mixture_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
         """Per recipe (blocking): the mixture schema, unique `qa_id` and `doc_id`, no empty text, at least one
         document, tokens within the budget, the manifest's totals equal to the shards', and every row's
-        `seed_id` joining back to `seeds` (lineage)."""
+        `seed_id` joining back to `seeds` (lineage); plus the Great Expectations suite of `expectations.py`
+        (`n_tokens >= 1`, labels in the taxonomy, unique `doc_id`; `gx_*` metadata)."""
         st = store.get()
         project = project_config()
         seed_ids = st.read_asset("seeds", SEED_SCHEMA)["seed_id"]
@@ -115,15 +116,16 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 unique_on="qa_id",
                 require_rows=True,
             )
+            suite = expectations.validate("qa_mixture", df, project.taxonomy)
             if not outcome.passed:
-                return outcome
+                return checks.CheckOutcome.all_of(outcome, suite)
             tokens = int(df["n_tokens"].sum())
             budget = project.recipes.get(key).token_budget
             within = checks.CheckOutcome(
                 tokens <= budget and tokens == manifest["tokens_total"],
                 {"tokens": tokens, "budget": budget, "manifest_tokens": manifest["tokens_total"]},
             )
-            return checks.CheckOutcome.all_of(outcome, within, checks.joins_back(df, "seed_id", seed_ids))
+            return checks.CheckOutcome.all_of(outcome, within, checks.joins_back(df, "seed_id", seed_ids), suite)
 
         return report_partition_checks(context, "qa_mixture", "qa_mixture_valid", evaluate)
 

@@ -3,7 +3,7 @@
 import dagster as dg
 import polars as pl
 
-from boostqa_assets import checks
+from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
     counts_by,
     endpoint_pool,
@@ -87,7 +87,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     def refined_qa_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
         """Per partition (blocking: bad rows must not reach the mixture): the refined schema, unique `qa_id`,
         no null or empty question or refined answer, `status = kept`, and no kept row carrying a flag that
-        the configuration says must reject."""
+        the configuration says must reject; plus the Great Expectations suite of `expectations.py` (nulls,
+        label sets, unique `qa_id`, question/answer lengths; `gx_*` metadata)."""
         st = store.get()
         reject_flags = project_config().pipeline.refinement.reject_flags
         return report_partition_checks(
@@ -98,7 +99,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
 
 
 def evaluate_partition(st: Store, key: str, reject_flags: list[str]) -> checks.CheckOutcome:
-    """The `refined_qa_valid` rule for one partition (pure: a store and a key in, numbers out)."""
+    """The `refined_qa_valid` rules and expectation suite for one partition (a store and a key in, numbers out)."""
     discipline, grade = qa_key_parts(key)
     df = st.read_partition("refined_qa", {"discipline": discipline, "grade": grade})
     outcome = checks.table_checks(
@@ -113,4 +114,4 @@ def evaluate_partition(st: Store, key: str, reject_flags: list[str]) -> checks.C
         flagged = df.filter(pl.col("flags").list.eval(pl.element().is_in(reject_flags)).list.any()).height
         outcome.metadata["kept_rows_with_reject_flags"] = flagged
         outcome.passed = flagged == 0
-    return outcome
+    return checks.CheckOutcome.all_of(outcome, expectations.validate("refined_qa", df, project_config().taxonomy))

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from boostqa_assets import checks
+from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import counts_by, md_table, report_partition_checks
 from boostqa_assets.logic.sources import read_source
 from boostqa_assets.partitions import Partitions
@@ -63,12 +63,14 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset_check(asset=seeds, partitions_def=parts.source_partitions, blocking=True)
     def seeds_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
         """Per source partition: the seed schema, unique `seed_id`, no null ids or kinds, and at least one
-        seed (an empty source is a configuration or data problem, so this blocks annotation)."""
+        seed (an empty source is a configuration or data problem, so this blocks annotation); plus the
+        Great Expectations suite of `expectations.py` (numbers as `gx_*` metadata)."""
         st = store.get()
+        tax = project_config().taxonomy
 
         def evaluate(key: str) -> checks.CheckOutcome:
             df = st.read_partition("seeds", {"source": key})
-            return checks.table_checks(
+            rules = checks.table_checks(
                 df,
                 SEED_SCHEMA,
                 not_null=["seed_id", "source", "kind", "language"],
@@ -76,6 +78,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 equals={"source": key},
                 require_rows=True,
             )
+            return checks.CheckOutcome.all_of(rules, expectations.validate("seeds", df, tax))
 
         return report_partition_checks(context, "seeds", "seeds_valid", evaluate)
 

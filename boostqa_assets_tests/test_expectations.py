@@ -1,0 +1,245 @@
+"""The Great Expectations suites of ``boostqa_assets/expectations.py``: each passes on good rows and fails, with
+the right numbers in its metadata, on planted bad rows."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import polars as pl
+import pytest
+
+from boostqa_assets import expectations
+from boostqa_assets.configs import TaxonomyConfig, load_config
+from boostqa_assets.records import (
+    ANNOTATED_SCHEMA,
+    MIXTURE_SCHEMA,
+    REFINED_SCHEMA,
+    SEED_SCHEMA,
+    SYNTHESIZED_SCHEMA,
+    frame,
+)
+from boostqa_assets.settings import DEFAULT_CONFIG_DIR
+
+
+@pytest.fixture(scope="module")
+def tax() -> TaxonomyConfig:
+    t = load_config("taxonomy.yaml", DEFAULT_CONFIG_DIR)
+    assert isinstance(t, TaxonomyConfig)
+    return t
+
+
+def _seed(i: int) -> dict[str, Any]:
+    return {
+        "seed_id": f"s_{i:06d}",
+        "source": "physics_qa",
+        "native_id": str(i),
+        "kind": "qa",
+        "language": "en",
+        "question": f"What is the net force on body {i}?",
+        "answer": "Mass times acceleration.",
+        "text": None,
+        "title": None,
+        "url": None,
+        "license": "MIT",
+        "meta": "{}",
+    }
+
+
+def _labels(tax: TaxonomyConfig) -> dict[str, str]:
+    d = tax.discipline_names[0]
+    return {"discipline": d, "category": tax.category_of(d), "grade": tax.grades[0], "difficulty": tax.difficulties[0]}
+
+
+def _annotated(i: int, tax: TaxonomyConfig) -> dict[str, Any]:
+    return (
+        _seed(i)
+        | _labels(tax)
+        | {
+            "annotation_status": "ok",
+            "annotate_model": "m",
+            "annotate_prompt_id": "annotate",
+            "annotate_prompt_version": "1",
+            "annotate_request_hash": "a" * 64,
+        }
+    )
+
+
+def _synth(i: int, tax: TaxonomyConfig) -> dict[str, Any]:
+    return _labels(tax) | {
+        "qa_id": f"q_{i:06d}",
+        "seed_id": f"s_{i:06d}",
+        "source": "physics_qa",
+        "seed_grade": tax.grades[0],
+        "seed_difficulty": tax.difficulties[0],
+        "track": "multi_grade",
+        "language": "en",
+        "question": f"Explain why a ball of mass {i} kg falls.",
+        "answer": "Gravity pulls it down with force m g.",
+        "reasoning": "think",
+        "annotate_request_hash": "a" * 64,
+        "synth_model": "m",
+        "synth_prompt_id": "synth",
+        "synth_prompt_version": "1",
+        "synth_request_hash": "b" * 64,
+    }
+
+
+def _refined(i: int, tax: TaxonomyConfig) -> dict[str, Any]:
+    return _synth(i, tax) | {
+        "refined_answer": "Gravity pulls it down with a force of m times g.",
+        "flags": [],
+        "status": "kept",
+        "refine_model": "m",
+        "refine_prompt_id": "refine",
+        "refine_prompt_version": "1",
+        "refine_request_hash": "c" * 64,
+    }
+
+
+def _doc(i: int, tax: TaxonomyConfig) -> dict[str, Any]:
+    lab = _labels(tax)
+    return {
+        "doc_id": f"d_{i:06d}",
+        "recipe": "stem_heavy",
+        "qa_id": f"q_{i:06d}",
+        "seed_id": f"s_{i:06d}",
+        "source": "physics_qa",
+        "discipline": lab["discipline"],
+        "category": lab["category"],
+        "grade": lab["grade"],
+        "track": "multi_grade",
+        "text": f"Question: why does ball {i} fall?\nAnswer: gravity.",
+        "n_tokens": 12,
+        "shard": 0,
+    }
+
+
+GOOD = {
+    "seeds": (lambda i, tax: _seed(i), SEED_SCHEMA),
+    "annotated_seeds": (_annotated, ANNOTATED_SCHEMA),
+    "synthesized_qa": (_synth, SYNTHESIZED_SCHEMA),
+    "refined_qa": (_refined, REFINED_SCHEMA),
+    "qa_mixture": (_doc, MIXTURE_SCHEMA),
+}
+
+
+def _frame(asset: str, tax: TaxonomyConfig, n: int = 20) -> pl.DataFrame:
+    make, schema = GOOD[asset]
+    return frame([make(i, tax) for i in range(n)], schema)
+
+
+@pytest.mark.parametrize("asset", list(GOOD))
+def test_suite_passes_on_good_rows(asset: str, tax: TaxonomyConfig) -> None:
+    outcome = expectations.validate(asset, _frame(asset, tax), tax)
+    assert outcome.passed, outcome.metadata["gx_failed"]
+    meta = outcome.metadata
+    assert meta["rows"] == 20 and meta["gx_failed_expectations"] == 0 and meta["gx_success_percent"] == 100.0
+    assert meta["gx_evaluated_expectations"] > 10
+    numbers = {k: v for k, v in meta.items() if k.endswith("_unexpected")}
+    assert numbers and all(v == 0 for v in numbers.values())
+    assert all(isinstance(v, (str, int, float, bool)) for v in meta.values())
+
+
+@pytest.mark.parametrize("asset", list(GOOD))
+def test_empty_partition_passes(asset: str, tax: TaxonomyConfig) -> None:
+    outcome = expectations.validate(asset, _frame(asset, tax).head(0), tax)
+    assert outcome.passed and outcome.metadata["rows"] == 0
+
+
+def test_refined_suite_counts_planted_bad_rows(tax: TaxonomyConfig) -> None:
+    rows = [_refined(i, tax) for i in range(10)]
+    rows[1]["question"] = None
+    rows[2]["discipline"] = "astrology"
+    rows[3]["qa_id"] = rows[4]["qa_id"]  # one duplicate pair: GX counts both rows
+    rows[5]["refined_answer"] = "x" * 10_000
+    rows[6]["status"] = "dropped"
+    rows[7]["question"] = "Why?"  # 4 chars, under the 8-char minimum
+    outcome = expectations.validate("refined_qa", frame(rows, REFINED_SCHEMA), tax)
+    meta = outcome.metadata
+    assert not outcome.passed
+    assert meta["gx_not_null_question_unexpected"] == 1
+    assert meta["gx_in_set_discipline_unexpected"] == 1
+    assert meta["gx_unique_qa_id_unexpected"] == 2
+    assert meta["gx_length_refined_answer_unexpected"] == 1
+    assert meta["gx_in_set_status_unexpected"] == 1
+    assert meta["gx_length_question_unexpected"] == 1
+    assert meta["gx_not_null_answer_unexpected"] == 0 and meta["gx_in_set_grade_unexpected"] == 0
+    assert meta["gx_failed_expectations"] == 6
+    for name in ("not_null_question", "in_set_discipline", "unique_qa_id", "length_refined_answer"):
+        assert name in meta["gx_failed"]
+    assert meta["refined_answer_len_max"] == 10_000 and meta["refined_answer_len_p95"] == 10_000
+    assert meta["gx_mean_refined_answer"] == meta["refined_answer_len_mean"] > 1000
+    assert meta["question_len_p50"] > 8
+
+
+def test_synthesized_suite_reports_long_drafts_and_flags_labels(tax: TaxonomyConfig) -> None:
+    rows = [_synth(i, tax) for i in range(5)]
+    rows[0]["answer"] = "y" * 10_000
+    rows[1]["track"] = "sideways"
+    rows[2]["seed_grade"] = "kindergarten"
+    outcome = expectations.validate("synthesized_qa", frame(rows, SYNTHESIZED_SCHEMA), tax)
+    meta = outcome.metadata
+    assert not outcome.passed
+    assert "gx_length_answer_unexpected" not in meta  # drafts' lengths are reported, refinement filters them
+    assert meta["gx_in_set_track_unexpected"] == 1
+    assert meta["gx_in_set_seed_grade_unexpected"] == 1
+    assert meta["answer_len_max"] == 10_000
+
+
+def test_mixture_suite_flags_zero_tokens_and_duplicates(tax: TaxonomyConfig) -> None:
+    rows = [_doc(i, tax) for i in range(6)]
+    rows[0]["n_tokens"] = 0
+    rows[1]["doc_id"] = rows[2]["doc_id"]
+    rows[3]["grade"] = "postdoc"
+    outcome = expectations.validate("qa_mixture", frame(rows, MIXTURE_SCHEMA), tax)
+    meta = outcome.metadata
+    assert not outcome.passed
+    assert meta["gx_between_n_tokens_unexpected"] == 1
+    assert meta["gx_between_shard_unexpected"] == 0
+    assert meta["gx_unique_doc_id_unexpected"] == 2 and meta["gx_unique_qa_id_unexpected"] == 0
+    assert meta["gx_in_set_grade_unexpected"] == 1
+
+
+def test_annotated_and_seed_suites_flag_labels_and_nulls(tax: TaxonomyConfig) -> None:
+    rows = [_annotated(i, tax) for i in range(4)]
+    rows[0]["discipline"] = "astrology"
+    rows[1]["difficulty"] = "impossible"
+    rows[2]["annotate_request_hash"] = None
+    meta = expectations.validate("annotated_seeds", frame(rows, ANNOTATED_SCHEMA), tax).metadata
+    assert meta["gx_in_set_discipline_unexpected"] == 1
+    assert meta["gx_in_set_difficulty_unexpected"] == 1
+    assert meta["gx_not_null_annotate_request_hash_unexpected"] == 1
+
+    seeds = [_seed(i) for i in range(4)]
+    seeds[0]["kind"] = "poem"
+    seeds[1]["seed_id"] = seeds[2]["seed_id"]
+    seeds[3]["license"] = None
+    outcome = expectations.validate("seeds", frame(seeds, SEED_SCHEMA), tax)
+    assert not outcome.passed
+    meta = outcome.metadata
+    assert meta["gx_in_set_kind_unexpected"] == 1
+    assert meta["gx_unique_seed_id_unexpected"] == 2
+    assert meta["gx_not_null_license_unexpected"] == 1
+
+
+def test_schema_drift_fails(tax: TaxonomyConfig) -> None:
+    df = _frame("refined_qa", tax).drop("status").with_columns(pl.lit(1).alias("extra"))
+    outcome = expectations.validate("refined_qa", df, tax)
+    assert not outcome.passed
+    assert "columns" in outcome.metadata["gx_failed"]
+    assert outcome.metadata["gx_not_null_status_unexpected"] == -1  # could not run: the column is missing
+
+
+def test_timing_100k_rows(tax: TaxonomyConfig) -> None:
+    """Not asserted: prints how long the refined_qa and mixture suites take on 100k rows."""
+    for asset in ("refined_qa", "qa_mixture"):
+        df = _frame(asset, tax, n=100_000)
+        started = time.perf_counter()
+        outcome = expectations.validate(asset, df, tax)
+        total = time.perf_counter() - started
+        print(
+            f"\n{asset}: 100k rows, {outcome.metadata['gx_evaluated_expectations']} expectations, "
+            f"GX {outcome.metadata['gx_seconds']:.2f} s, validate() {total:.2f} s"
+        )
+        assert outcome.passed
