@@ -1,7 +1,8 @@
 """Benchmark: the gates before the mixture (exact + near dedup, MMLU decontamination) plus the mixture itself
 (tokenize with tiktoken, weighted sampling to a budget) over N generated QA rows.
 
-Each row count runs in a fresh child process, so peak RSS is that scale's own. The rows are synthetic
+Each row count is generated in one child process and written to Parquet; a second, fresh process reads it
+(as the mixture reads `refined_qa`) and is the one measured, so peak RSS is that scale's own. The rows are synthetic
 generated-QA look-alikes: template questions with ~5% planted exact and ~5% planted near duplicates (from
 `dedup_scale.py`), answers cut from the offline Wikipedia summaries with ~0.5% planted MMLU text (from
 `decontam_scale.py`), spread over the taxonomy's disciplines, grades and both tracks.
@@ -20,6 +21,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,11 +86,20 @@ def make_pool(rows: int, seed: int = 7) -> tuple[pl.DataFrame, dict[str, int]]:
     return df, planted
 
 
-def run_child(rows: int) -> None:
-    t0 = time.perf_counter()
+def generate_child(rows: int, path: str) -> None:
+    """Write the pool to Parquet, as `refined_qa` would hold it (kept out of the measured process)."""
     pool, planted = make_pool(rows)
-    t_gen = time.perf_counter() - t0
-    rss_gen = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    pool.write_parquet(path)
+    Path(path + ".planted.json").write_text(json.dumps(planted))
+
+
+def run_child(path: str) -> None:
+    t0 = time.perf_counter()
+    pool = pl.read_parquet(path)
+    planted = json.loads(Path(path + ".planted.json").read_text())
+    rows = pool.height
+    t_read = time.perf_counter() - t0
+    rss_read = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     quality = QualityConfig()
     t1 = time.perf_counter()
     index = gates.build_index(quality, DEFAULT_CONFIG_DIR)
@@ -97,12 +108,10 @@ def run_child(rows: int) -> None:
     kept, _rejects, counts = gates.apply_gates(pool, quality, index, "bench")
     t_gates = time.perf_counter() - t2
     # Budget: half the kept tokens (estimated at 4 characters a token), so the weighted sampling must choose.
-    est_tokens = int(
-        kept.select((pl.col("question").str.len_chars() + pl.col("refined_answer").str.len_chars()).sum()).item() / 4
-    )
+    chars = kept.select((pl.col("question").str.len_chars() + pl.col("refined_answer").str.len_chars()).sum())
     recipe = Recipe(
         name="bench",
-        token_budget=max(1, est_tokens // 2),
+        token_budget=max(1, int(chars.item() / 8)),
         seed=17,
         category_weights={"stem": 3.0},
         track_weights={"high_difficulty": 2.0},
@@ -115,13 +124,13 @@ def run_child(rows: int) -> None:
         json.dumps(
             {
                 "rows": rows,
-                "generate_s": round(t_gen, 1),
+                "read_s": round(t_read, 1),
                 "index_s": round(t_index, 2),
                 "gates_s": round(t_gates, 1),
                 "mixture_s": round(t_mix, 1),
                 "gates_plus_mixture_s": round(t_index + t_gates + t_mix, 1),
                 "peak_rss_mb": round(peak),
-                "rss_after_generate_mb": round(rss_gen),
+                "rss_after_read_mb": round(rss_read),
                 "removed": counts,
                 "planted": planted,
                 "kept": kept.height,
@@ -136,19 +145,26 @@ def run_child(rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="*", default=[100_000, 1_000_000])
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generate:
+        generate_child(int(args.generate[0]), args.generate[1])
+        return
     if args.child:
         run_child(args.child)
         return
     results = []
-    for rows in args.rows:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", str(rows)], capture_output=True, text=True, check=True
-        )
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
-        results.append(json.loads(line))
-        print(line, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows in args.rows:
+            path = str(Path(tmp) / f"pool-{rows}.parquet")
+            subprocess.run([sys.executable, __file__, "--generate", str(rows), path], check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", path], capture_output=True, text=True, check=True
+            )
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
+            results.append(json.loads(line))
+            print(line, flush=True)
     print("\nrows       gates+mixture  (index / gates / mixture)    peak RSS   removed (exact/near/contaminated)")
     for r in results:
         rm = r["removed"]
