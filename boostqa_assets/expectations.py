@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from boostqa_assets.checks import CheckOutcome
+from boostqa_assets.logic.synthesize import QUESTION_MAX_CHARS, QUESTION_MIN_CHARS
 from boostqa_assets.records import (
     ANNOTATED_SCHEMA,
     MIXTURE_SCHEMA,
@@ -41,10 +42,10 @@ if TYPE_CHECKING:
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 # Per-value length bounds (characters) and bounds on the partition's mean length.
-QUESTION_CHARS = (8, 4000)
+QUESTION_CHARS = (QUESTION_MIN_CHARS, QUESTION_MAX_CHARS)  # the synthesis validator enforces the same
 ANSWER_CHARS = (1, 8000)
 MIXTURE_TEXT_CHARS = (1, 16000)
-QUESTION_MEAN_CHARS = (16, 2000)
+QUESTION_MEAN_CHARS = (QUESTION_MIN_CHARS, 2000)
 ANSWER_MEAN_CHARS = (2, 4000)
 
 TRACKS = list(typing.get_args(Track))

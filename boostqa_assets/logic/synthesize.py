@@ -35,10 +35,14 @@ GRADE_HINTS = {
     "graduate": "research level: advanced theory, proofs or multi-part analysis.",
 }
 
+# A question outside these bounds is a bad reply (re-asked, then rejected), never a row for the checks to block.
+QUESTION_MIN_CHARS = 8
+QUESTION_MAX_CHARS = 4000
+
 QA_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "question": {"type": "string", "minLength": 8},
+        "question": {"type": "string", "minLength": QUESTION_MIN_CHARS, "maxLength": QUESTION_MAX_CHARS},
         "answer": {"type": "string", "minLength": 1},
     },
     "required": ["question", "answer"],
@@ -64,7 +68,12 @@ class QAReply(BaseModel):
 def validate_qa(obj: Any) -> QAReply:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    return QAReply.model_validate(obj)
+    reply = QAReply.model_validate(obj)
+    if not QUESTION_MIN_CHARS <= len(reply.question) <= QUESTION_MAX_CHARS:
+        raise ValueError(
+            f"question has {len(reply.question)} characters; expected {QUESTION_MIN_CHARS}..{QUESTION_MAX_CHARS}"
+        )
+    return reply
 
 
 @dataclass(frozen=True)
