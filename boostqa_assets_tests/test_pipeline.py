@@ -177,6 +177,10 @@ def test_blocking_check_fails_on_planted_bad_rows(project_env: dict[str, str]) -
     store.write_partition("refined_qa", {"discipline": "physics", "grade": "high"}, empty_answer)
     outcome = refined_qa_defs.evaluate_partition(store, "physics|high", ["refusal"])
     assert not outcome.passed and "refined_answer" in outcome.metadata["null_or_empty"]
+    # ... and the mixture refuses to read it, even in a later run than the one that wrote it.
+    res = run_stage(defs, "qa_mixture", dg.DagsterInstance.ephemeral())
+    assert not res.success
+    assert not (Path(get_settings().data_root) / "qa_mixture").exists()
 
 
 def test_corrupt_source_fails_the_run_naming_the_file(project_env: dict[str, str], tmp_path: Path) -> None:

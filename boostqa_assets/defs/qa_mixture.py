@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks, expectations
+from boostqa_assets.defs import refined_qa as refined_qa_defs
 from boostqa_assets.defs.support import md_table, report_partition_checks
 from boostqa_assets.logic import gates
 from boostqa_assets.logic.card import dataset_card
@@ -50,6 +51,15 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         """
         project = project_config()
         st = store.get()
+        # The gate holds across runs too: a refined partition that fails its blocking check never feeds a mixture,
+        # even when it was materialized in another run than this one.
+        failing = refined_qa_defs.failing_partitions(st, project.pipeline.refinement.reject_flags)
+        if failing:
+            raise dg.Failure(
+                description=f"refined_qa partitions fail refined_qa_valid: {', '.join(failing[:20])}"
+                f"{' ...' if len(failing) > 20 else ''}; re-materialize them (or fix the data) before the mixture",
+                metadata={"failing_partitions": len(failing)},
+            )
         refined = st.read_asset("refined_qa", REFINED_SCHEMA)
         seeds = st.read_asset("seeds", SEED_SCHEMA)
         quality = project.pipeline.quality

@@ -13,7 +13,7 @@ from boostqa_assets.defs.support import (
     report_partition_checks,
 )
 from boostqa_assets.logic import refine
-from boostqa_assets.partitions import Partitions, qa_key_parts
+from boostqa_assets.partitions import Partitions, qa_key, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
 from boostqa_assets.records import REFINED_SCHEMA, SYNTHESIZED_SCHEMA
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
@@ -115,3 +115,15 @@ def evaluate_partition(st: Store, key: str, reject_flags: list[str]) -> checks.C
         outcome.metadata["kept_rows_with_reject_flags"] = flagged
         outcome.passed = flagged == 0
     return checks.CheckOutcome.all_of(outcome, expectations.validate("refined_qa", df, project_config().taxonomy))
+
+
+def failing_partitions(st: Store, reject_flags: list[str]) -> list[str]:
+    """Keys of the materialized refined_qa partitions whose `refined_qa_valid` rules fail (empty ones pass)."""
+    failing = []
+    for path in st.list_partition_files("refined_qa"):
+        discipline = path.split("discipline=", 1)[1].split("/", 1)[0]
+        grade = path.split("grade=", 1)[1].split("/", 1)[0]
+        key = qa_key(discipline, grade)
+        if not evaluate_partition(st, key, reject_flags).passed:
+            failing.append(key)
+    return failing
