@@ -94,6 +94,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "recipe_hash": manifest["recipe_hash"],
                 "sampling_seed": manifest["sampling_seed"],
                 "path": target,
+                "rows_rejected": sum(v for k, v in manifest["gates"].items() if k != "pool"),
                 "removed_exact_duplicates": manifest["gates"]["exact_duplicate"],
                 "removed_near_duplicates": manifest["gates"]["near_duplicate"],
                 "removed_contaminated": manifest["gates"]["contaminated"],
