@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import csv
-import functools
-import http.server
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -274,23 +270,6 @@ def test_parquet_benchmark_list_field(tmp_path: Path) -> None:
     # n-grams do not span two segments
     tail_head = " ".join([*LONG_ITEM.split()[-10:], "the", "other", "option"])  # 13 words
     assert idx.find(tail_head) is None
-
-
-@pytest.fixture
-def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_http_benchmark(http_dir: tuple[Path, str]) -> None:
