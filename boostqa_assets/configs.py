@@ -249,8 +249,16 @@ class EmbeddedConfig(_Strict):
     start_timeout_s: float = 60.0
 
 
-Role = Literal["annotator", "synthesizer", "refiner"]
-ROLES: tuple[str, ...] = ("annotator", "synthesizer", "refiner")
+Role = Literal["annotator", "synthesizer", "refiner", "probe", "judge"]
+ROLES: tuple[str, ...] = ("annotator", "synthesizer", "refiner", "probe", "judge")
+# Roles every llm.yaml must configure; the deficiency probe's roles default to the embedded model.
+REQUIRED_ROLES: tuple[str, ...] = ("annotator", "synthesizer", "refiner")
+OPTIONAL_ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The target model answers a question in a line: short greedy completions, graded afterwards.
+    "probe": {"structured_output": "none", "stop": ["\n"], "max_tokens": 64, "max_concurrency": 1},
+    # The judge says whether a free-form reply matches the reference: one enum-valued field.
+    "judge": {"structured_output": "gbnf", "max_tokens": 16, "max_concurrency": 1},
+}
 
 
 class LLMConfig(_Strict):
@@ -260,12 +268,15 @@ class LLMConfig(_Strict):
     @field_validator("roles")
     @classmethod
     def _all_roles(cls, roles: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
-        missing = [r for r in ROLES if r not in roles]
+        missing = [r for r in REQUIRED_ROLES if r not in roles]
         if missing:
             raise ValueError(
                 f"every role needs a configuration; missing: {missing}; "
                 f"fix: add e.g. `{missing[0]}: {{}}` under `roles` (embedded model defaults)"
             )
+        for role, defaults in OPTIONAL_ROLE_DEFAULTS.items():
+            if role not in roles:
+                roles[role] = RoleConfig.model_validate(defaults)
         return roles
 
     def with_env_overrides(self, env: dict[str, str] | None = None) -> LLMConfig:
@@ -409,11 +420,57 @@ class QualityConfig(_Strict):
     decontamination: DecontamSettings = DecontamSettings()
 
 
+class ProbeConfig(_Strict):
+    """The deficiency probe: the target model (`probe` role) answers a stratified sample of annotated seed
+    questions that have reference answers; replies are graded per discipline x grade cell."""
+
+    enabled: bool = True
+    samples_per_cell: int = Field(20, ge=1, description="questions asked per discipline x grade cell (at most)")
+    min_samples: int = Field(5, ge=1, description="cells with fewer graded replies report no accuracy")
+    grading: Literal["auto", "normalized", "judge"] = Field(
+        "auto",
+        description="normalized: normalized match; judge: the `judge` role; auto: normalized match for short "
+        "reference answers, the judge for free-form ones",
+    )
+    short_answer_max_words: int = Field(6, ge=1, description="auto grading: references up to this many words")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Wilson interval level")
+    seed: int = 0
+    max_chars_in_prompt: int = Field(1000, ge=100)
+
+
+class PlanConfig(_Strict):
+    """How the synthesis plan spreads a recipe's `qa_budget` over discipline x grade cells."""
+
+    recipe: str | None = Field(None, description="recipe whose qa_budget and static weights the plan uses; None: first")
+    floor: int = Field(0, ge=0, description="QA every cell with candidate seeds gets at least (capacity permitting)")
+    cap: int | None = Field(None, ge=1, description="QA no cell gets more than")
+    stem_weight: float = Field(2.0, gt=0, description="multiplier for disciplines of the STEM category")
+    high_difficulty_weight: float = Field(2.0, gt=0, description="multiplier for the high-difficulty grades")
+    min_need: float = Field(0.05, gt=0, le=1, description="need (1 - accuracy) floor: perfect cells keep a share")
+    max_qa_per_seed: int = Field(4, ge=1, le=64, description="variants per seed and track at most (a cell's capacity)")
+
+
+class OrchestrationConfig(_Strict):
+    """How Dagster runs the assets: backfill chunking, refresh schedule, automation."""
+
+    max_partitions_per_run: int | None = Field(
+        None,
+        ge=1,
+        description="None: a backfill of an LLM asset is one run over all its partitions (single_run); N: runs of "
+        "at most N partitions (a failed run redoes only its N)",
+    )
+    seeds_refresh_cron: str = Field("0 3 * * *", description="cron of the schedule that refreshes seed partitions")
+    timezone: str = "UTC"
+
+
 class PipelineConfig(_Strict):
     annotation: AnnotationConfig = AnnotationConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     refinement: RefinementConfig = RefinementConfig()
     quality: QualityConfig = QualityConfig()
+    probe: ProbeConfig = ProbeConfig()
+    plan: PlanConfig = PlanConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
 
 # --- recipes -------------------------------------------------------------------------------------------
@@ -431,6 +488,12 @@ class Recipe(_Strict):
     track_weights: dict[str, float] = Field(default_factory=dict)
     template: str = "Question: {question}\nAnswer: {answer}"
     shard_rows: int = Field(100_000, ge=1)
+    qa_budget: int | None = Field(
+        None,
+        ge=1,
+        description="total QA the synthesis plan spreads over discipline x grade cells; None: every candidate seed "
+        "x qa_per_seed (no plan budget)",
+    )
 
     @field_validator("category_weights", "grade_weights", "track_weights")
     @classmethod
@@ -443,6 +506,10 @@ class Recipe(_Strict):
 
 class RecipesConfig(_Strict):
     recipes: list[Recipe] = Field(min_length=1)
+
+    def plan_recipe(self, name: str | None) -> Recipe:
+        """The recipe whose `qa_budget` and weights the synthesis plan uses (`plan.recipe`, else the first)."""
+        return self.get(name) if name else self.recipes[0]
 
     def get(self, name: str) -> Recipe:
         for r in self.recipes:
@@ -552,6 +619,12 @@ class ProjectConfig(BaseModel):
                     f"pipeline.yaml synthesis.multi_grade_categories: {c!r} is not a category; "
                     f"use one of {tax.categories}"
                 )
+        plan_recipe = self.pipeline.plan.recipe
+        if plan_recipe is not None and plan_recipe not in [r.name for r in self.recipes.recipes]:
+            problems.append(
+                f"pipeline.yaml plan.recipe: {plan_recipe!r} is not a recipe in recipes.yaml; use one of "
+                f"{[r.name for r in self.recipes.recipes]}"
+            )
         for r in self.recipes.recipes:
             for field, allowed in (
                 ("category_weights", tax.categories),

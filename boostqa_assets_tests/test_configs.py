@@ -49,7 +49,7 @@ def test_shipped_config_loads() -> None:
     assert len(project.taxonomy.disciplines) == 22
     assert len(project.taxonomy.grades) == 5
     assert project.taxonomy.grades == ["primary", "middle", "high", "undergraduate", "graduate"]
-    assert set(project.llm.roles) == {"annotator", "synthesizer", "refiner"}
+    assert set(project.llm.roles) == {"annotator", "synthesizer", "refiner", "probe", "judge"}
     names = [s.name for s in project.sources.sources]
     assert names and len(set(names)) == len(names)
     assert project.recipes.get("stem_heavy").token_budget > 0

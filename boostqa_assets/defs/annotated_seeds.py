@@ -4,6 +4,7 @@ import dagster as dg
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
+    backfill_policy,
     counts_by,
     endpoint_pool,
     llm_metadata,
@@ -22,7 +23,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset(
         partitions_def=parts.source_partitions,
         deps=["seeds"],
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},
         code_version="annotated-" + prompt_fingerprint(annotate.PROMPT_ID),

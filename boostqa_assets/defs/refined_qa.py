@@ -5,6 +5,7 @@ import polars as pl
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
+    backfill_policy,
     counts_by,
     endpoint_pool,
     llm_metadata,
@@ -24,7 +25,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset(
         partitions_def=parts.qa_partitions,
         deps=["synthesized_qa"],
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},
         code_version="refined-" + prompt_fingerprint(refine.PROMPT_ID),

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from boostqa_assets import checks, expectations
-from boostqa_assets.defs.support import counts_by, md_table, report_partition_checks
+from boostqa_assets.defs.support import backfill_policy, counts_by, md_table, report_partition_checks
 from boostqa_assets.logic.sources import read_source
 from boostqa_assets.partitions import Partitions
 from boostqa_assets.records import SEED_SCHEMA
@@ -13,7 +13,7 @@ from boostqa_assets.resources import StoreResource, project_config
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     @dg.asset(
         partitions_def=parts.source_partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet"},
         code_version="seeds-v1",

@@ -131,3 +131,16 @@ def endpoint_pool(role: str) -> str:
     parts = urlsplit(cfg.base_url)
     host = f"{parts.hostname or 'unknown'}_{parts.port}" if parts.port else (parts.hostname or "unknown")
     return "llm_" + "".join(c if c.isalnum() else "_" for c in host.lower())
+
+
+def backfill_policy() -> dg.BackfillPolicy:
+    """Every partitioned asset's backfill policy (`pipeline.yaml` `orchestration.max_partitions_per_run`).
+
+    Default: a backfill is one run over all selected partitions (one process, one warm LLM endpoint, one batch
+    at the concurrency cap). With N set, runs of at most N partitions: a failure redoes only its run's N, and
+    the run queue spreads the runs over `max_concurrent_runs`.
+    """
+    from boostqa_assets.resources import project_config
+
+    n = project_config().pipeline.orchestration.max_partitions_per_run
+    return dg.BackfillPolicy.single_run() if n is None else dg.BackfillPolicy.multi_run(max_partitions_per_run=n)

@@ -5,6 +5,7 @@ import polars as pl
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
+    backfill_policy,
     counts_by,
     endpoint_pool,
     llm_metadata,
@@ -23,7 +24,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset(
         partitions_def=parts.qa_partitions,
         deps=[dg.AssetDep("annotated_seeds", partition_mapping=dg.AllPartitionMapping())],
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},
         code_version="synth-" + prompt_fingerprint(*synthesize.TRACK_PROMPTS.values()),
