@@ -28,8 +28,15 @@ $(VENV)/.installed: requirements.lock requirements-data.lock pyproject.toml
 demo: setup
 	$(BIN)/boostqa demo
 
-test: setup
+test: setup postgres
 	$(BIN)/python -m pytest
+
+# The scale-out test (boostqa_assets_tests/test_scale_out.py) starts a real PostgreSQL server on 127.0.0.1:
+# install Debian's server package once, only where no server binary is present yet (needs root, as in CI).
+.PHONY: postgres
+postgres:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
