@@ -95,14 +95,10 @@ class TaxonomyConfig(_Strict):
 SeedField = Literal["id", "question", "answer", "text", "url", "title", "license", "language"]
 
 
-class SourceConfig(_Strict):
-    """One seed source: where it is, how to read it, and how its fields map onto the seed record."""
+class SourceTemplate(_Strict):
+    """How to read a seed file and map its fields onto the seed record: every field of a source except
+    `name` and `path` (a watched prefix applies one template to every file it discovers)."""
 
-    name: str = Field(pattern=SLUG, description="partition key of `seeds[source]`")
-    path: str = Field(
-        min_length=1,
-        description="local path (relative to the config file), s3://, https:// or pkg://<package>/<file>",
-    )
     format: Literal["jsonl", "json", "parquet", "csv"] | None = None
     compression: Literal["infer", "gzip", "none"] = "infer"
     kind: Literal["qa", "problem", "passage"]
@@ -121,7 +117,7 @@ class SourceConfig(_Strict):
     max_chars: int = Field(20_000, ge=1, description="rows whose text is longer go to rejects (oversize)")
 
     @model_validator(mode="after")
-    def _fields_fit_kind(self) -> SourceConfig:
+    def _fields_fit_kind(self) -> SourceTemplate:
         need = {"qa": ("question", "answer"), "problem": ("question",), "passage": ("text",)}[self.kind]
         missing = [f for f in need if f not in self.fields]
         if missing:
@@ -131,29 +127,95 @@ class SourceConfig(_Strict):
             )
         return self
 
+
+def infer_format(path: str) -> str | None:
+    """The seed format a file name implies (``x.jsonl.gz`` -> ``jsonl``), or None."""
+    name = path.lower()
+    for suffix in (".gz", ".zst", ".bz2"):
+        name = name.removesuffix(suffix)
+    for ext, fmt in (
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "json"),
+        (".parquet", "parquet"),
+        (".csv", "csv"),
+    ):
+        if name.endswith(ext):
+            return fmt
+    return None
+
+
+class SourceConfig(SourceTemplate):
+    """One seed source: where it is, how to read it, and how its fields map onto the seed record."""
+
+    name: str = Field(pattern=SLUG, description="partition key of `seeds[source]`")
+    path: str = Field(
+        min_length=1,
+        description="local path (relative to the config file), s3://, https:// or pkg://<package>/<file>",
+    )
+
     def resolved_format(self) -> str:
-        if self.format:
-            return self.format
-        name = self.path.lower()
-        for suffix in (".gz", ".zst", ".bz2"):
-            name = name.removesuffix(suffix)
-        for ext, fmt in (
-            (".jsonl", "jsonl"),
-            (".ndjson", "jsonl"),
-            (".json", "json"),
-            (".parquet", "parquet"),
-            (".csv", "csv"),
-        ):
-            if name.endswith(ext):
-                return fmt
+        fmt = self.format or infer_format(self.path)
+        if fmt:
+            return fmt
         raise ConfigError(
             f"source {self.name!r}: cannot infer the format of {self.path!r}; "
             "fix: set `format:` to one of jsonl, json, parquet, csv"
         )
 
 
+# A watch name is a slug without "__": discovered partition keys are `<watch name>__<file slug>_<hash>`.
+WATCH_SLUG = r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$"
+
+
+class WatchConfig(_Strict):
+    """A watched local folder or S3 prefix: each file matching `glob` under `prefix` becomes a `seeds`
+    partition of its own (added by the `new_source_files` sensor), read with the `source` template."""
+
+    name: str = Field(pattern=WATCH_SLUG, description="prefix of the partition keys of the files it discovers")
+    prefix: str = Field(
+        min_length=1, description="local folder (relative to the config file, or absolute) or s3://bucket/prefix/"
+    )
+    glob: str = Field("*.jsonl", min_length=1, description="file pattern under `prefix` (`**/*.jsonl` recurses)")
+    min_age_s: float = Field(
+        10.0, ge=0, description="files modified more recently are left for a later tick (they may still be written)"
+    )
+    source: SourceTemplate
+
+    @field_validator("prefix")
+    @classmethod
+    def _listable(cls, prefix: str) -> str:
+        if "://" in prefix and not prefix.startswith("s3://"):
+            raise ValueError(
+                f"cannot list {prefix!r}; fix: use a local folder or an s3://bucket/prefix/ (https:// and pkg:// "
+                "hold single files: configure those under `sources:`)"
+            )
+        if prefix.startswith("s3://") and not prefix.removeprefix("s3://").strip("/"):
+            raise ValueError(f"{prefix!r} names no bucket; fix: use s3://<bucket>/<prefix>/")
+        return prefix
+
+    @model_validator(mode="after")
+    def _format_known(self) -> WatchConfig:
+        if self.source.format is None and infer_format(self.glob) is None:
+            raise ValueError(
+                f"watch {self.name!r}: the format of files matching {self.glob!r} cannot be inferred; "
+                "fix: set `source.format` (jsonl, json, parquet, csv) or a glob with the extension, e.g. `*.jsonl`"
+            )
+        return self
+
+    def key_prefix(self) -> str:
+        return f"{self.name}__"
+
+    def source_config(self, key: str, path: str) -> SourceConfig:
+        """The source of one discovered file: the template with the partition key as name and its path."""
+        return SourceConfig.model_validate({**self.source.model_dump(), "name": key, "path": path})
+
+
 class SourcesConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
+    watch: list[WatchConfig] = Field(
+        default_factory=list, description="watched folders or S3 prefixes: one `seeds` partition per new file"
+    )
 
     @field_validator("sources")
     @classmethod
@@ -167,11 +229,38 @@ class SourcesConfig(_Strict):
             )
         return sources
 
+    @field_validator("watch")
+    @classmethod
+    def _unique_watch(cls, watch: list[WatchConfig]) -> list[WatchConfig]:
+        names = [w.name for w in watch]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"watch names must be unique; duplicated: {dupes}; "
+                "fix: rename one of them (the name prefixes the partition keys of its files)"
+            )
+        return watch
+
+    @model_validator(mode="after")
+    def _no_key_clash(self) -> SourcesConfig:
+        for s in self.sources:
+            for w in self.watch:
+                if s.name.startswith(w.key_prefix()):
+                    raise ValueError(
+                        f"source {s.name!r} starts with {w.key_prefix()!r}, the key prefix of watch {w.name!r}'s "
+                        "files; fix: rename the source or the watch"
+                    )
+        return self
+
     def get(self, name: str) -> SourceConfig:
         for s in self.sources:
             if s.name == name:
                 return s
         raise KeyError(f"no source named {name!r}; configured: {[s.name for s in self.sources]}")
+
+    def watch_for_key(self, key: str) -> WatchConfig | None:
+        """The watch whose files have partition keys like ``key`` (``<watch name>__...``), if any."""
+        return next((w for w in self.watch if key.startswith(w.key_prefix())), None)
 
 
 # --- LLM roles -----------------------------------------------------------------------------------------

@@ -5,8 +5,17 @@ from __future__ import annotations
 import warnings
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from boostqa_assets.defs import annotated_seeds, qa_mixture, refined_qa, seeds, synthesized_qa
+from boostqa_assets.defs import (
+    annotated_seeds,
+    deficiency_probe,
+    qa_mixture,
+    refined_qa,
+    seeds,
+    synthesis_plan,
+    synthesized_qa,
+)
 from boostqa_assets.partitions import build_partitions
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
 
@@ -15,17 +24,30 @@ from boostqa_assets.resources import LLMResource, StoreResource, project_config
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
-STAGES: tuple[str, ...] = ("seeds", "annotated_seeds", "synthesized_qa", "refined_qa", "qa_mixture")
+STAGES: tuple[str, ...] = (
+    "seeds",
+    "annotated_seeds",
+    "deficiency_probe",
+    "synthesis_plan",
+    "synthesized_qa",
+    "refined_qa",
+    "qa_mixture",
+)
+
+
+# One module per asset under defs/; each build() returns its asset, checks, sensors and schedules.
+MODULES = (seeds, annotated_seeds, deficiency_probe, synthesis_plan, synthesized_qa, refined_qa, qa_mixture)
 
 
 def build_definitions() -> dg.Definitions:
     parts = build_partitions(project_config())
-    built = [
-        d for module in (seeds, annotated_seeds, synthesized_qa, refined_qa, qa_mixture) for d in module.build(parts)
-    ]
+    built = [d for module in MODULES for d in module.build(parts)]
     return dg.Definitions(
-        assets=[d for d in built if not isinstance(d, dg.AssetChecksDefinition)],
+        assets=[d for d in built if isinstance(d, dg.AssetsDefinition) and not isinstance(d, dg.AssetChecksDefinition)],
         asset_checks=[d for d in built if isinstance(d, dg.AssetChecksDefinition)],
+        sensors=[d for d in built if isinstance(d, dg.SensorDefinition)],
+        schedules=[d for d in built if isinstance(d, dg.ScheduleDefinition)],
+        jobs=[d for d in built if isinstance(d, (dg.JobDefinition, UnresolvedAssetJobDefinition))],
         resources={"store": StoreResource(), "llm": LLMResource()},
     )
 

@@ -17,6 +17,9 @@ import polars as pl
 from boostqa_assets.records import (
     ANNOTATED_SCHEMA,
     MIXTURE_SCHEMA,
+    PLAN_SCHEMA,
+    PROBE_CELL_SCHEMA,
+    PROBE_ITEM_SCHEMA,
     REFINED_SCHEMA,
     REJECT_SCHEMA,
     SEED_SCHEMA,
@@ -30,6 +33,9 @@ logger = logging.getLogger(__name__)
 VIEW_SCHEMAS: dict[str, pl.Schema] = {
     "seeds": SEED_SCHEMA,
     "annotated_seeds": ANNOTATED_SCHEMA,
+    "deficiency_probe": PROBE_CELL_SCHEMA,
+    "deficiency_probe_items": PROBE_ITEM_SCHEMA,
+    "synthesis_plan": PLAN_SCHEMA,
     "synthesized_qa": SYNTHESIZED_SCHEMA,
     "refined_qa": REFINED_SCHEMA,
     "qa_mixture": MIXTURE_SCHEMA,

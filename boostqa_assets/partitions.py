@@ -1,6 +1,8 @@
 """Partition definitions, built from the configuration (sources, taxonomy, recipes).
 
-- ``source_partitions``: one key per configured source (``seeds``, ``annotated_seeds``).
+- ``source_partitions``: dynamic (``sources``): one key per configured source, registered in the instance by
+  ``register_sources`` (the runner before each stage, the ``new_source_files`` sensor on every tick), plus one
+  key per file discovered under a watched prefix (added by that sensor) (``seeds``, ``annotated_seeds``).
 - ``qa_partitions``: discipline x grade (``synthesized_qa``, ``refined_qa``); keys look like
   ``physics|high`` (Dagster orders dimensions by name: discipline, then grade).
 - ``recipe_partitions``: one key per mixture recipe (``qa_mixture``).
@@ -14,17 +16,19 @@ import dagster as dg
 
 from boostqa_assets.configs import ProjectConfig
 
+SOURCE_PARTITIONS = "sources"
+
 
 @dataclass(frozen=True)
 class Partitions:
-    source_partitions: dg.StaticPartitionsDefinition
+    source_partitions: dg.DynamicPartitionsDefinition
     qa_partitions: dg.MultiPartitionsDefinition
     recipe_partitions: dg.StaticPartitionsDefinition
 
 
 def build_partitions(project: ProjectConfig) -> Partitions:
     return Partitions(
-        source_partitions=dg.StaticPartitionsDefinition([s.name for s in project.sources.sources]),
+        source_partitions=dg.DynamicPartitionsDefinition(name=SOURCE_PARTITIONS),
         qa_partitions=dg.MultiPartitionsDefinition(
             {
                 "discipline": dg.StaticPartitionsDefinition(project.taxonomy.discipline_names),
@@ -33,6 +37,17 @@ def build_partitions(project: ProjectConfig) -> Partitions:
         ),
         recipe_partitions=dg.StaticPartitionsDefinition([r.name for r in project.recipes.recipes]),
     )
+
+
+def register_sources(instance: dg.DagsterInstance, project: ProjectConfig) -> list[str]:
+    """Add the configured sources that the instance does not have yet as ``sources`` partitions (in config
+    order); returns the names added. Partitions of removed sources and of discovered files are kept."""
+    names = [s.name for s in project.sources.sources]
+    existing = instance.get_existing_dynamic_partitions(SOURCE_PARTITIONS, names)
+    missing = [n for n in names if n not in existing]
+    if missing:
+        instance.add_dynamic_partitions(SOURCE_PARTITIONS, missing)
+    return missing
 
 
 def qa_key_parts(key: str | dg.MultiPartitionKey) -> tuple[str, str]:

@@ -123,6 +123,31 @@ class Reject(BaseModel):
 _PL_TYPES: dict[Any, pl.DataType] = {str: pl.Utf8(), int: pl.Int64(), float: pl.Float64(), bool: pl.Boolean()}
 
 
+class PlanCell(BaseModel):
+    """One discipline x grade cell of the synthesis plan: how many QA ``synthesized_qa`` makes there, and why."""
+
+    discipline: str
+    grade: str
+    category: str
+    is_stem: bool
+    is_high_difficulty: bool
+    candidates: int  # (track, seed) pairs the cell may synthesize from
+    capacity: int  # candidates x variants per pair: the most the cell can take
+    accuracy: float | None  # probe accuracy of the target model (None: not measured)
+    ci_low: float | None
+    ci_high: float | None
+    probe_n: int
+    probe_status: str
+    static_weight: float
+    need: float
+    weight: float
+    basis: Literal["probe", "probe_mean", "static", "unbudgeted"]
+    recipe: str
+    budget: int
+    seed_ids: str  # JSON list of the seeds the budget uses
+    fingerprint: str  # hash of what synthesis will do here; unchanged -> nothing to redo
+
+
 def _pl_type(annotation: Any) -> pl.DataType:
     origin = typing.get_origin(annotation)
     if origin in (types.UnionType, typing.Union):
@@ -146,6 +171,7 @@ SYNTHESIZED_SCHEMA = polars_schema(SynthesizedQA)
 REFINED_SCHEMA = polars_schema(RefinedQA)
 MIXTURE_SCHEMA = polars_schema(MixtureDoc)
 REJECT_SCHEMA = polars_schema(Reject)
+PLAN_SCHEMA = polars_schema(PlanCell)
 
 
 def frame(rows: list[dict[str, Any]] | list[BaseModel], schema: pl.Schema) -> pl.DataFrame:
@@ -184,3 +210,52 @@ def make_seed_id(source: str, native_id: str | None, content: str) -> str:
 
 def to_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+# --- deficiency probe -----------------------------------------------------------------------------------
+
+ProbeStatus = Literal["ok", "insufficient_samples", "no_candidates"]
+ProbeMethod = Literal["normalized", "judge", "empty", "not_graded"]
+
+
+class ProbeCell(BaseModel):
+    """The target model's accuracy on one discipline x grade cell of the deficiency probe.
+
+    ``accuracy`` and the Wilson interval (``ci_low``, ``ci_high``) are null unless ``status`` is ``ok``
+    (at least ``probe.min_samples`` graded replies); ``grading`` is a JSON object of graded replies by method.
+    """
+
+    discipline: str
+    grade: str
+    n_candidates: int  # annotated seeds of the cell with a question and a reference answer
+    n_sampled: int
+    n_graded: int
+    n_correct: int
+    accuracy: float | None
+    ci_low: float | None
+    ci_high: float | None
+    status: ProbeStatus
+    grading: str
+
+
+class ProbeItem(BaseModel):
+    """One probe question put to the target model, its reply and the grade (``correct`` null: not graded)."""
+
+    seed_id: str
+    source: str
+    discipline: str
+    grade: str
+    question: str
+    reference: str
+    reply: str | None
+    method: ProbeMethod
+    correct: bool | None
+    probe_model: str
+    probe_prompt_id: str
+    probe_prompt_version: str
+    probe_request_hash: str
+    judge_request_hash: str | None = None
+
+
+PROBE_CELL_SCHEMA = polars_schema(ProbeCell)
+PROBE_ITEM_SCHEMA = polars_schema(ProbeItem)

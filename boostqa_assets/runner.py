@@ -14,6 +14,9 @@ from typing import Any
 import dagster as dg
 
 from boostqa_assets.definitions import STAGES
+from boostqa_assets.partitions import SOURCE_PARTITIONS, register_sources
+from boostqa_assets.resources import project_config
+from boostqa_assets.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +35,47 @@ class StageResult:
     checks_failed: int = 0
 
 
-def _partition_tags(defs: dg.Definitions, asset: str) -> tuple[dict[str, str], int]:
+def _partition_ranges(
+    defs: dg.Definitions, asset: str, instance: dg.DagsterInstance, store: Store | None = None
+) -> list[list[str]]:
+    """The partitions to run, as runs of consecutive keys (one run each; [[]] for an unpartitioned asset).
+
+    Source partitions live in the instance, so they may include keys that the configuration no longer
+    knows (a source removed from sources.yaml, a watch removed): those are left out with a warning, and the
+    keys around them run as separate ranges. Everything else is one range over every partition.
+    """
     pdef = defs.resolve_assets_def(asset).partitions_def
     if pdef is None:
-        return {}, 1
-    keys = pdef.get_partition_keys()
-    return {
-        "dagster/asset_partition_range_start": keys[0],
-        "dagster/asset_partition_range_end": keys[-1],
-    }, len(keys)
+        return [[]]
+    keys = list(pdef.get_partition_keys(dynamic_partitions_store=instance))
+    if asset == "synthesis_plan" and store is not None:
+        # Only the cells whose plan changed: the others keep their data version, so their synthesized_qa
+        # partitions stay fresh (the synthesis_plan sensor does the same).
+        from boostqa_assets.defs.synthesis_plan import pending_ranges
+
+        _, spans = pending_ranges(store, project_config(), keys)
+        return [keys[keys.index(a) : keys.index(b) + 1] for a, b in spans]
+    if not (isinstance(pdef, dg.DynamicPartitionsDefinition) and pdef.name == SOURCE_PARTITIONS):
+        return [keys]
+    sources = project_config().sources
+    configured = {s.name for s in sources.sources}
+    ranges: list[list[str]] = [[]]
+    orphans = []
+    for key in keys:
+        if key in configured or sources.watch_for_key(key) is not None:
+            ranges[-1].append(key)
+        else:
+            orphans.append(key)
+            if ranges[-1]:
+                ranges.append([])
+    if orphans:
+        logger.warning(
+            "%s: skipping source partitions that sources.yaml no longer configures: %s (delete them in the "
+            "Dagster UI to hide them)",
+            asset,
+            ", ".join(orphans),
+        )
+    return [r for r in ranges if r]
 
 
 def _metadata_values(event: dg.AssetMaterialization) -> dict[str, Any]:
@@ -57,32 +92,51 @@ def run_stage(
     resources: dict[str, Any] | None = None,
     quiet: bool = True,
 ) -> StageResult:
-    """Materialize every partition of ``asset`` (and run its checks) in one in-process run."""
-    tags, n_parts = _partition_tags(defs, asset)
+    """Materialize every partition of ``asset`` (and run its checks) in one in-process run.
+
+    The configured sources are registered as ``sources`` partitions first (they are dynamic), so a fresh
+    instance works as it is.
+    """
+    register_sources(instance, project_config())
+    res = resources or defs.resources
+    store = res["store"].get() if "store" in res else None
+    ranges = _partition_ranges(defs, asset, instance, store)
     started = time.perf_counter()
-    result = dg.materialize(
-        assets=[*defs.assets, *(defs.asset_checks or [])],  # type: ignore[list-item]
-        selection=dg.AssetSelection.assets(asset) | dg.AssetSelection.checks_for_assets(asset),
-        instance=instance,
-        resources=resources or defs.resources,
-        tags=tags,
-        run_config=QUIET_RUN_CONFIG if quiet else None,
-        raise_on_error=False,
-    )
+    if not ranges:
+        return StageResult(asset, "", True, 0.0, 0, {"cells_changed": 0, "skipped": "the plan did not change"})
+    run_ids, success, mats, passed, failed = [], True, [], 0, 0
+    for keys in ranges:
+        tags = (
+            {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+            if keys
+            else {}
+        )
+        result = dg.materialize(
+            assets=[*defs.assets, *(defs.asset_checks or [])],  # type: ignore[list-item]
+            selection=dg.AssetSelection.assets(asset) | dg.AssetSelection.checks_for_assets(asset),
+            instance=instance,
+            resources=res,
+            tags=tags,
+            run_config=QUIET_RUN_CONFIG if quiet else None,
+            raise_on_error=False,
+        )
+        run_ids.append(result.run_id)
+        success = success and result.success
+        mats.extend(result.asset_materializations_for_node(asset))
+        for ev in result.get_asset_check_evaluations():
+            if ev.passed:
+                passed += 1
+            else:
+                failed += 1
+        if not result.success:
+            break
     seconds = time.perf_counter() - started
-    mats = result.asset_materializations_for_node(asset)
-    passed = failed = 0
-    for ev in result.get_asset_check_evaluations():
-        if ev.passed:
-            passed += 1
-        else:
-            failed += 1
     return StageResult(
         asset,
-        result.run_id,
-        result.success,
+        ",".join(run_ids),
+        success and bool(run_ids),
         seconds,
-        n_parts,
+        sum(max(len(k), 1) for k in ranges),
         _metadata_values(mats[-1]) if mats else {},
         passed,
         failed,

@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,10 @@ def pipeline_responder(body: dict[str, Any]) -> ResponderReply:
         if "TRUNCATE" in draft:  # a reply that hit max_tokens
             return ResponderReply(json.dumps({"answer": "The answer begins with"}), finish_reason="length")
         return ResponderReply(json.dumps({"answer": "Refined: " + draft}))
+    if "Answer each question correctly and briefly" in text:  # the probe: this target knows nothing
+        return ResponderReply("I am not sure.")
+    if "Decide whether the reply answers the question" in text:  # the judge
+        return ResponderReply(json.dumps({"verdict": "incorrect"}))
     return ResponderReply("unrecognised prompt")
 
 
@@ -128,11 +132,19 @@ SOURCE_ROWS = {
 
 
 def write_project(root: Path, llm_base_url: str | None = None, data_root: str | None = None) -> dict[str, str]:
-    """A config folder with three small sources (JSONL, CSV, Parquet) and env vars pointing at it."""
+    """A config folder with three small sources (JSONL, CSV, Parquet) and env vars pointing at it.
+
+    The shipped configuration, except that the recipes have no ``qa_budget``: the synthesis plan then gives
+    every candidate seed ``qa_per_seed`` variants, so row counts follow from the sources alone (plan budgets
+    have their own tests in test_synthesis_plan.py)."""
     config = root / "config"
     config.mkdir(parents=True)
     for name in ("taxonomy.yaml", "pipeline.yaml", "recipes.yaml", "llm.yaml"):
         shutil.copy(DEFAULT_CONFIG_DIR / name, config / name)
+    recipes = yaml.safe_load((config / "recipes.yaml").read_text())
+    for recipe in recipes["recipes"]:
+        recipe.pop("qa_budget", None)
+    (config / "recipes.yaml").write_text(yaml.safe_dump(recipes))
     data = root / "sources"
     data.mkdir()
     with open(data / "physics.jsonl", "w", encoding="utf-8") as f:
@@ -260,3 +272,126 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- deficiency probe: a fake target model and a source of questions with reference answers -------------
+
+PROBE_PROMPT_CUE = "Answer each question correctly and briefly"
+JUDGE_PROMPT_CUE = "Decide whether the reply answers the question"
+PROBE_WRONG_ANSWER = "I am not sure."
+
+
+def _probe_rows() -> list[dict[str, str]]:
+    """Questions the pipeline_responder labels into known cells (keywords and grade words above).
+
+    physics|primary: 8 short answers; biology|high: 6; history|high: 6 (one ``SILENT``: the target replies
+    nothing); chemistry|high: 3 (too few for an accuracy); economics|undergraduate: 6 free-form answers of
+    more than 6 words (graded by the judge; one ``UNJUDGEABLE``: the judge's verdict is invalid)."""
+    rows = [
+        {
+            "id": f"pp{n}",
+            "q": f"For a young child: a toy cart is pushed with a force of {n} newtons. How many newtons is the push?",
+            "a": f"{n} newtons",
+        }
+        for n in range(2, 10)
+    ]
+    rows += [
+        {"id": f"bh{i}", "q": f"In cell biology, what is fact number {i} about the cell membrane?", "a": f"fact {i}"}
+        for i in range(1, 7)
+    ]
+    rows += [
+        {
+            "id": f"hh{i}",
+            "q": f"In which century did empire number {i} of the textbook fall?" + (" SILENT" if i == 6 else ""),
+            "a": f"century {i}",
+        }
+        for i in range(1, 7)
+    ]
+    rows += [{"id": f"ch{i}", "q": f"What is the pH of acid sample {i}?", "a": str(i)} for i in range(1, 4)]
+    rows += [
+        {
+            "id": f"eu{i}",
+            "q": f"At university level, explain market scenario {i}." + (" UNJUDGEABLE" if i == 6 else ""),
+            "a": f"In scenario {i} the market clears where supply equals demand at a higher price.",
+        }
+        for i in range(1, 7)
+    ]
+    return rows
+
+
+PROBE_QA_ROWS: list[dict[str, str]] = _probe_rows()
+# The code_problems source of write_project (kind problem: graded by the judge in auto mode).
+CODE_PROBLEM_ANSWERS = {
+    "def add(a, b): return the sum of two integers": "return a + b",
+    "Write a function that checks whether a triangle is right-angled": "return a*a + b*b == c*c",
+}
+
+
+def probe_answers() -> dict[str, str]:
+    """question -> reference answer for every seed of ``write_project`` + ``add_probe_source`` with one."""
+    answers = {r["q"]: r["a"] for r in PROBE_QA_ROWS}
+    answers.update({r["q"]: r["a"] for r in SOURCE_ROWS["physics_qa"] if r["q"]})
+    answers.update(CODE_PROBLEM_ANSWERS)
+    return answers
+
+
+def add_probe_source(config_dir: Path, probe_settings: dict[str, Any] | None = None) -> None:
+    """Add the ``probe_qa`` source (``PROBE_QA_ROWS``) to a ``write_project`` config folder, and set
+    ``pipeline.yaml`` ``probe:`` (default here: 6 samples per cell, 5 graded replies for an accuracy)."""
+    path = config_dir.parent / "sources" / "probe_qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PROBE_QA_ROWS), encoding="utf-8")
+    sources = yaml.safe_load((config_dir / "sources.yaml").read_text())
+    sources["sources"].append(
+        {"name": "probe_qa", "path": str(path), "kind": "qa", "fields": {"id": "id", "question": "q", "answer": "a"}}
+    )
+    (config_dir / "sources.yaml").write_text(yaml.safe_dump(sources))
+    pipeline = yaml.safe_load((config_dir / "pipeline.yaml").read_text())
+    pipeline["probe"] = {"samples_per_cell": 6, "min_samples": 5, **(probe_settings or {})}
+    (config_dir / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _loose(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def probe_target_responder(
+    answers: dict[str, str],
+    perfect: Callable[[str], bool],
+    fallback: Callable[[dict[str, Any]], str | ResponderReply] = pipeline_responder,
+) -> Callable[[dict[str, Any]], str | ResponderReply]:
+    """A fake target model (``probe`` role) and judge, for ``FakeOpenAIServer(responder=...)`` or
+    ``fake_llm.responder = ...``.
+
+    Probe prompt: the reference answer from ``answers`` (question -> answer) when ``perfect(question)``,
+    else ``PROBE_WRONG_ANSWER``; nothing for a question containing ``SILENT``. Judge prompt: ``correct``
+    when the reply contains the reference (case and punctuation aside); an invalid verdict for a question
+    containing ``UNJUDGEABLE``. Any other prompt goes to ``fallback`` (the annotate/synthesize/refine
+    responder by default).
+    """
+    by_line = {_one_line(q): (q, a) for q, a in answers.items()}
+
+    def respond(body: dict[str, Any]) -> str | ResponderReply:
+        text = prompt_text(body)
+        if PROBE_PROMPT_CUE in text:
+            question = _last(r"\nQuestion: (.*)", text)
+            if "SILENT" in question:
+                return ResponderReply("")
+            original, answer = by_line.get(question, (question, None))
+            if answer is not None and perfect(original):
+                return ResponderReply(_one_line(answer))
+            return ResponderReply(PROBE_WRONG_ANSWER)
+        if JUDGE_PROMPT_CUE in text:
+            question = _last(r"\nQuestion: (.*)", text)
+            if "UNJUDGEABLE" in question:
+                return ResponderReply(json.dumps({"verdict": "maybe"}))
+            reference = _loose(_last(r"\nReference: (.*)", text))
+            reply = _loose(_last(r"\nReply: (.*)", text))
+            correct = bool(reference) and reference in reply
+            return ResponderReply(json.dumps({"verdict": "correct" if correct else "incorrect"}))
+        return fallback(body)
+
+    return respond

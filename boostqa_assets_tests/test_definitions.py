@@ -5,6 +5,8 @@ from __future__ import annotations
 import dagster as dg
 
 from boostqa_assets.definitions import STAGES, build_definitions
+from boostqa_assets.partitions import register_sources
+from boostqa_assets.resources import project_config
 
 
 def test_definitions_load_with_five_assets_and_a_check_each() -> None:
@@ -23,10 +25,26 @@ def test_partitions_match_the_configuration() -> None:
     qa = defs.resolve_assets_def("synthesized_qa").partitions_def
     assert qa is not None and len(qa.get_partition_keys()) == 22 * 5
     assert "physics|high" in qa.get_partition_keys()
+    # Source partitions are dynamic: the configured sources are registered in the instance (by the runner and
+    # the new_source_files sensor), files discovered under watched prefixes are added next to them.
     sources = defs.resolve_assets_def("seeds").partitions_def
-    assert sources is not None and sources.get_partition_keys() == ["wikipedia", "fanoutqa", "humaneval"]
+    assert sources == dg.DynamicPartitionsDefinition(name="sources")
+    assert defs.resolve_assets_def("annotated_seeds").partitions_def == sources
+    instance = dg.DagsterInstance.ephemeral()
+    assert register_sources(instance, project_config()) == ["wikipedia", "fanoutqa", "humaneval"]
+    assert register_sources(instance, project_config()) == []
+    assert sources.get_partition_keys(dynamic_partitions_store=instance) == ["wikipedia", "fanoutqa", "humaneval"]
     recipes = defs.resolve_assets_def("qa_mixture").partitions_def
     assert recipes is not None and recipes.get_partition_keys() == ["stem_heavy"]
+
+
+def test_source_automation_shape() -> None:
+    defs = build_definitions()
+    sensor = defs.resolve_sensor_def("new_source_files")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING and sensor.minimum_interval_seconds == 30
+    schedule = defs.resolve_schedule_def("seeds_refresh")
+    assert schedule.cron_schedule == "0 3 * * *" and schedule.execution_timezone == "UTC"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
 
 
 def test_lineage_edges() -> None:
@@ -35,7 +53,9 @@ def test_lineage_edges() -> None:
     assert graph == {
         "seeds": [],
         "annotated_seeds": ["seeds"],
-        "synthesized_qa": ["annotated_seeds"],
+        "deficiency_probe": ["annotated_seeds"],
+        "synthesis_plan": ["annotated_seeds", "deficiency_probe"],
+        "synthesized_qa": ["synthesis_plan"],
         "refined_qa": ["synthesized_qa"],
         "qa_mixture": ["refined_qa"],
     }

@@ -83,7 +83,7 @@ def test_full_pipeline_in_process(project_env: dict[str, str], fake_llm: FakeOpe
 
     # The request cache is queryable and every row's request hashes point into it.
     roles = {r for (r,) in con.sql("SELECT DISTINCT role FROM llm_cache").fetchall()}
-    assert roles == {"annotator", "synthesizer", "refiner"}
+    assert roles == {"annotator", "synthesizer", "refiner", "probe", "judge"}
     missing = con.sql(
         "SELECT count(*) FROM refined_qa r ANTI JOIN llm_cache c ON c.request_hash = r.refine_request_hash"
     ).fetchall()[0][0]
@@ -129,6 +129,7 @@ def test_one_partition_run_records_per_partition_check(project_env: dict[str, st
     instance = dg.DagsterInstance.ephemeral()
     assert run_stage(defs, "seeds", instance).success
     assert run_stage(defs, "annotated_seeds", instance).success
+    assert run_stage(defs, "synthesis_plan", instance).success
     result = dg.materialize(
         assets=[*defs.assets, *(defs.asset_checks or [])],  # type: ignore[list-item]
         selection=dg.AssetSelection.assets("synthesized_qa") | dg.AssetSelection.checks_for_assets("synthesized_qa"),

@@ -23,6 +23,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset(
         partitions_def=parts.source_partitions,
         deps=["seeds"],
+        # A refreshed or new seeds partition is annotated automatically (the same source partition only).
+        automation_condition=dg.AutomationCondition.eager(),
         backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},

@@ -32,6 +32,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset(
         partitions_def=parts.recipe_partitions,
         deps=[dg.AssetDep("refined_qa", partition_mapping=dg.AllPartitionMapping())],
+        # Rebuilt once refined partitions changed and none is still running (every recipe: they all sample it).
+        automation_condition=dg.AutomationCondition.eager(),
         group_name="boostqa",
         kinds={"parquet", "jsonl"},
         code_version="mixture-v1",

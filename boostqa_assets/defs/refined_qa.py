@@ -25,6 +25,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset(
         partitions_def=parts.qa_partitions,
         deps=["synthesized_qa"],
+        # Re-synthesized cells are refined automatically (the same discipline x grade partition only).
+        automation_condition=dg.AutomationCondition.eager(),
         backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},

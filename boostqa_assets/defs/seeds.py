@@ -1,16 +1,64 @@
-"""``seeds[source]``: one row per normalized seed of a configured source (no LLM)."""
+"""``seeds[source]``: one row per normalized seed of a source (no LLM); a source is a configured source or a file
+discovered under a watched prefix. Also: the ``new_source_files`` sensor (registers configured sources, adds a
+partition and requests a run per new watched file) and the ``seeds_refresh`` schedule (re-reads the sources
+whose file changed since their last materialization)."""
+
+import json
+import time
 
 import dagster as dg
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import backfill_policy, counts_by, md_table, report_partition_checks
-from boostqa_assets.logic.sources import read_source
-from boostqa_assets.partitions import Partitions
+from boostqa_assets.logic.sources import (
+    SourceError,
+    SourceFile,
+    SourceResolver,
+    read_source,
+    refresh_reason,
+    split_new_files,
+)
+from boostqa_assets.partitions import SOURCE_PARTITIONS, Partitions, register_sources
 from boostqa_assets.records import SEED_SCHEMA
 from boostqa_assets.resources import StoreResource, project_config
+from boostqa_assets.settings import get_settings
+
+FINGERPRINT_KEY = "source_fingerprint"
+CURSOR_VERSION = 1
 
 
-def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
+def _resolver() -> SourceResolver:
+    project = project_config()
+    return SourceResolver(project.sources, project.config_dir, get_settings().storage_options)
+
+
+def load_cursor(cursor: str | None) -> set[str]:
+    """The sensor's cursor: the keys of every watched file it has already handled."""
+    if not cursor:
+        return set()
+    data = json.loads(cursor)
+    return set(data.get("seen", []))
+
+
+def dump_cursor(seen: set[str]) -> str:
+    return json.dumps({"v": CURSOR_VERSION, "seen": sorted(seen)}, separators=(",", ":"))
+
+
+def recorded_fingerprint(instance: dg.DagsterInstance, key: str) -> tuple[bool, str | None]:
+    """(materialized at all, the `source_fingerprint` its latest materialization recorded or None)."""
+    result = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("seeds"), asset_partitions=[key]), limit=1
+    )
+    if not result.records:
+        return False, None
+    mat = result.records[0].asset_materialization
+    value = mat.metadata.get(FINGERPRINT_KEY) if mat is not None else None
+    return True, (str(getattr(value, "value", value)) if value is not None else None)
+
+
+def build(
+    parts: Partitions,
+) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition | dg.SensorDefinition | dg.ScheduleDefinition]:
     @dg.asset(
         partitions_def=parts.source_partitions,
         backfill_policy=backfill_policy(),
@@ -21,16 +69,27 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     def seeds(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         """One row per seed of the source: a QA item, problem or passage, normalized to the seed record.
 
-        Rows are read with the source's field mapping; `seed_id` is a stable hash of source + native id (or
-        normalized text). Exact duplicates within the source, invalid UTF-8, empty text, oversize rows,
-        missing required fields and unparseable lines go to `rejects/stage=seeds` with a reason. `limit`
-        keeps a seeded sample (reported as `rows_not_sampled`). A corrupt file fails the run, naming it.
+        A partition is a source of sources.yaml, or a file discovered under a watched prefix (key
+        `<watch>__<file slug>_<hash>`, read with the watch's `source` template). Rows are read with the
+        source's field mapping; `seed_id` is a stable hash of source + native id (or normalized text). Exact
+        duplicates within the source, invalid UTF-8, empty text, oversize rows, missing required fields and
+        unparseable lines go to `rejects/stage=seeds` with a reason. `limit` keeps a seeded sample (reported
+        as `rows_not_sampled`). A corrupt file fails the run, naming it. Each partition's materialization
+        records `source_fingerprint` (size + mtime, or ETag + size on S3) for the `seeds_refresh` schedule.
         """
         project = project_config()
         st = store.get()
+        resolver = SourceResolver(project.sources, project.config_dir, st.storage_options)
         summary = []
         for key in context.partition_keys:
-            cfg = project.sources.get(key)
+            cfg = resolver.resolve(key)
+            # Taken before reading: a file that changes during the read is read again by the next refresh. A
+            # file that cannot be reached fails the read below, with the read's own message.
+            try:
+                fingerprint = resolver.fingerprint(key)
+            except SourceError as exc:
+                context.log.warning(f"seeds[{key}]: no source fingerprint recorded: {exc}")
+                fingerprint = None
             result = read_source(cfg, project.config_dir, st.storage_options)
             path = st.write_partition("seeds", {"source": key}, result.seeds)
             st.write_rejects("seeds", key, result.rejects)
@@ -40,6 +99,10 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 f"{result.seeds.height}, rejected {result.rejects.height} {reasons}, "
                 f"not sampled {result.rows_not_sampled}"
             )
+            per_partition: dict[str, object] = {"source_path": result.path, "partition_rows": result.seeds.height}
+            if fingerprint is not None:
+                per_partition[FINGERPRINT_KEY] = fingerprint
+            context.add_asset_metadata(per_partition, partition_key=key)
             summary.append(
                 {
                     "source": key,
@@ -82,4 +145,113 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
 
         return report_partition_checks(context, "seeds", "seeds_valid", evaluate)
 
-    return [seeds, seeds_valid]
+    @dg.sensor(
+        name="new_source_files",
+        asset_selection=dg.AssetSelection.assets(seeds),  # the run includes the blocking check
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def new_source_files(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        """Registers the configured sources as `sources` partitions, then lists every watched prefix
+        (`watch:` in sources.yaml): each file not seen before becomes a `seeds` partition and a run of it.
+        Files modified less than the watch's `min_age_s` ago may still be being written: they wait for a
+        later tick. The cursor holds the keys of the files already handled; a file rewritten under the same
+        name is the `seeds_refresh` schedule's business."""
+        project = project_config()
+        registered = register_sources(context.instance, project)
+        if registered:
+            context.log.info(f"registered configured sources as partitions: {registered}")
+        seen = load_cursor(context.cursor)
+        resolver = _resolver()
+        now = time.time()
+        new: list[SourceFile] = []
+        waiting: list[SourceFile] = []
+        problems = []
+        for watch in project.sources.watch:
+            try:
+                files = resolver.files(watch).values()
+            except SourceError as exc:
+                context.log.error(str(exc))
+                problems.append(str(exc))
+                continue
+            settled, young = split_new_files(files, seen, now, watch.min_age_s)
+            new.extend(settled)
+            waiting.extend(young)
+        if waiting:
+            context.log.info(f"{len(waiting)} file(s) too recent to read yet: {[f.path for f in waiting][:10]}")
+        if not new:
+            parts_msg = [f"no new files under {len(project.sources.watch)} watched prefix(es)"]
+            if waiting:
+                parts_msg.append(f"{len(waiting)} still being written")
+            if registered:
+                parts_msg.append(f"registered configured sources {registered}")
+            parts_msg.extend(problems)
+            return dg.SkipReason("; ".join(parts_msg))
+        new_keys = [f.key for f in new]
+        existing = context.instance.get_existing_dynamic_partitions(SOURCE_PARTITIONS, new_keys)
+        to_add = [k for k in new_keys if k not in existing]
+        context.log.info(f"{len(new)} new file(s): {[(f.key, f.path) for f in new][:20]}")
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=f"{f.key}@{f.fingerprint}",
+                    asset_selection=[seeds.key],
+                    partition_key=f.key,
+                    tags={"boostqa/source_file": f.path[-200:]},
+                )
+                for f in new
+            ],
+            dynamic_partitions_requests=[parts.source_partitions.build_add_request(to_add)] if to_add else [],
+            cursor=dump_cursor(seen | set(new_keys)),
+        )
+
+    orchestration = project_config().pipeline.orchestration
+
+    @dg.schedule(
+        name="seeds_refresh",
+        cron_schedule=orchestration.seeds_refresh_cron,
+        execution_timezone=orchestration.timezone,
+        target=seeds,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+    )
+    def seeds_refresh(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
+        """On `pipeline.yaml` `orchestration.seeds_refresh_cron`: one `seeds` run per source partition whose
+        file changed since its last materialization (its fingerprint differs from the `source_fingerprint`
+        recorded then), or that was never materialized. Partitions that no longer resolve to a file, and
+        watched files modified less than `min_age_s` ago, are left out (logged)."""
+        project = project_config()
+        register_sources(context.instance, project)
+        resolver = _resolver()
+        now = time.time()
+        requests, unchanged, problems = [], 0, []
+        for key in context.instance.get_dynamic_partitions(SOURCE_PARTITIONS):
+            try:
+                resolver.resolve(key)
+                current = resolver.fingerprint(key)
+            except SourceError as exc:
+                problems.append(str(exc))
+                continue
+            found = resolver.file(key)
+            watch = project.sources.watch_for_key(key) if found is not None else None
+            if found is not None and watch is not None and now - found.modified < watch.min_age_s:
+                problems.append(f"{key}: modified {now - found.modified:.0f}s ago, may still be written")
+                continue
+            materialized, recorded = recorded_fingerprint(context.instance, key)
+            reason = refresh_reason(current, materialized, recorded)
+            if reason is None:
+                unchanged += 1
+                continue
+            requests.append(
+                dg.RunRequest(run_key=key, partition_key=key, tags={"boostqa/refresh_reason": reason.replace(" ", "_")})
+            )
+        for problem in problems:
+            context.log.warning(problem)
+        if not requests:
+            detail = f"; left out: {'; '.join(problems)}" if problems else ""
+            return dg.SkipReason(
+                f"nothing changed: {unchanged} source partition(s) unchanged since their last materialization{detail}"
+            )
+        context.log.info(f"refreshing {[r.partition_key for r in requests]}; {unchanged} unchanged")
+        return requests
+
+    return [seeds, seeds_valid, new_source_files, seeds_refresh]

@@ -14,16 +14,20 @@ from boostqa_assets.defs.support import (
     report_partition_checks,
 )
 from boostqa_assets.logic import annotate, fidelity, synthesize
+from boostqa_assets.logic import plan as plan_logic
 from boostqa_assets.partitions import Partitions, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
-from boostqa_assets.records import ANNOTATED_SCHEMA, SYNTHESIZED_SCHEMA
+from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, SYNTHESIZED_SCHEMA
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
 
 
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     @dg.asset(
         partitions_def=parts.qa_partitions,
-        deps=[dg.AssetDep("annotated_seeds", partition_mapping=dg.AllPartitionMapping())],
+        # The plan names each cell's budget and seeds (it reads annotated_seeds), so a cell is stale exactly when
+        # its plan changed; eager automation re-synthesizes those cells only.
+        deps=[dg.AssetDep("synthesis_plan")],
+        automation_condition=dg.AutomationCondition.eager(),
         backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},
@@ -34,7 +38,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource
     ) -> dg.MaterializeResult:
         """One row per new QA pair at the partition's grade, made from one annotated seed of the
-        partition's discipline by the synthesizer role.
+        partition's discipline by the synthesizer role: as many as the partition's `synthesis_plan` budget,
+        from the seeds the plan names (variants dealt round-robin over them).
 
         Multi-grade track: seeds of a multi-grade category (STEM) of any grade yield QA at this grade;
         other disciplines only from seeds of this grade. High-difficulty track (top grades): seeds at or
@@ -50,11 +55,19 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         annotated = st.read_asset("annotated_seeds", ANNOTATED_SCHEMA)
         client = llm.client("synthesizer")
         plans = {}
+        budgets = []
         for key in context.partition_keys:
             discipline, grade = qa_key_parts(key)
-            plans[key] = synthesize.plan_tasks(
-                annotated, discipline, grade, project.taxonomy, project.pipeline.synthesis
+            cell = st.read_partition("synthesis_plan", {"discipline": discipline, "grade": grade}, PLAN_SCHEMA).row(
+                0, named=True
             )
+            plans[key], missing = plan_logic.cell_tasks(annotated, cell, project)
+            if missing:
+                context.log.warning(
+                    f"synthesized_qa[{key}]: {missing} seeds of the plan are no longer annotated; the plan is stale "
+                    "(materialize synthesis_plan)"
+                )
+            budgets.append(cell["budget"])
         # One batch across the run's partitions keeps the endpoint busy at the concurrency cap.
         tasks = [t for ts in plans.values() for t in ts]
         context.log.info(
@@ -109,6 +122,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "dagster/row_count": rows,
                 "partitions_with_rows": len(summary),
                 "partitions_in_run": len(plans),
+                "plan_budget": sum(budgets),
                 "partitions": md_table(summary),
                 "grade_fidelity": md_table(table),
                 "grade_fidelity_rate": round(matches / sampled, 3) if sampled else "no rows sampled",

@@ -94,10 +94,10 @@ def _capped(rows: list[dict[str, Any]], cap: int | None, salt: str) -> list[dict
     return sorted(rows, key=lambda r: stable_hash(salt, r["seed_id"]))[:cap]
 
 
-def plan_tasks(
+def candidates(
     annotated: pl.DataFrame, discipline: str, grade: str, tax: TaxonomyConfig, cfg: SynthesisConfig
-) -> list[SynthTask]:
-    """The synthesis tasks of partition (discipline, grade), in a deterministic order."""
+) -> list[tuple[str, dict[str, Any]]]:
+    """The (track, seed row) pairs partition (discipline, grade) may synthesize from, in a deterministic order."""
     rows = annotated.filter(pl.col("discipline") == discipline).sort("seed_id").to_dicts()
     category = tax.category_of(discipline)
     salt = f"{discipline}|{grade}"
@@ -112,13 +112,32 @@ def plan_tasks(
         floor = tax.difficulty_rank(cfg.high_difficulty_min_seed_difficulty)
         hard = [r for r in rows if tax.difficulty_rank(r["difficulty"]) >= floor]
         tracks.append(("high_difficulty", _capped(hard, cfg.max_seeds_per_partition, salt + "|high_difficulty")))
+    return [(track, seed) for track, seeds in tracks for seed in seeds]
+
+
+def tasks_for(
+    pairs: list[tuple[str, dict[str, Any]]], discipline: str, grade: str, budget: int | None, qa_per_seed: int
+) -> list[SynthTask]:
+    """Synthesis tasks over candidate pairs. ``budget`` None: ``qa_per_seed`` variants of every pair. Otherwise
+    exactly ``budget`` tasks (at most what the pairs hold at ``qa_per_seed`` variants each), dealt round-robin:
+    variant 0 of every pair, then variant 1, ... so a budget spreads over seeds before repeating one."""
+    if budget is None:
+        order = [(track, seed, v) for track, seed in pairs for v in range(qa_per_seed)]
+    else:
+        order = [(track, seed, v) for v in range(qa_per_seed) for track, seed in pairs][:budget]
     tasks = []
-    for track, seeds in tracks:
-        for seed in seeds:
-            for variant in range(cfg.qa_per_seed):
-                qa_id = "q_" + stable_hash(seed["seed_id"], discipline, grade, track, str(variant))
-                tasks.append(SynthTask(qa_id, track, discipline, grade, variant, seed))
+    for track, seed, variant in order:
+        qa_id = "q_" + stable_hash(seed["seed_id"], discipline, grade, track, str(variant))
+        tasks.append(SynthTask(qa_id, track, discipline, grade, variant, seed))
     return tasks
+
+
+def plan_tasks(
+    annotated: pl.DataFrame, discipline: str, grade: str, tax: TaxonomyConfig, cfg: SynthesisConfig
+) -> list[SynthTask]:
+    """The synthesis tasks of partition (discipline, grade) without a plan budget: every candidate seed x
+    ``qa_per_seed`` variants, in a deterministic order."""
+    return tasks_for(candidates(annotated, discipline, grade, tax, cfg), discipline, grade, None, cfg.qa_per_seed)
 
 
 def build_requests(tasks: list[SynthTask], max_chars: int, versions: dict[str, str] | None = None) -> list[LLMRequest]:

@@ -1,0 +1,203 @@
+"""``synthesis_plan[discipline x grade]``: how many QA each cell gets (and from which seeds), from the recipe's
+QA budget and the deficiency probe's accuracies. The rule is in ``logic/plan.py`` and in the asset docstring.
+
+The plan is cheap (no LLM), so it is computed whole; a run writes only the cells it was asked for. The
+sensor ``synthesis_plan_sensor`` (and ``boostqa demo``) materialize only the cells whose plan changed, so only
+those ``synthesized_qa`` partitions become stale and only those are re-synthesized by automation.
+"""
+
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from boostqa_assets import checks
+from boostqa_assets.configs import ProjectConfig
+from boostqa_assets.defs.support import backfill_policy, md_table, report_partition_checks
+from boostqa_assets.logic import plan as plan_logic
+from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heatmaps
+from boostqa_assets.logic.probe import read_probe_cells
+from boostqa_assets.partitions import Partitions, qa_key, qa_key_parts
+from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, stable_hash
+from boostqa_assets.resources import StoreResource, project_config
+from boostqa_assets.storage import Store
+
+
+def compute_plan(st: Store, project: ProjectConfig) -> tuple[pl.DataFrame, bool]:
+    """The whole plan from what is in the store now; the flag says whether a probe table was found."""
+    annotated = st.read_asset("annotated_seeds", ANNOTATED_SCHEMA)
+    probe_cells = read_probe_cells(st)
+    return plan_logic.build_plan(annotated, probe_cells, project), probe_cells is not None
+
+
+def stored_fingerprints(st: Store) -> dict[str, str]:
+    stored = st.read_asset("synthesis_plan", PLAN_SCHEMA)
+    return {qa_key(r["discipline"], r["grade"]): r["fingerprint"] for r in stored.to_dicts()}
+
+
+def pending_ranges(st: Store, project: ProjectConfig, all_keys: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The cells whose plan changed since the stored plan, and the fewest key ranges that cover exactly them."""
+    new_plan, _ = compute_plan(st, project)
+    changed = plan_logic.changed_cells(new_plan, stored_fingerprints(st))
+    return changed, plan_logic.contiguous_ranges(all_keys, changed)
+
+
+def heatmap_markdown(plan: pl.DataFrame, project: ProjectConfig) -> str:
+    """Accuracy and budget heatmaps, discipline x grade, side by side (a PNG inside markdown)."""
+    accuracy = {(r["discipline"], r["grade"]): r["accuracy"] for r in plan.to_dicts()}
+    budget = {(r["discipline"], r["grade"]): float(r["budget"]) for r in plan.to_dicts()}
+    png = render_heatmaps(
+        [
+            HeatmapPanel("probe accuracy (target model)", accuracy, "{:.2f}", "RdYlGn", 0.0, 1.0),
+            HeatmapPanel("synthesis budget (QA)", budget, "{:.0f}", "Blues", 0.0, None),
+        ],
+        project.taxonomy.discipline_names,
+        project.taxonomy.grades,
+    )
+    return png_markdown(png, "probe accuracy and synthesis budget, discipline x grade")
+
+
+def build(parts: Partitions) -> list[Any]:
+    @dg.asset(
+        partitions_def=parts.qa_partitions,
+        deps=[
+            dg.AssetDep("annotated_seeds", partition_mapping=dg.AllPartitionMapping()),
+            dg.AssetDep("deficiency_probe"),
+        ],
+        backfill_policy=backfill_policy(),
+        group_name="boostqa",
+        kinds={"parquet"},
+        code_version=plan_logic.PLAN_RULE_VERSION,
+    )
+    def synthesis_plan(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
+        """One row per discipline x grade cell: the number of QA `synthesized_qa` makes there (`budget`), the
+        seeds it uses, and why (`basis`, `accuracy`, `need`, `static_weight`, `weight`).
+
+        Rule: cells with no candidate seeds get 0. Static weight = recipe category weight x grade weight x
+        `stem_weight` (STEM) x `high_difficulty_weight` (high-difficulty grades). Need = max(`min_need`,
+        1 - probe accuracy) for cells the probe measured; unmeasured cells take the mean need of the measured
+        ones. The recipe's `qa_budget` goes first as `floor` to every cell with candidates, the rest in
+        proportion to static weight x need, no cell above min(`cap`, candidates x `max_qa_per_seed`); integers by
+        largest remainder, ties by key (deterministic). Without a probe run the plan uses the static weights
+        alone and says so (`basis: static`); without a `qa_budget`, every candidate seed gets `qa_per_seed`
+        variants (`basis: unbudgeted`). Each cell's `fingerprint` changes only when what synthesis will do
+        there changes, and the cell's data version is derived from it.
+        """
+        project = project_config()
+        st = store.get()
+        plan, probed = compute_plan(st, project)
+        before = stored_fingerprints(st)
+        keys = set(context.partition_keys)
+        written = []
+        for row in plan.iter_rows(named=True):
+            key = qa_key(row["discipline"], row["grade"])
+            if key not in keys:
+                continue
+            st.write_partition(
+                "synthesis_plan",
+                {"discipline": row["discipline"], "grade": row["grade"]},
+                plan.filter((pl.col("discipline") == row["discipline"]) & (pl.col("grade") == row["grade"])),
+            )
+            written.append(row)
+        changed = [r for r in written if before.get(qa_key(r["discipline"], r["grade"])) != r["fingerprint"]]
+        basis = plan_logic.plan_basis(plan)
+        recipe = project.recipes.plan_recipe(project.pipeline.plan.recipe)
+        context.log.info(
+            f"synthesis_plan: wrote {len(written)} cells ({len(changed)} changed); total budget "
+            f"{int(plan['budget'].sum())} of qa_budget {recipe.qa_budget}; basis: {basis}"
+        )
+        top = plan.filter(pl.col("budget") > 0).sort(["budget", "discipline", "grade"], descending=[True, False, False])
+        table_cols = ["discipline", "grade", "budget", "accuracy", "probe_n", "need", "static_weight", "basis"]
+        return dg.MaterializeResult(
+            metadata={
+                "basis": basis,
+                "probe_found": probed,
+                "recipe": recipe.name,
+                "qa_budget": recipe.qa_budget if recipe.qa_budget is not None else "none (unbudgeted)",
+                "total_budget": int(plan["budget"].sum()),
+                "cells_with_budget": int((plan["budget"] > 0).sum()),
+                "cells_without_candidates": int((plan["candidates"] == 0).sum()),
+                "cells_written": len(written),
+                "cells_changed": len(changed),
+                "changed_cells": ", ".join(qa_key(r["discipline"], r["grade"]) for r in changed[:40]) or "-",
+                "heatmaps": dg.MetadataValue.md(heatmap_markdown(plan, project)),
+                "budgets": md_table(top.select(table_cols).to_dicts()),
+                "dagster/row_count": len(written),
+            },
+            # Cells in one run share a data version: the hash of their fingerprints. A cell whose plan did not
+            # change is not re-materialized by the sensor, so its synthesized_qa partition stays fresh.
+            data_version=dg.DataVersion(stable_hash(*sorted(r["fingerprint"] for r in written))),
+        )
+
+    @dg.asset_check(asset=synthesis_plan, partitions_def=parts.qa_partitions, blocking=True)
+    def synthesis_plan_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
+        """Per cell: the plan schema, exactly one row for the cell's discipline and grade, 0 <= budget <=
+        capacity, budget <= `cap`, no budget without candidate seeds, and as many seed ids as the budget needs
+        (at least one per `max_qa_per_seed` QA)."""
+        st = store.get()
+        cfg = project_config().pipeline.plan
+
+        def evaluate(key: str) -> checks.CheckOutcome:
+            discipline, grade = qa_key_parts(key)
+            df = st.read_partition("synthesis_plan", {"discipline": discipline, "grade": grade})
+            rules = checks.table_checks(
+                df,
+                PLAN_SCHEMA,
+                not_null=["discipline", "grade", "budget", "capacity", "basis", "fingerprint", "seed_ids"],
+                equals={"discipline": discipline, "grade": grade},
+                allowed={"basis": ["probe", "probe_mean", "static", "unbudgeted"]},
+                require_rows=True,
+            )
+            problems = []
+            if df.height != 1:
+                problems.append(f"{df.height} rows, expected 1")
+            for r in df.to_dicts():
+                if not 0 <= r["budget"] <= r["capacity"]:
+                    problems.append(f"budget {r['budget']} outside 0..capacity {r['capacity']}")
+                if cfg.cap is not None and r["basis"] != "unbudgeted" and r["budget"] > cfg.cap:
+                    problems.append(f"budget {r['budget']} above cap {cfg.cap}")
+                if r["candidates"] == 0 and r["budget"] > 0:
+                    problems.append("budget without candidate seeds")
+            own = checks.CheckOutcome(not problems, {"plan_problems": "; ".join(problems) or "-"})
+            return checks.CheckOutcome.all_of(rules, own)
+
+        return report_partition_checks(context, "synthesis_plan", "synthesis_plan_valid", evaluate)
+
+    @dg.sensor(
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        asset_selection=[synthesis_plan],
+    )
+    def synthesis_plan_sensor(context: dg.SensorEvaluationContext, store: StoreResource) -> dg.SensorResult:
+        """When `annotated_seeds` or `deficiency_probe` has a new materialization, recompute the plan and
+        materialize only the cells whose plan changed (runs over the fewest contiguous key ranges)."""
+        instance = context.instance
+        marks = []
+        for upstream in ("annotated_seeds", "deficiency_probe"):
+            records = instance.fetch_materializations(dg.AssetKey(upstream), limit=1).records
+            marks.append(str(records[0].storage_id) if records else "-")
+        cursor = ",".join(marks)
+        if cursor == context.cursor:
+            return dg.SensorResult(skip_reason="no new annotated_seeds or deficiency_probe materialization")
+        if marks[0] == "-":
+            return dg.SensorResult(skip_reason="annotated_seeds has never been materialized", cursor=cursor)
+        project = project_config()
+        changed, ranges = pending_ranges(store.get(), project, parts.qa_partitions.get_partition_keys())
+        if not ranges:
+            return dg.SensorResult(skip_reason="the plan did not change in any cell", cursor=cursor)
+        context.log.info(f"synthesis plan changed in {len(changed)} cells: {changed[:20]}")
+        requests = [
+            dg.RunRequest(
+                run_key=f"plan-{cursor}-{start}-{end}",
+                asset_selection=[dg.AssetKey("synthesis_plan")],
+                asset_check_keys=[dg.AssetCheckKey(dg.AssetKey("synthesis_plan"), "synthesis_plan_valid")],
+                tags={
+                    "dagster/asset_partition_range_start": start,
+                    "dagster/asset_partition_range_end": end,
+                },
+            )
+            for start, end in ranges
+        ]
+        return dg.SensorResult(run_requests=requests, cursor=cursor)
+
+    return [synthesis_plan, synthesis_plan_valid, synthesis_plan_sensor]

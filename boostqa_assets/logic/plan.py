@@ -1,0 +1,261 @@
+"""The synthesis plan: how many QA each discipline x grade cell gets, and from which seeds.
+
+The rule (``pipeline.yaml`` ``plan``, the recipe named there or the first one):
+
+1. Candidates. A cell's candidate (track, seed) pairs are those ``synthesized_qa`` may use (the synthesis
+   rules of ``logic/synthesize.py``); its capacity is ``pairs x plan.max_qa_per_seed`` variants. A cell with no
+   candidate seeds gets 0: there is nothing to synthesize from, and its share goes to the others.
+2. Static weight. ``category_weights[category] x grade_weights[grade]`` of the recipe (a missing key weighs
+   1), times ``stem_weight`` for STEM disciplines and ``high_difficulty_weight`` for high-difficulty grades.
+3. Need. With a probe run: ``need = max(min_need, 1 - accuracy)`` for cells whose accuracy the probe measured
+   (enough graded replies); cells it could not measure take the mean need of the measured ones. Without a
+   probe run (or with no measured cell), need is 1 everywhere: the plan falls back to the static weights and
+   says so (``basis``).
+4. Allocation. ``weight = static weight x need``. The recipe's ``qa_budget`` is spread over cells with
+   candidates: each first gets ``floor`` (at most its capacity), the rest goes in proportion to weight, no cell
+   above ``min(cap, capacity)`` (what a full cell cannot take is shared among the others: water-filling);
+   integers by largest remainder, ties broken by partition key. The same inputs give the same plan.
+5. No ``qa_budget``: every candidate pair gets ``synthesis.qa_per_seed`` variants (``basis: unbudgeted``).
+
+Each cell's ``fingerprint`` hashes what ``synthesized_qa`` will do there (budget, seeds and their
+annotations, rule version): a cell whose fingerprint did not change needs no new synthesis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from boostqa_assets.configs import ProjectConfig
+from boostqa_assets.logic import synthesize
+from boostqa_assets.partitions import qa_key
+from boostqa_assets.records import PLAN_SCHEMA, frame, stable_hash
+
+PLAN_RULE_VERSION = "plan-v1"
+
+
+@dataclass(frozen=True)
+class CellNeed:
+    accuracy: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    status: str
+
+
+def allocate(
+    weights: dict[str, float], capacity: dict[str, int], total: int, floor: int = 0, cap: int | None = None
+) -> dict[str, int]:
+    """Integer budgets summing to ``min(total, sum of upper bounds)``; see the module docstring (step 4)."""
+    keys = sorted(weights)
+    upper = {k: max(0, min(capacity.get(k, 0), cap if cap is not None else capacity.get(k, 0))) for k in keys}
+    lower = {k: min(floor, upper[k]) for k in keys}
+    if sum(lower.values()) > total:
+        # Not even the floors fit: the floors become the upper bounds and the budget is shared by weight.
+        upper, lower = lower, dict.fromkeys(keys, 0)
+    total = min(total, sum(upper.values()))
+    share = {k: float(lower[k]) for k in keys}
+    remaining = float(total - sum(lower.values()))
+    active = [k for k in keys if share[k] < upper[k] and weights[k] > 0]
+    while remaining > 1e-9 and active:
+        wsum = sum(weights[k] for k in active)
+        spill = 0.0
+        still = []
+        for k in active:
+            share[k] += remaining * weights[k] / wsum
+            if share[k] >= upper[k]:
+                spill += share[k] - upper[k]
+                share[k] = float(upper[k])
+            else:
+                still.append(k)
+        remaining, active = spill, still
+    if remaining > 1e-9:
+        # Only zero-weight cells have room left: share what is left equally among them.
+        room = [k for k in keys if share[k] < upper[k]]
+        while remaining > 1e-9 and room:
+            each = remaining / len(room)
+            remaining, nxt = 0.0, []
+            for k in room:
+                add = min(each, upper[k] - share[k])
+                share[k] += add
+                remaining += each - add
+                if share[k] < upper[k]:
+                    nxt.append(k)
+            room = nxt
+    out = {k: math.floor(share[k] + 1e-9) for k in keys}
+    left = total - sum(out.values())
+    by_remainder = sorted(keys, key=lambda k: (-(share[k] - out[k]), k))
+    for k in by_remainder:
+        if left <= 0:
+            break
+        if out[k] < upper[k]:
+            out[k] += 1
+            left -= 1
+    return out
+
+
+def probe_needs(cells: pl.DataFrame | None) -> dict[str, CellNeed]:
+    """Measured cells of the probe table (``deficiency_probe``), by partition key."""
+    if cells is None or cells.is_empty():
+        return {}
+    out = {}
+    for r in cells.to_dicts():
+        out[qa_key(r["discipline"], r["grade"])] = CellNeed(
+            r.get("accuracy"), r.get("ci_low"), r.get("ci_high"), int(r.get("n_graded") or 0), r.get("status") or ""
+        )
+    return out
+
+
+def build_plan(annotated: pl.DataFrame, probe_cells: pl.DataFrame | None, project: ProjectConfig) -> pl.DataFrame:
+    """One row per discipline x grade cell (all of them, in partition-key order): budget, why, and from what."""
+    tax = project.taxonomy
+    syn = project.pipeline.synthesis
+    cfg = project.pipeline.plan
+    recipe = project.recipes.plan_recipe(cfg.recipe)
+    measured = {k: v for k, v in probe_needs(probe_cells).items() if v.accuracy is not None}
+    mean_need = (
+        sum(max(cfg.min_need, 1.0 - v.accuracy) for v in measured.values()) / len(measured)  # type: ignore[operator]
+        if measured
+        else None
+    )
+    unbudgeted = recipe.qa_budget is None
+    probed = bool(measured)
+    probe_info = probe_needs(probe_cells)
+    rows: list[dict[str, Any]] = []
+    pairs_by_key: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for discipline in sorted(tax.discipline_names):
+        for grade in sorted(tax.grades):
+            key = qa_key(discipline, grade)
+            pairs = synthesize.candidates(annotated, discipline, grade, tax, syn)
+            pairs_by_key[key] = pairs
+            category = tax.category_of(discipline)
+            is_stem = tax.is_stem(discipline)
+            is_hd = grade in syn.high_difficulty_grades
+            static = (
+                recipe.category_weights.get(category, 1.0)
+                * recipe.grade_weights.get(grade, 1.0)
+                * (cfg.stem_weight if is_stem else 1.0)
+                * (cfg.high_difficulty_weight if is_hd else 1.0)
+            )
+            info = probe_info.get(key)
+            if unbudgeted:
+                need, basis = 1.0, "unbudgeted"
+            elif key in measured:
+                need, basis = max(cfg.min_need, 1.0 - measured[key].accuracy), "probe"  # type: ignore[operator]
+            elif probed:
+                need, basis = float(mean_need), "probe_mean"  # type: ignore[arg-type]
+            else:
+                need, basis = 1.0, "static"
+            capacity = len(pairs) * (syn.qa_per_seed if unbudgeted else cfg.max_qa_per_seed)
+            rows.append(
+                {
+                    "discipline": discipline,
+                    "grade": grade,
+                    "category": category,
+                    "is_stem": is_stem,
+                    "is_high_difficulty": is_hd,
+                    "candidates": len(pairs),
+                    "capacity": capacity,
+                    "accuracy": info.accuracy if info else None,
+                    "ci_low": info.ci_low if info else None,
+                    "ci_high": info.ci_high if info else None,
+                    "probe_n": info.n if info else 0,
+                    "probe_status": info.status if info else "not_probed",
+                    "static_weight": round(static, 6),
+                    "need": round(need, 6),
+                    "weight": round(static * need, 6),
+                    "basis": basis,
+                    "recipe": recipe.name,
+                }
+            )
+    if unbudgeted:
+        budgets = {qa_key(r["discipline"], r["grade"]): r["capacity"] for r in rows}
+    else:
+        budgets = allocate(
+            {qa_key(r["discipline"], r["grade"]): r["weight"] for r in rows},
+            {qa_key(r["discipline"], r["grade"]): r["capacity"] for r in rows},
+            int(recipe.qa_budget),  # type: ignore[arg-type]
+            cfg.floor,
+            cfg.cap,
+        )
+    for r in rows:
+        key = qa_key(r["discipline"], r["grade"])
+        r["budget"] = budgets[key]
+        used = synthesize.tasks_for(
+            pairs_by_key[key],
+            r["discipline"],
+            r["grade"],
+            None if unbudgeted else r["budget"],
+            syn.qa_per_seed if unbudgeted else cfg.max_qa_per_seed,
+        )
+        seeds = sorted({t.seed["seed_id"] for t in used})
+        r["seed_ids"] = json.dumps(seeds)
+        r["fingerprint"] = stable_hash(
+            PLAN_RULE_VERSION,
+            str(r["budget"]),
+            json.dumps(
+                [[t.track, t.variant, t.seed["seed_id"], t.seed.get("annotate_request_hash") or ""] for t in used]
+            ),
+        )
+    return frame(rows, PLAN_SCHEMA)
+
+
+def cell_tasks(
+    annotated: pl.DataFrame, cell: dict[str, Any], project: ProjectConfig
+) -> tuple[list[synthesize.SynthTask], int]:
+    """The synthesis tasks of one plan cell: its budget over the seeds it names (those still annotated), and
+    how many of the named seeds are gone."""
+    syn = project.pipeline.synthesis
+    named = set(json.loads(cell["seed_ids"]))
+    pairs = synthesize.candidates(annotated, cell["discipline"], cell["grade"], project.taxonomy, syn)
+    pairs = [(t, s) for t, s in pairs if s["seed_id"] in named]
+    missing = len(named - {s["seed_id"] for _, s in pairs})
+    unbudgeted = cell["basis"] == "unbudgeted"
+    variants = syn.qa_per_seed if unbudgeted else project.pipeline.plan.max_qa_per_seed
+    tasks = synthesize.tasks_for(
+        pairs, cell["discipline"], cell["grade"], None if unbudgeted else int(cell["budget"]), variants
+    )
+    return tasks, missing
+
+
+def plan_basis(plan: pl.DataFrame) -> str:
+    """One line saying what the plan's budgets rest on."""
+    bases = set(plan["basis"].to_list()) if plan.height else set()
+    if "unbudgeted" in bases:
+        return "no qa_budget in the recipe: every candidate seed gets synthesis.qa_per_seed variants"
+    if bases & {"probe", "probe_mean"}:
+        n = plan.filter(pl.col("basis") == "probe").height
+        return f"probe accuracies: {n} measured cells; unmeasured cells take the mean need of the measured ones"
+    return "no probe run (or no cell with enough samples): the recipe's static weights alone"
+
+
+def changed_cells(new_plan: pl.DataFrame, stored: dict[str, str]) -> list[str]:
+    """Partition keys whose fingerprint differs from ``stored`` (key -> fingerprint; missing counts as changed)."""
+    out = []
+    for r in new_plan.select("discipline", "grade", "fingerprint").to_dicts():
+        key = qa_key(r["discipline"], r["grade"])
+        if stored.get(key) != r["fingerprint"]:
+            out.append(key)
+    return out
+
+
+def contiguous_ranges(all_keys: list[str], selected: list[str]) -> list[tuple[str, str]]:
+    """``selected`` as the fewest (start, end) runs of consecutive keys in ``all_keys``' order."""
+    chosen = set(selected)
+    ranges: list[tuple[str, str]] = []
+    start = prev = None
+    for k in all_keys:
+        if k in chosen:
+            if start is None:
+                start = k
+            prev = k
+        elif start is not None:
+            ranges.append((start, prev))  # type: ignore[arg-type]
+            start = prev = None
+    if start is not None:
+        ranges.append((start, prev))  # type: ignore[arg-type]
+    return ranges
