@@ -549,6 +549,9 @@ class OrchestrationConfig(_Strict):
         "at most N partitions (a failed run redoes only its N)",
     )
     seeds_refresh_cron: str = Field("0 3 * * *", description="cron of the schedule that refreshes seed partitions")
+    automation: bool = Field(
+        True, description="run the automation sensor by default (eager re-materialization of changed partitions)"
+    )
     timezone: str = "UTC"
 
 

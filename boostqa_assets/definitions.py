@@ -9,6 +9,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from boostqa_assets.defs import (
     annotated_seeds,
+    automation,
     deficiency_probe,
     qa_mixture,
     refined_qa,
@@ -36,7 +37,16 @@ STAGES: tuple[str, ...] = (
 
 
 # One module per asset under defs/; each build() returns its asset, checks, sensors and schedules.
-MODULES = (seeds, annotated_seeds, deficiency_probe, synthesis_plan, synthesized_qa, refined_qa, qa_mixture)
+MODULES = (
+    seeds,
+    annotated_seeds,
+    deficiency_probe,
+    synthesis_plan,
+    synthesized_qa,
+    refined_qa,
+    qa_mixture,
+    automation,
+)
 
 
 def build_definitions() -> dg.Definitions:
