@@ -1,10 +1,11 @@
 """Great Expectations 1.x suites, one per asset, evaluated on one partition's frame (no Dagster here).
 
-``validate(asset, df, taxonomy)`` runs the asset's suite (schema, nulls, allowed values, ranges, uniqueness,
-length distributions) on an ephemeral GX context and returns a ``CheckOutcome`` with flat numbers:
-``gx_<rule>_<column>_unexpected`` per row-level expectation, ``gx_mean_<column>`` per distribution
-expectation, ``gx_evaluated_expectations`` / ``gx_failed_expectations`` / ``gx_success_percent``, and
-``<column>_len_mean`` / ``_p50`` / ``_p95`` / ``_max`` for the text columns. The ``*_valid`` asset checks in
+``validate(asset, df, taxonomy)`` runs the asset's suite (schema, nulls, allowed values, ranges, uniqueness of
+a column or of a column combination, length distributions) on an ephemeral GX context and returns a
+``CheckOutcome`` with flat numbers: ``gx_<rule>_<column>_unexpected`` per row-level expectation
+(``gx_unique_<a>_<b>_unexpected`` for a combination), ``gx_mean_<column>`` per distribution expectation,
+``gx_evaluated_expectations`` / ``gx_failed_expectations`` / ``gx_success_percent``, and ``<column>_len_mean`` /
+``_p50`` / ``_p95`` / ``_max`` for the text columns. The ``*_valid`` asset checks in
 ``defs/`` combine it with the rules of ``checks.py``.
 
 GX is imported lazily (2-3 s) and its context built once per process; it validates pandas, so the polars
@@ -18,7 +19,7 @@ import os
 import threading
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +30,14 @@ from boostqa_assets.logic.synthesize import QUESTION_MAX_CHARS, QUESTION_MIN_CHA
 from boostqa_assets.records import (
     ANNOTATED_SCHEMA,
     MIXTURE_SCHEMA,
+    PLAN_SCHEMA,
+    PROBE_CELL_SCHEMA,
     REFINED_SCHEMA,
     SEED_SCHEMA,
     SYNTHESIZED_SCHEMA,
     Kind,
+    PlanCell,
+    ProbeStatus,
     Track,
 )
 
@@ -50,6 +55,9 @@ ANSWER_MEAN_CHARS = (2, 4000)
 
 TRACKS = list(typing.get_args(Track))
 KINDS = list(typing.get_args(Kind))
+PROBE_STATUSES = list(typing.get_args(ProbeStatus))
+PLAN_BASES = list(typing.get_args(PlanCell.model_fields["basis"].annotation))
+PLAN_PROBE_STATUSES = [*PROBE_STATUSES, "not_probed"]  # a plan cell the probe table has no row for
 
 SCHEMAS: dict[str, pl.Schema] = {
     "seeds": SEED_SCHEMA,
@@ -57,6 +65,8 @@ SCHEMAS: dict[str, pl.Schema] = {
     "synthesized_qa": SYNTHESIZED_SCHEMA,
     "refined_qa": REFINED_SCHEMA,
     "qa_mixture": MIXTURE_SCHEMA,
+    "deficiency_probe": PROBE_CELL_SCHEMA,
+    "synthesis_plan": PLAN_SCHEMA,
 }
 
 # Short names for the metadata keys.
@@ -64,12 +74,25 @@ _SHORT = {
     "expect_column_values_to_not_be_null": "not_null",
     "expect_column_values_to_be_in_set": "in_set",
     "expect_column_values_to_be_unique": "unique",
+    "expect_compound_columns_to_be_unique": "unique",
     "expect_column_values_to_be_between": "between",
     "expect_column_value_lengths_to_be_between": "length",
     "expect_column_mean_to_be_between": "mean",
     "expect_column_values_to_be_of_type": "type",
     "expect_table_columns_to_match_set": "columns",
 }
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A closed numeric range; ``strict_min`` opens it at the bottom. Nulls are not checked (``not_null`` is)."""
+
+    min: float | None
+    max: float | None
+    strict_min: bool = False
+
+
+UNIT = Bounds(0.0, 1.0)  # a fraction: accuracy, interval bounds
 
 
 @dataclass(frozen=True)
@@ -84,6 +107,9 @@ class SuiteSpec:
     lengths: dict[str, tuple[int, int]]  # text column -> per-value (min, max) characters
     mean_lengths: dict[str, tuple[int, int]]  # text column -> (min, max) of the partition's mean length
     length_stats: tuple[str, ...]  # text columns whose length distribution is reported
+    # numeric column -> range (a column is in at_least or in between, not both: both report as `between`)
+    between: dict[str, Bounds] = field(default_factory=dict)
+    unique_together: tuple[tuple[str, ...], ...] = ()  # column combinations unique per row
 
 
 def suite_spec(asset: str, taxonomy: TaxonomyConfig) -> SuiteSpec:
@@ -200,6 +226,58 @@ def suite_spec(asset: str, taxonomy: TaxonomyConfig) -> SuiteSpec:
             mean_lengths={},
             length_stats=("text",),
         )
+    if asset == "deficiency_probe":
+        # One row per measured cell; numbers are null unless the cell is `ok` (the rules check which).
+        return SuiteSpec(
+            PROBE_CELL_SCHEMA,
+            unique=(),
+            not_null=("discipline", "grade", "n_candidates", "n_sampled", "n_graded", "n_correct", "status", "grading"),
+            in_set={k: labels[k] for k in ("discipline", "grade")} | {"status": PROBE_STATUSES},
+            at_least={"n_candidates": 0, "n_sampled": 0, "n_graded": 0, "n_correct": 0},
+            lengths={},
+            mean_lengths={},
+            length_stats=(),
+            between={"accuracy": UNIT, "ci_low": UNIT, "ci_high": UNIT},
+            unique_together=(("discipline", "grade"),),
+        )
+    if asset == "synthesis_plan":
+        # One row per cell (a partition holds one); need > 0 so a perfectly answered cell keeps a share.
+        return SuiteSpec(
+            PLAN_SCHEMA,
+            unique=(),
+            not_null=(
+                "discipline",
+                "grade",
+                "category",
+                "candidates",
+                "capacity",
+                "probe_n",
+                "probe_status",
+                "static_weight",
+                "need",
+                "weight",
+                "basis",
+                "recipe",
+                "budget",
+                "seed_ids",
+                "fingerprint",
+            ),
+            in_set={k: labels[k] for k in ("discipline", "category", "grade")}
+            | {"basis": PLAN_BASES, "probe_status": PLAN_PROBE_STATUSES},
+            at_least={"budget": 0, "capacity": 0, "candidates": 0, "probe_n": 0},
+            lengths={},
+            mean_lengths={},
+            length_stats=(),
+            between={
+                "accuracy": UNIT,
+                "ci_low": UNIT,
+                "ci_high": UNIT,
+                "need": Bounds(0.0, 1.0, strict_min=True),
+                "static_weight": Bounds(0.0, None),
+                "weight": Bounds(0.0, None),
+            },
+            unique_together=(("discipline", "grade"),),
+        )
     raise KeyError(f"no expectation suite for asset {asset!r}; known: {sorted(SCHEMAS)}")
 
 
@@ -253,8 +331,13 @@ def _build_suite(asset: str, taxonomy_json: str) -> Any:
             exps.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_=pandas_type))
     exps += [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in spec.not_null]
     exps += [gxe.ExpectColumnValuesToBeUnique(column=c) for c in spec.unique]
+    exps += [gxe.ExpectCompoundColumnsToBeUnique(column_list=list(cs)) for cs in spec.unique_together]
     exps += [gxe.ExpectColumnValuesToBeInSet(column=c, value_set=list(v)) for c, v in spec.in_set.items()]
     exps += [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=v) for c, v in spec.at_least.items()]
+    exps += [
+        gxe.ExpectColumnValuesToBeBetween(column=c, min_value=b.min, max_value=b.max, strict_min=b.strict_min)
+        for c, b in spec.between.items()
+    ]
     exps += [
         gxe.ExpectColumnValueLengthsToBeBetween(column=c, min_value=lo, max_value=hi)
         for c, (lo, hi) in spec.lengths.items()
@@ -311,7 +394,8 @@ def validate(asset: str, df: pl.DataFrame, taxonomy: TaxonomyConfig) -> CheckOut
     for r in result.results:
         kind = r.expectation_config.type
         short = _SHORT.get(kind, kind.removeprefix("expect_"))
-        column = r.expectation_config.kwargs.get("column")
+        kwargs = r.expectation_config.kwargs
+        column = kwargs.get("column") or "_".join(kwargs.get("column_list") or ()) or None
         name = f"{short}_{column}" if column else short
         errored = bool(r.exception_info and r.exception_info.get("raised_exception"))
         if not r.success or errored:

@@ -14,6 +14,8 @@ from boostqa_assets.configs import TaxonomyConfig, load_config
 from boostqa_assets.records import (
     ANNOTATED_SCHEMA,
     MIXTURE_SCHEMA,
+    PLAN_SCHEMA,
+    PROBE_CELL_SCHEMA,
     REFINED_SCHEMA,
     SEED_SCHEMA,
     SYNTHESIZED_SCHEMA,
@@ -115,12 +117,64 @@ def _doc(i: int, tax: TaxonomyConfig) -> dict[str, Any]:
     }
 
 
+def _cell_at(i: int, tax: TaxonomyConfig) -> tuple[str, str]:
+    """The i-th discipline x grade cell of the taxonomy: distinct cells for distinct i."""
+    return tax.discipline_names[i // len(tax.grades)], tax.grades[i % len(tax.grades)]
+
+
+def _probe_cell(i: int, tax: TaxonomyConfig) -> dict[str, Any]:
+    discipline, grade = _cell_at(i, tax)
+    ok = i % 3 != 2  # every third cell has too few graded replies: null numbers
+    return {
+        "discipline": discipline,
+        "grade": grade,
+        "n_candidates": 40,
+        "n_sampled": 20,
+        "n_graded": 16 if ok else 3,
+        "n_correct": 12 if ok else 1,
+        "accuracy": 0.75 if ok else None,
+        "ci_low": 0.5 if ok else None,
+        "ci_high": 0.9 if ok else None,
+        "status": "ok" if ok else "insufficient_samples",
+        "grading": '{"normalized": 16}' if ok else '{"normalized": 3}',
+    }
+
+
+def _plan_cell(i: int, tax: TaxonomyConfig) -> dict[str, Any]:
+    discipline, grade = _cell_at(i, tax)
+    measured = i % 2 == 0
+    return {
+        "discipline": discipline,
+        "grade": grade,
+        "category": tax.category_of(discipline),
+        "is_stem": tax.is_stem(discipline),
+        "is_high_difficulty": False,
+        "candidates": 10,
+        "capacity": 40,
+        "accuracy": 0.75 if measured else None,
+        "ci_low": 0.5 if measured else None,
+        "ci_high": 0.9 if measured else None,
+        "probe_n": 16 if measured else 0,
+        "probe_status": "ok" if measured else "not_probed",
+        "static_weight": 1.5,
+        "need": 0.25 if measured else 0.4,
+        "weight": 0.375 if measured else 0.6,
+        "basis": "probe" if measured else "probe_mean",
+        "recipe": "stem_heavy",
+        "budget": 12,
+        "seed_ids": '["s_000001", "s_000002", "s_000003"]',
+        "fingerprint": f"f{i:015d}",
+    }
+
+
 GOOD = {
     "seeds": (lambda i, tax: _seed(i), SEED_SCHEMA),
     "annotated_seeds": (_annotated, ANNOTATED_SCHEMA),
     "synthesized_qa": (_synth, SYNTHESIZED_SCHEMA),
     "refined_qa": (_refined, REFINED_SCHEMA),
     "qa_mixture": (_doc, MIXTURE_SCHEMA),
+    "deficiency_probe": (_probe_cell, PROBE_CELL_SCHEMA),
+    "synthesis_plan": (_plan_cell, PLAN_SCHEMA),
 }
 
 
@@ -221,6 +275,62 @@ def test_annotated_and_seed_suites_flag_labels_and_nulls(tax: TaxonomyConfig) ->
     assert meta["gx_in_set_kind_unexpected"] == 1
     assert meta["gx_unique_seed_id_unexpected"] == 2
     assert meta["gx_not_null_license_unexpected"] == 1
+
+
+def test_probe_suite_flags_out_of_range_numbers_and_duplicate_cells(tax: TaxonomyConfig) -> None:
+    rows = [_probe_cell(i, tax) for i in range(9)]
+    rows[0]["accuracy"] = 1.25
+    rows[1]["ci_high"] = 1.5
+    rows[3]["n_correct"] = -1
+    rows[4]["status"] = "unknown"
+    rows[5]["discipline"] = "astrology"
+    rows[7]["grade"] = rows[6]["grade"]  # the same discipline x grade twice: GX counts both rows
+    rows[8]["grading"] = None
+    outcome = expectations.validate("deficiency_probe", frame(rows, PROBE_CELL_SCHEMA), tax)
+    meta = outcome.metadata
+    assert not outcome.passed
+    assert meta["gx_between_accuracy_unexpected"] == 1
+    assert meta["gx_between_ci_high_unexpected"] == 1
+    assert meta["gx_between_ci_low_unexpected"] == 0  # nulls (insufficient cells) are not out of range
+    assert meta["gx_between_n_correct_unexpected"] == 1 and meta["gx_between_n_graded_unexpected"] == 0
+    assert meta["gx_in_set_status_unexpected"] == 1
+    assert meta["gx_in_set_discipline_unexpected"] == 1 and meta["gx_in_set_grade_unexpected"] == 0
+    assert meta["gx_unique_discipline_grade_unexpected"] == 2
+    assert meta["gx_not_null_grading_unexpected"] == 1 and meta["gx_not_null_status_unexpected"] == 0
+    assert meta["gx_failed_expectations"] == 7
+    for name in ("between_accuracy", "between_ci_high", "in_set_status", "unique_discipline_grade"):
+        assert name in meta["gx_failed"]
+
+
+def test_plan_suite_flags_need_weights_basis_and_budget(tax: TaxonomyConfig) -> None:
+    rows = [_plan_cell(i, tax) for i in range(8)]
+    rows[0]["need"] = 0.0  # need is in (0, 1]: a zero need would starve the cell
+    rows[1]["need"] = 1.0  # the closed end: allowed
+    rows[2]["weight"] = -0.5
+    rows[3]["basis"] = "guess"
+    rows[4]["budget"] = -3
+    rows[5]["accuracy"] = -0.1
+    rows[6]["grade"] = "postdoc"
+    outcome = expectations.validate("synthesis_plan", frame(rows, PLAN_SCHEMA), tax)
+    meta = outcome.metadata
+    assert not outcome.passed
+    assert meta["gx_between_need_unexpected"] == 1
+    assert meta["gx_between_weight_unexpected"] == 1 and meta["gx_between_static_weight_unexpected"] == 0
+    assert meta["gx_in_set_basis_unexpected"] == 1
+    assert meta["gx_between_budget_unexpected"] == 1 and meta["gx_between_capacity_unexpected"] == 0
+    assert meta["gx_between_accuracy_unexpected"] == 1
+    assert meta["gx_in_set_grade_unexpected"] == 1
+    assert meta["gx_unique_discipline_grade_unexpected"] == 0
+    assert meta["gx_failed_expectations"] == 6
+
+
+def test_plan_suite_passes_on_one_cell_partitions(tax: TaxonomyConfig) -> None:
+    """The check validates one cell per partition; static and unbudgeted cells (need 1, no probe) pass."""
+    for basis in ("static", "unbudgeted"):
+        row = _plan_cell(1, tax) | {"basis": basis, "need": 1.0, "weight": 1.5, "probe_status": "not_probed"}
+        outcome = expectations.validate("synthesis_plan", frame([row], PLAN_SCHEMA), tax)
+        assert outcome.passed, outcome.metadata["gx_failed"]
+        assert outcome.metadata["rows"] == 1
 
 
 def test_schema_drift_fails(tax: TaxonomyConfig) -> None:

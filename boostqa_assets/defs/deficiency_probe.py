@@ -6,7 +6,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from boostqa_assets import checks
+from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import counts_by, endpoint_pool, llm_metadata, md_table, progress_logger
 from boostqa_assets.llm.types import LLMResult
 from boostqa_assets.logic import probe
@@ -155,11 +155,15 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         """The cell table: schema, one row per cell inside the taxonomy, `n_correct <= n_graded <= n_sampled <=
         n_candidates`, `accuracy` in [0, 1] and equal to `n_correct / n_graded`, `ci_low <= accuracy <=
         ci_high`, status `ok` exactly when `n_graded >= probe.min_samples` (null numbers otherwise); and the
-        item table adds up to it per cell."""
+        item table adds up to it per cell. Plus the Great Expectations suite of `expectations.py` (labels in the
+        taxonomy, unique (discipline, grade), counts >= 0, accuracy and interval in [0, 1] or null, known status;
+        `gx_*` metadata). An empty table (probe disabled) passes."""
         project = project_config()
         st = store.get()
         cells = st.read_partition(probe.ASSET, {})
-        outcome = probe.validate_cells(cells, project.pipeline.probe.min_samples, project.taxonomy)
+        rules = probe.validate_cells(cells, project.pipeline.probe.min_samples, project.taxonomy)
+        suite = expectations.validate("deficiency_probe", cells, project.taxonomy)
+        outcome = checks.CheckOutcome.all_of(rules, suite)
         if outcome.passed:
             items = st.read_partition(probe.ITEMS_ASSET, {})
             items_schema = checks.schema_matches(items, PROBE_ITEM_SCHEMA)

@@ -6,12 +6,13 @@ sensor ``synthesis_plan_sensor`` (and ``boostqa demo``) materialize only the cel
 those ``synthesized_qa`` partitions become stale and only those are re-synthesized by automation.
 """
 
+import json
 from typing import Any
 
 import dagster as dg
 import polars as pl
 
-from boostqa_assets import checks
+from boostqa_assets import checks, expectations
 from boostqa_assets.configs import ProjectConfig
 from boostqa_assets.defs.support import backfill_policy, md_table, report_partition_checks
 from boostqa_assets.logic import plan as plan_logic
@@ -132,10 +133,13 @@ def build(parts: Partitions) -> list[Any]:
     @dg.asset_check(asset=synthesis_plan, partitions_def=parts.qa_partitions, blocking=True)
     def synthesis_plan_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
         """Per cell: the plan schema, exactly one row for the cell's discipline and grade, 0 <= budget <=
-        capacity, budget <= `cap`, no budget without candidate seeds, and as many seed ids as the budget needs
-        (at least one per `max_qa_per_seed` QA)."""
+        capacity, budget <= `cap`, no budget without candidate seeds, and enough named seeds for the budget
+        (each serves at most 2 tracks x `max_qa_per_seed` variants). Plus the Great Expectations suite of
+        `expectations.py` (labels in the taxonomy, known `basis`, counts >= 0, `need` in (0, 1], weights >= 0,
+        accuracy in [0, 1] or null; `gx_*` metadata)."""
         st = store.get()
-        cfg = project_config().pipeline.plan
+        project = project_config()
+        cfg = project.pipeline.plan
 
         def evaluate(key: str) -> checks.CheckOutcome:
             discipline, grade = qa_key_parts(key)
@@ -158,8 +162,13 @@ def build(parts: Partitions) -> list[Any]:
                     problems.append(f"budget {r['budget']} above cap {cfg.cap}")
                 if r["candidates"] == 0 and r["budget"] > 0:
                     problems.append("budget without candidate seeds")
+                per_seed = project.pipeline.synthesis.qa_per_seed if r["basis"] == "unbudgeted" else cfg.max_qa_per_seed
+                # Each named seed serves one pair per track (at most 2 tracks) x per_seed variants.
+                if len(json.loads(r["seed_ids"])) * per_seed * 2 < r["budget"]:
+                    problems.append(f"budget {r['budget']} needs more seeds than the {r['seed_ids']} named")
             own = checks.CheckOutcome(not problems, {"plan_problems": "; ".join(problems) or "-"})
-            return checks.CheckOutcome.all_of(rules, own)
+            suite = expectations.validate("synthesis_plan", df, project.taxonomy)
+            return checks.CheckOutcome.all_of(rules, own, suite)
 
         return report_partition_checks(context, "synthesis_plan", "synthesis_plan_valid", evaluate)
 
