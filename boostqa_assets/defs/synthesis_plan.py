@@ -111,6 +111,7 @@ def build(parts: Partitions) -> list[Any]:
         table_cols = ["discipline", "grade", "budget", "accuracy", "probe_n", "need", "static_weight", "basis"]
         return dg.MaterializeResult(
             metadata={
+                "rows": len(written),
                 "basis": basis,
                 "probe_found": probed,
                 "recipe": recipe.name,
