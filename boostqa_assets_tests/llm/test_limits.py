@@ -363,8 +363,10 @@ def test_slots_are_shared_and_freed_when_the_holder_dies(tmp_path: Path) -> None
 
 
 def test_four_processes_share_the_request_rate(server_process: Any, tmp_path: Path) -> None:
-    rpm, window, per_process = 40, 1.0, 40
-    url = server_process(FaultConfig(rpm=rpm, window_s=window, latency_s=0.02))
+    # The shared limit sits 10% under the server's, as one would set it against a real provider: the server's
+    # 1 s windows and ours do not start at the same instant, and a loaded 2-core machine adds jitter at the edge.
+    server_rpm, rpm, window, per_process = 40, 36, 1.0, 36
+    url = server_process(FaultConfig(rpm=server_rpm, window_s=window, latency_s=0.02))
     specs = [
         {
             "url": url,
@@ -384,8 +386,8 @@ def test_four_processes_share_the_request_rate(server_process: Any, tmp_path: Pa
     for spec in specs:  # every row came back, in order, in its own process
         assert reports[spec["tag"]]["keys"] == [r.key for r in make_requests(per_process, spec["tag"])]
     rejected = st["by_status"].get("429", 0)
-    # A 1 s window on a loaded 2-core machine puts clock jitter at the window's edge; the 1% target is
-    # measured by benchmarks/llm_gateway.py over real 60 s windows. Here: rare, and never a lost row.
+    # The 1% target is measured by benchmarks/llm_gateway.py over real 60 s windows. Here: rare, and never a
+    # lost row.
     assert rejected <= 0.03 * total, f"{rejected} 429s for {total} requests"
     floor = (total - rpm) / rpm * window  # the first window's requests go at once, then rpm per window
     assert elapsed >= floor * 0.95, f"{total} requests in {elapsed:.2f}s: faster than {rpm}/{window}s"
