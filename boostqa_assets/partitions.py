@@ -61,3 +61,22 @@ def qa_key_parts(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
 
 def qa_key(discipline: str, grade: str) -> str:
     return f"{discipline}|{grade}"
+
+
+def contiguous_ranges(all_keys: list[str], selected: list[str]) -> list[tuple[str, str]]:
+    """``selected`` as the fewest (start, end) runs of consecutive keys in ``all_keys``' order: the ranges that
+    runs take (partition range tags) when only some partitions must run."""
+    chosen = set(selected)
+    ranges: list[tuple[str, str]] = []
+    start = prev = None
+    for k in all_keys:
+        if k in chosen:
+            if start is None:
+                start = k
+            prev = k
+        elif start is not None:
+            ranges.append((start, prev))  # type: ignore[arg-type]
+            start = prev = None
+    if start is not None:
+        ranges.append((start, prev))  # type: ignore[arg-type]
+    return ranges

@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 
 from boostqa_assets.definitions import STAGES
-from boostqa_assets.partitions import SOURCE_PARTITIONS, register_sources
+from boostqa_assets.partitions import SOURCE_PARTITIONS, contiguous_ranges, register_sources
 from boostqa_assets.resources import project_config
 from boostqa_assets.storage import Store
 
@@ -59,15 +59,9 @@ def _partition_ranges(
         return [keys]
     sources = project_config().sources
     configured = {s.name for s in sources.sources}
-    ranges: list[list[str]] = [[]]
-    orphans = []
-    for key in keys:
-        if key in configured or sources.watch_for_key(key) is not None:
-            ranges[-1].append(key)
-        else:
-            orphans.append(key)
-            if ranges[-1]:
-                ranges.append([])
+    known = [k for k in keys if k in configured or sources.watch_for_key(k) is not None]
+    known_set = set(known)
+    orphans = [k for k in keys if k not in known_set]
     if orphans:
         logger.warning(
             "%s: skipping source partitions that sources.yaml no longer configures: %s (delete them in the "
@@ -75,7 +69,7 @@ def _partition_ranges(
             asset,
             ", ".join(orphans),
         )
-    return [r for r in ranges if r]
+    return [keys[keys.index(a) : keys.index(b) + 1] for a, b in contiguous_ranges(keys, known)]
 
 
 def _metadata_values(event: dg.AssetMaterialization) -> dict[str, Any]:

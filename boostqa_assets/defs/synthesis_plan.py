@@ -18,7 +18,7 @@ from boostqa_assets.defs.support import backfill_policy, md_table, report_partit
 from boostqa_assets.logic import plan as plan_logic
 from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heatmaps
 from boostqa_assets.logic.probe import read_probe_cells
-from boostqa_assets.partitions import Partitions, qa_key, qa_key_parts
+from boostqa_assets.partitions import Partitions, contiguous_ranges, qa_key, qa_key_parts
 from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, stable_hash
 from boostqa_assets.resources import StoreResource, project_config
 from boostqa_assets.storage import Store
@@ -40,7 +40,7 @@ def pending_ranges(st: Store, project: ProjectConfig, all_keys: list[str]) -> tu
     """The cells whose plan changed since the stored plan, and the fewest key ranges that cover exactly them."""
     new_plan, _ = compute_plan(st, project)
     changed = plan_logic.changed_cells(new_plan, stored_fingerprints(st))
-    return changed, plan_logic.contiguous_ranges(all_keys, changed)
+    return changed, contiguous_ranges(all_keys, changed)
 
 
 def heatmap_markdown(plan: pl.DataFrame, project: ProjectConfig) -> str:

@@ -116,7 +116,8 @@ def build_plan(annotated: pl.DataFrame, probe_cells: pl.DataFrame | None, projec
     syn = project.pipeline.synthesis
     cfg = project.pipeline.plan
     recipe = project.recipes.plan_recipe(cfg.recipe)
-    measured = {k: v for k, v in probe_needs(probe_cells).items() if v.accuracy is not None}
+    probe_info = probe_needs(probe_cells)
+    measured = {k: v for k, v in probe_info.items() if v.accuracy is not None}
     mean_need = (
         sum(max(cfg.min_need, 1.0 - v.accuracy) for v in measured.values()) / len(measured)  # type: ignore[operator]
         if measured
@@ -124,7 +125,6 @@ def build_plan(annotated: pl.DataFrame, probe_cells: pl.DataFrame | None, projec
     )
     unbudgeted = recipe.qa_budget is None
     probed = bool(measured)
-    probe_info = probe_needs(probe_cells)
     rows: list[dict[str, Any]] = []
     pairs_by_key: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for discipline in sorted(tax.discipline_names):
@@ -241,21 +241,3 @@ def changed_cells(new_plan: pl.DataFrame, stored: dict[str, str]) -> list[str]:
         if stored.get(key) != r["fingerprint"]:
             out.append(key)
     return out
-
-
-def contiguous_ranges(all_keys: list[str], selected: list[str]) -> list[tuple[str, str]]:
-    """``selected`` as the fewest (start, end) runs of consecutive keys in ``all_keys``' order."""
-    chosen = set(selected)
-    ranges: list[tuple[str, str]] = []
-    start = prev = None
-    for k in all_keys:
-        if k in chosen:
-            if start is None:
-                start = k
-            prev = k
-        elif start is not None:
-            ranges.append((start, prev))  # type: ignore[arg-type]
-            start = prev = None
-    if start is not None:
-        ranges.append((start, prev))  # type: ignore[arg-type]
-    return ranges

@@ -10,7 +10,7 @@ import pytest
 
 from boostqa_assets.configs import PlanConfig, ProjectConfig, load_project_config
 from boostqa_assets.logic import plan as plan_logic
-from boostqa_assets.partitions import qa_key
+from boostqa_assets.partitions import contiguous_ranges, qa_key
 from boostqa_assets.records import ANNOTATED_SCHEMA, frame
 from boostqa_assets.settings import DEFAULT_CONFIG_DIR
 
@@ -248,6 +248,6 @@ def test_cell_tasks_follow_the_plan_budget_round_robin() -> None:
 
 def test_contiguous_ranges() -> None:
     keys = ["a", "b", "c", "d", "e"]
-    assert plan_logic.contiguous_ranges(keys, ["b", "c", "e"]) == [("b", "c"), ("e", "e")]
-    assert plan_logic.contiguous_ranges(keys, []) == []
-    assert plan_logic.contiguous_ranges(keys, keys) == [("a", "e")]
+    assert contiguous_ranges(keys, ["b", "c", "e"]) == [("b", "c"), ("e", "e")]
+    assert contiguous_ranges(keys, []) == []
+    assert contiguous_ranges(keys, keys) == [("a", "e")]
