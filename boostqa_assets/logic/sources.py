@@ -3,8 +3,9 @@ list the files of watched prefixes (local or s3://) and resolve any ``seeds`` pa
 
 A row that cannot become a seed is never dropped silently: it becomes a reject row with a reason code
 (``invalid_utf8``, ``unparseable_line``, ``not_an_object``, ``missing_field``, ``empty_text``, ``oversize``,
-``duplicate``, ``duplicate_id``). A file that cannot be read at all raises ``SourceError``. Output order is
-deterministic: dedup keeps the earliest row in file order, seeds come back sorted by ``seed_id``.
+``duplicate``, ``duplicate_id``). A file that cannot be read at all raises ``SourceError``, whose message names
+the source, the file and the fix. Output order is deterministic: dedup keeps the earliest row in file order,
+seeds come back sorted by ``seed_id``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def resolve_path(cfg: SourceConfig, config_dir: Path) -> str:
     if path.startswith("pkg://"):
         package, _, inner = path.removeprefix("pkg://").partition("/")
         if not package or not inner:
-            raise SourceError(f"source {cfg.name!r}: {path!r} must look like pkg://<package>/<file>")
+            raise SourceError(
+                f"source {cfg.name!r}: {path!r} must look like pkg://<package>/<file>; fix: correct its `path` in "
+                "sources.yaml"
+            )
         try:  # find_spec locates a top-level package without importing (running) it
             spec = importlib.util.find_spec(package)
         except (ImportError, ValueError):
@@ -111,9 +115,19 @@ def read_source(cfg: SourceConfig, config_dir: Path, storage_options: dict[str, 
             for item in _items(fmt, f, cfg, path):
                 collector.add(*item)
     except FileNotFoundError as exc:
-        raise SourceError(f"source {cfg.name!r}: file {path} not found") from exc
+        raise SourceError(
+            f"source {cfg.name!r}: file {path} not found; fix: put the file back, or correct the source's `path` in "
+            "sources.yaml"
+        ) from exc
+    except PermissionError as exc:
+        raise SourceError(
+            f"source {cfg.name!r}: cannot read {path}: permission denied; fix: make the file readable by this user"
+        ) from exc
     except _READ_ERRORS as exc:
-        raise SourceError(f"source {cfg.name!r}: cannot read {path}: {type(exc).__name__}: {exc}") from exc
+        raise SourceError(
+            f"source {cfg.name!r}: cannot read {path}: {type(exc).__name__}: {exc}; fix: replace it with a complete "
+            "copy (a truncated download or copy?), or correct `format` / `compression` in sources.yaml"
+        ) from exc
 
     kept, not_sampled = collector.seeds, 0
     if cfg.limit is not None and len(kept) > cfg.limit:
@@ -138,6 +152,27 @@ def read_source(cfg: SourceConfig, config_dir: Path, storage_options: dict[str, 
         rows_read=collector.rows_read,
         rows_not_sampled=not_sampled,
         path=path,
+    )
+
+
+def empty_source_message(name: str, result: SourceReadResult) -> str | None:
+    """Why a source that could be read gave no seed at all (with the fix), or None when it gave some.
+
+    An empty source is a configuration or data problem that only its owner can fix: it fails its own partition,
+    by name, instead of passing on an empty table that every later stage would have to explain."""
+    if result.seeds.height:
+        return None
+    if result.rows_read == 0:
+        return (
+            f"source {name!r}: {result.path} has no records (the file is empty); fix: put the seeds in it, or remove "
+            "the source from sources.yaml"
+        )
+    reasons = Counter(result.rejects["reason"].to_list()) if result.rejects.height else Counter()
+    listed = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "none"
+    return (
+        f"source {name!r}: none of the {result.rows_read} records of {result.path} became a seed (rejected: {listed}); "
+        f"fix: check the source's `kind` and `fields` in sources.yaml against the file (the rejects say why: "
+        f"boostqa sql \"SELECT reason, detail FROM rejects WHERE stage = 'seeds' AND partition = '{name}'\")"
     )
 
 
@@ -236,7 +271,10 @@ def list_watch(watch: WatchConfig, config_dir: Path, storage_options: dict[str, 
     except FileNotFoundError:
         found = {}
     except Exception as exc:  # s3fs/botocore raise many types (credentials, endpoint, permissions)
-        raise SourceError(f"watch {watch.name!r}: cannot list {root}: {type(exc).__name__}: {exc}") from exc
+        raise SourceError(
+            f"watch {watch.name!r}: cannot list {root}: {type(exc).__name__}: {exc}; fix: check the prefix, the "
+            "credentials and BOOSTQA_S3_ENDPOINT_URL"
+        ) from exc
     files = []
     for path, info in sorted(found.items()):
         if info.get("type") != "file" or posixpath.basename(path).startswith("."):
@@ -272,9 +310,15 @@ def source_fingerprint(
             return _local_stat(path.removeprefix("file://"))[2]
         return _remote_fingerprint(_filesystem(protocol, storage_options).info(path))
     except FileNotFoundError as exc:
-        raise SourceError(f"source {cfg.name!r}: file {path} not found") from exc
+        raise SourceError(
+            f"source {cfg.name!r}: file {path} not found; fix: put the file back, or correct the source's `path` in "
+            "sources.yaml"
+        ) from exc
     except Exception as exc:  # network and client errors of the remote filesystems
-        raise SourceError(f"source {cfg.name!r}: cannot stat {path}: {type(exc).__name__}: {exc}") from exc
+        raise SourceError(
+            f"source {cfg.name!r}: cannot stat {path}: {type(exc).__name__}: {exc}; fix: check the path, the "
+            "permissions and the credentials"
+        ) from exc
 
 
 class SourceResolver:
@@ -371,7 +415,10 @@ def _open(cfg: SourceConfig, path: str, storage_options: dict[str, Any] | None) 
     try:
         return fsspec.open(path, "rb", compression=compression, **opts)
     except ValueError as exc:  # e.g. a compression codec that is not installed
-        raise SourceError(f"source {cfg.name!r}: cannot open {path}: {exc}") from exc
+        raise SourceError(
+            f"source {cfg.name!r}: cannot open {path}: {exc}; fix: install the codec, or set `compression` in "
+            "sources.yaml"
+        ) from exc
 
 
 def _lines(f: IO[bytes], keepends: bool = False) -> Iterator[bytes]:
@@ -425,9 +472,14 @@ def _json_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item]:
     try:
         doc = json.loads(f.read().decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{where_file} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        raise SourceError(
+            f"{where_file} is not valid UTF-8 ({exc.reason} at byte {exc.start}); fix: save the file as UTF-8"
+        ) from exc
     except json.JSONDecodeError as exc:
-        raise SourceError(f"{where_file} is not valid JSON: {exc}") from exc
+        raise SourceError(
+            f"{where_file} is not valid JSON: {exc}; fix: replace it with a complete, valid copy (a truncated "
+            "download or copy?), or set `format: jsonl` if it holds one object per line"
+        ) from exc
     layout = cfg.json_records
     if layout == "dict_values":
         if not isinstance(doc, dict):
@@ -442,7 +494,10 @@ def _json_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item]:
     if layout != "list":
         records = _lookup(doc, layout) if isinstance(doc, dict) else _MISSING
         if records is _MISSING:
-            raise SourceError(f"{where_file}: key {layout!r} (json_records) is not in the top-level object")
+            raise SourceError(
+                f"{where_file}: key {layout!r} (json_records) is not in the top-level object; fix: set "
+                "`json_records` to the key that holds the records (list, dict_values, jsonl or a key)"
+            )
     if not isinstance(records, list):
         raise SourceError(
             f"{where_file}: expected a list of records at "
@@ -460,7 +515,8 @@ def _parquet_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item
         df = pl.read_parquet(io.BytesIO(data))
     except Exception as exc:  # polars/arrow raise several error types for a corrupt file
         raise SourceError(
-            f"source {cfg.name!r}: {path} is not a readable Parquet file: {type(exc).__name__}: {str(exc)[:300]}"
+            f"source {cfg.name!r}: {path} is not a readable Parquet file: {type(exc).__name__}: {str(exc)[:300]}; "
+            "fix: replace it with a complete Parquet file (a truncated download or copy?), or correct `format`"
         ) from exc
     for i, row in enumerate(df.iter_rows(named=True), 1):
         yield f"row {i}", row, None, None
@@ -472,11 +528,18 @@ def _csv_items(f: IO[bytes], cfg: SourceConfig, path: str) -> Iterator[_Item]:
     try:
         header = next((row for row in reader if row), None)
     except csv.Error as exc:
-        raise SourceError(f"source {cfg.name!r}: {path}: unreadable CSV header: {exc}") from exc
+        raise SourceError(
+            f"source {cfg.name!r}: {path}: unreadable CSV header: {exc}; fix: the first row must name the columns"
+        ) from exc
     if header is None:
-        raise SourceError(f"source {cfg.name!r}: {path} has no header row (the file is empty)")
+        raise SourceError(
+            f"source {cfg.name!r}: {path} has no header row (the file is empty); fix: put the seeds in it (a header "
+            "row, then one row per seed), or remove the source from sources.yaml"
+        )
     if any(_has_surrogates(h) for h in header):
-        raise SourceError(f"source {cfg.name!r}: {path}: the header row is not valid UTF-8")
+        raise SourceError(
+            f"source {cfg.name!r}: {path}: the header row is not valid UTF-8; fix: save the file as UTF-8"
+        )
     header = [h.strip() for h in header]
     need = [col for fld, col in cfg.fields.items() if fld in REQUIRED[cfg.kind] and col not in header]
     if need:
