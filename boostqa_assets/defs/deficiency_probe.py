@@ -8,6 +8,7 @@ import polars as pl
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import counts_by, endpoint_pool, llm_metadata, md_table, progress_logger
+from boostqa_assets.failures import read_good_sources
 from boostqa_assets.llm.types import LLMResult
 from boostqa_assets.logic import probe
 from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heatmaps
@@ -89,7 +90,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 }
             )
 
-        annotated = st.read_asset("annotated_seeds", ANNOTATED_SCHEMA)
+        annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA)
         sample, cands = probe.stratified_sample(annotated, cfg)
         requests = probe.build_probe_requests(sample, cfg.max_chars_in_prompt)
         context.log.info(

@@ -10,10 +10,12 @@ import dagster as dg
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import backfill_policy, counts_by, md_table, report_partition_checks
+from boostqa_assets.failures import clear_failure, read_failure, record_failure
 from boostqa_assets.logic.sources import (
     SourceError,
     SourceFile,
     SourceResolver,
+    empty_source_message,
     read_source,
     refresh_reason,
     split_new_files,
@@ -25,6 +27,7 @@ from boostqa_assets.settings import get_settings
 
 FINGERPRINT_KEY = "source_fingerprint"
 CURSOR_VERSION = 1
+_SUMMARY_COLUMNS = ["source", "rows_read", "kept", "rejected", "not_sampled", "reject_reasons", "path", "error"]
 
 
 def _resolver() -> SourceResolver:
@@ -74,25 +77,49 @@ def build(
         source's field mapping; `seed_id` is a stable hash of source + native id (or normalized text). Exact
         duplicates within the source, invalid UTF-8, empty text, oversize rows, missing required fields and
         unparseable lines go to `rejects/stage=seeds` with a reason. `limit` keeps a seeded sample (reported
-        as `rows_not_sampled`). A corrupt file fails the run, naming it. Each partition's materialization
-        records `source_fingerprint` (size + mtime, or ETag + size on S3) for the `seeds_refresh` schedule.
+        as `rows_not_sampled`). Each partition's materialization records `source_fingerprint` (size + mtime, or
+        ETag + size on S3) for the `seeds_refresh` schedule.
+
+        A source that cannot be read (missing, truncated, not the configured layout) or that gives no seed fails
+        its own partition only, with a message naming the source, the file and the fix: its previous data is
+        left as it was, a failure record (`_failures/stage=seeds/`) makes `seeds_valid` fail for it and keeps later
+        stages off it, and the other sources are read as usual. A run of that one partition fails.
         """
         project = project_config()
         st = store.get()
         resolver = SourceResolver(project.sources, project.config_dir, st.storage_options)
-        summary = []
-        for key in context.partition_keys:
-            cfg = resolver.resolve(key)
-            # Taken before reading: a file that changes during the read is read again by the next refresh. A
-            # file that cannot be reached fails the read below, with the read's own message.
+        keys = context.partition_keys
+        summary, failed = [], {}
+        for key in keys:
+            fingerprint, result, message = None, None, None
             try:
-                fingerprint = resolver.fingerprint(key)
+                cfg = resolver.resolve(key)
+                # Taken before reading: a file that changes during the read is read again by the next refresh. A
+                # file that cannot be reached fails the read below, with the read's own message.
+                try:
+                    fingerprint = resolver.fingerprint(key)
+                except SourceError as exc:
+                    context.log.warning(f"seeds[{key}]: no source fingerprint recorded: {exc}")
+                result = read_source(cfg, project.config_dir, st.storage_options)
+                message = empty_source_message(key, result)
             except SourceError as exc:
-                context.log.warning(f"seeds[{key}]: no source fingerprint recorded: {exc}")
-                fingerprint = None
-            result = read_source(cfg, project.config_dir, st.storage_options)
+                message = " ".join(str(exc).split())  # one line: it goes to tables, checks and the CLI
+            if result is None or message is not None:
+                message = message or f"source {key!r}: not read"
+                record = record_failure(st, "seeds", key, message, context.run_id)
+                if result is not None:  # why every row was rejected is the diagnosis: keep it
+                    st.write_rejects("seeds", key, result.rejects)
+                context.log.error(f"seeds[{key}] FAILED: {message}")
+                failed[key] = message
+                summary.append({"source": key, "error": message, "failure_record": record})
+                if len(keys) > 1:
+                    context.add_asset_metadata(
+                        {"error": message, "failure_record": record, "partition_rows": 0}, partition_key=key
+                    )
+                continue
             path = st.write_partition("seeds", {"source": key}, result.seeds)
             st.write_rejects("seeds", key, result.rejects)
+            clear_failure(st, "seeds", key)
             reasons = counts_by(result.rejects, "reason")
             context.log.info(
                 f"seeds[{key}]: read {result.rows_read} rows from {result.path}, kept "
@@ -114,24 +141,38 @@ def build(
                     "path": path,
                 }
             )
+        if len(keys) == 1 and failed:
+            # A run of one partition can say it failed: the run fails and the partition shows as failed.
+            raise dg.Failure(
+                description=failed[keys[0]],
+                metadata={"source": keys[0], "failure_record": summary[0]["failure_record"]},
+                allow_retries=False,  # the file has to change first; a retry would read the same bytes
+            )
+        kept = sum(int(s.get("kept", 0)) for s in summary)
         return dg.MaterializeResult(
             metadata={
-                "rows": sum(s["kept"] for s in summary),
-                "rows_rejected": sum(s["rejected"] for s in summary),
-                "partitions": md_table(summary),
-                "dagster/row_count": sum(s["kept"] for s in summary),
+                "rows": kept,
+                "rows_rejected": sum(int(s.get("rejected", 0)) for s in summary),
+                "partitions_failed": len(failed),
+                "failed_partitions": ", ".join(failed) or "-",
+                "partitions": md_table(summary, _SUMMARY_COLUMNS),
+                "dagster/row_count": kept,
             }
         )
 
     @dg.asset_check(asset=seeds, partitions_def=parts.source_partitions, blocking=True)
     def seeds_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
         """Per source partition: the seed schema, unique `seed_id`, no null ids or kinds, and at least one
-        seed (an empty source is a configuration or data problem, so this blocks annotation); plus the
-        Great Expectations suite of `expectations.py` (numbers as `gx_*` metadata)."""
+        seed; plus the Great Expectations suite of `expectations.py` (numbers as `gx_*` metadata). A partition
+        whose source could not be read, or gave no seed, fails with the message that names the source, the file
+        and the fix (its failure record); that blocks its annotation, not the other sources'."""
         st = store.get()
         tax = project_config().taxonomy
 
         def evaluate(key: str) -> checks.CheckOutcome:
+            failure = read_failure(st, "seeds", key)
+            if failure is not None:
+                return checks.CheckOutcome(False, {"source": key, "error": failure.message})
             df = st.read_partition("seeds", {"source": key})
             rules = checks.table_checks(
                 df,
@@ -141,7 +182,10 @@ def build(
                 equals={"source": key},
                 require_rows=True,
             )
-            return checks.CheckOutcome.all_of(rules, expectations.validate("seeds", df, tax))
+            outcome = checks.CheckOutcome.all_of(rules, expectations.validate("seeds", df, tax))
+            if not outcome.passed:
+                outcome.metadata["error"] = f"source {key!r}: the seeds partition fails seeds_valid (see the numbers)"
+            return outcome
 
         return report_partition_checks(context, "seeds", "seeds_valid", evaluate)
 

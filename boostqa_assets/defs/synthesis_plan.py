@@ -15,6 +15,7 @@ import polars as pl
 from boostqa_assets import checks, expectations
 from boostqa_assets.configs import ProjectConfig
 from boostqa_assets.defs.support import backfill_policy, md_table, report_partition_checks
+from boostqa_assets.failures import read_good_sources
 from boostqa_assets.logic import plan as plan_logic
 from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heatmaps
 from boostqa_assets.logic.probe import read_probe_cells
@@ -26,7 +27,7 @@ from boostqa_assets.storage import Store
 
 def compute_plan(st: Store, project: ProjectConfig) -> tuple[pl.DataFrame, bool]:
     """The whole plan from what is in the store now; the flag says whether a probe table was found."""
-    annotated = st.read_asset("annotated_seeds", ANNOTATED_SCHEMA)
+    annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA)
     probe_cells = read_probe_cells(st)
     return plan_logic.build_plan(annotated, probe_cells, project), probe_cells is not None
 

@@ -13,6 +13,7 @@ from boostqa_assets.defs.support import (
     progress_logger,
     report_partition_checks,
 )
+from boostqa_assets.failures import read_good_sources
 from boostqa_assets.logic import annotate, fidelity, synthesize
 from boostqa_assets.logic import plan as plan_logic
 from boostqa_assets.partitions import Partitions, qa_key_parts
@@ -52,7 +53,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         """
         project = project_config()
         st = store.get()
-        annotated = st.read_asset("annotated_seeds", ANNOTATED_SCHEMA)
+        annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA)
         client = llm.client("synthesizer")
         plans = {}
         budgets = []
@@ -129,6 +130,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "grade_fidelity_sampled": sampled,
                 "difficulty_degraded": sum(t["degraded"] for t in table),
                 "fidelity_check_tokens_in": checker.stats.tokens_in,
+                "fidelity_llm": llm_metadata(checker.stats)["llm"],  # the annotator's figures for the demo summary
                 **llm_metadata(client.stats),
             }
         )
