@@ -16,6 +16,11 @@ PROMPTS_DIR = PACKAGE_DIR / "prompts"
 SQL_DIR = PACKAGE_DIR.parent / "sql"
 
 
+class SettingsError(ValueError):
+    """A setting that cannot be used as it is (a path that cannot be created or written); the message is one line
+    naming the setting, the path, what is wrong and the fix."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Paths and switches resolved from the environment at the moment they are asked for."""

@@ -22,9 +22,29 @@ from typing import Any
 import fsspec
 import polars as pl
 
+from boostqa_assets.settings import SettingsError
+
 logger = logging.getLogger(__name__)
 
 PART_FILE = "part-0000.parquet"
+
+
+class DataRootError(SettingsError):
+    """The data root cannot be used (a path under a regular file, no permission); one line with the fix."""
+
+
+def _data_root_problem(root: str, exc: OSError) -> str:
+    """What is wrong with a local data root that ``os.makedirs`` refused, in words, with the fix."""
+    fix = "fix: point BOOSTQA_DATA_ROOT at a folder you can write (unset, it is $BOOSTQA_HOME/data)"
+    if isinstance(exc, NotADirectoryError | FileExistsError):
+        blocker = root
+        while blocker and not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        if blocker and not os.path.isdir(blocker):
+            return f"data root {root} cannot be created: {blocker} is a file, not a folder; {fix}"
+    if isinstance(exc, PermissionError):
+        return f"data root {root} cannot be created: permission denied on {exc.filename or root}; {fix}"
+    return f"data root {root} cannot be created: {exc.strerror or exc}; {fix}"
 
 
 def partition_dirs(partition: Mapping[str, str]) -> str:
@@ -57,7 +77,18 @@ class Store:
         self.protocol = protocol
         self.is_local = protocol == "file"
         if self.is_local:
-            os.makedirs(self.root, exist_ok=True)
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise DataRootError(_data_root_problem(self.root, exc)) from exc
+
+    def require_writable(self) -> None:
+        """Raise ``DataRootError`` now if a local data root cannot be written, rather than in the middle of a run."""
+        if self.is_local and not os.access(self.root, os.W_OK | os.X_OK):
+            raise DataRootError(
+                f"data root {self.root} is not writable by this user; fix: make it writable, or point "
+                "BOOSTQA_DATA_ROOT at a folder you can write"
+            )
 
     # --- paths -------------------------------------------------------------------------------------
 
