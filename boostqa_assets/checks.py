@@ -110,3 +110,34 @@ def table_checks(
     for column, value in (equals or {}).items():
         parts.append(column_equals(df, column, value))
     return CheckOutcome.all_of(*parts)
+
+
+# Reject reasons that mean "never answered": the run stopped sending (the circuit breaker opened, or the endpoint
+# kept answering 429 past rate_limit_max_wait_s). The partition is incomplete until it is materialized again.
+NOT_SENT_REASONS = ("endpoint_down", "rate_limited")
+
+
+def read_stage_rejects(store: Any, stage: str, partition_key: str) -> pl.DataFrame:
+    """The rejects a stage wrote for one partition (empty when it wrote none)."""
+    path = store.rejects_path(stage, partition_key)
+    return store.read_parquet(path) if store.exists(path) else pl.DataFrame()
+
+
+def all_sent(rejects: pl.DataFrame) -> CheckOutcome:
+    """Fails when the partition holds rows that were never answered because the run stopped sending: the
+    replies that did come back are written and cached, so materializing the partition again pays only for
+    the rest."""
+    if rejects.is_empty() or "reason" not in rejects.columns:
+        return CheckOutcome(True, {"rows_not_sent": 0})
+    unsent = rejects.filter(pl.col("reason").is_in(NOT_SENT_REASONS))
+    if unsent.is_empty():
+        return CheckOutcome(True, {"rows_not_sent": 0})
+    detail = str(unsent["detail"][0])[:300] if "detail" in unsent.columns else ""
+    return CheckOutcome(
+        False,
+        {
+            "rows_not_sent": unsent.height,
+            "not_sent": f"{unsent.height} rows never answered ({', '.join(sorted(set(unsent['reason'])))}): "
+            f"{detail}. Materialize this partition again: what was answered is cached, only the rest is paid for",
+        },
+    )

@@ -304,6 +304,18 @@ class RoleConfig(_Strict):
     limits_window_s: float = Field(
         60.0, gt=0, description="the window rpm/tpm_* count over: 60 = per minute (shorter only for tests)"
     )
+    limits_burst_s: float = Field(
+        1.0,
+        ge=0,
+        description="seconds of the rpm/tpm_* rate that may leave at once after an idle spell; requests are "
+        "otherwise paced evenly, and a 429 turns the burst off for a while (0: pace strictly)",
+    )
+    rate_limit_max_wait_s: float = Field(
+        3600.0,
+        gt=0,
+        description="how long one request keeps waiting out 429s (Retry-After) before it is rejected as "
+        "rate_limited; 429s never use up max_retries nor open the circuit breaker",
+    )
     limits_backend_url: str | None = Field(
         None,
         pattern=r"^(redis|rediss|unix|postgresql|postgres)://",
@@ -316,7 +328,7 @@ class RoleConfig(_Strict):
     budget_usd: float | None = Field(
         None, gt=0, description="stop sending once this cost (price_per_mtok_*) would be exceeded"
     )
-    max_retries: int = Field(6, ge=0, description="transport retries on 429, 5xx, timeouts, dropped connections")
+    max_retries: int = Field(6, ge=0, description="transport retries on 5xx, timeouts, dropped connections")
     max_parse_retries: int = Field(2, ge=0, description="re-asks after an invalid or truncated reply")
     backoff_base_s: float = Field(0.5, gt=0)
     backoff_max_s: float = Field(60.0, gt=0)
@@ -396,7 +408,9 @@ class LLMConfig(_Strict):
             "tpm_in",
             "tpm_out",
             "limits_window_s",
+            "limits_burst_s",
             "limits_backend_url",
+            "rate_limit_max_wait_s",
             "budget_tokens",
             "budget_usd",
         )

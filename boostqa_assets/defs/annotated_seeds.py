@@ -79,7 +79,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
     @dg.asset_check(asset=annotated_seeds, partitions_def=parts.source_partitions, blocking=True)
     def annotated_seeds_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
         """Per source partition: the annotated schema, unique `seed_id`, no null labels, every label inside
-        the taxonomy, and every request hash recorded (lineage); plus the Great Expectations suite of
+        the taxonomy, and every request hash recorded (lineage); no seed left unanswered because the run stopped
+        sending (endpoint down, 429s past `rate_limit_max_wait_s`); plus the Great Expectations suite of
         `expectations.py` (numbers as `gx_*` metadata)."""
         st = store.get()
         tax = project_config().taxonomy
@@ -108,7 +109,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             )
             if outcome.passed and df.height:
                 outcome.metadata["rows_by_grade"] = str(counts_by(df, "grade"))
-            return checks.CheckOutcome.all_of(outcome, expectations.validate("annotated_seeds", df, tax))
+            sent = checks.all_sent(checks.read_stage_rejects(st, "annotated_seeds", key))
+            return checks.CheckOutcome.all_of(outcome, sent, expectations.validate("annotated_seeds", df, tax))
 
         return report_partition_checks(context, "annotated_seeds", "annotated_seeds_valid", evaluate)
 

@@ -158,13 +158,15 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         ci_high`, status `ok` exactly when `n_graded >= probe.min_samples` (null numbers otherwise); and the
         item table adds up to it per cell. Plus the Great Expectations suite of `expectations.py` (labels in the
         taxonomy, unique (discipline, grade), counts >= 0, accuracy and interval in [0, 1] or null, known status;
-        `gx_*` metadata). An empty table (probe disabled) passes."""
+        `gx_*` metadata). An empty table (probe disabled) passes; questions never sent (the probe or judge
+        endpoint went down) fail it until it is materialized again."""
         project = project_config()
         st = store.get()
         cells = st.read_partition(probe.ASSET, {})
         rules = probe.validate_cells(cells, project.pipeline.probe.min_samples, project.taxonomy)
         suite = expectations.validate("deficiency_probe", cells, project.taxonomy)
-        outcome = checks.CheckOutcome.all_of(rules, suite)
+        sent = checks.all_sent(checks.read_stage_rejects(st, probe.ASSET, probe.REJECTS_PARTITION))
+        outcome = checks.CheckOutcome.all_of(rules, suite, sent)
         if outcome.passed:
             items = st.read_partition(probe.ITEMS_ASSET, {})
             items_schema = checks.schema_matches(items, PROBE_ITEM_SCHEMA)

@@ -91,7 +91,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         """Per partition (blocking: bad rows must not reach the mixture): the refined schema, unique `qa_id`,
         no null or empty question or refined answer, `status = kept`, and no kept row carrying a flag that
         the configuration says must reject; plus the Great Expectations suite of `expectations.py` (nulls,
-        label sets, unique `qa_id`, question/answer lengths; `gx_*` metadata)."""
+        label sets, unique `qa_id`, question/answer lengths; `gx_*` metadata). Rows the run never sent (the
+        endpoint went down, or kept answering 429) fail it until the partition is materialized again."""
         st = store.get()
         reject_flags = project_config().pipeline.refinement.reject_flags
         return report_partition_checks(
@@ -117,7 +118,9 @@ def evaluate_partition(st: Store, key: str, reject_flags: list[str]) -> checks.C
         flagged = df.filter(pl.col("flags").list.eval(pl.element().is_in(reject_flags)).list.any()).height
         outcome.metadata["kept_rows_with_reject_flags"] = flagged
         outcome.passed = flagged == 0
-    return checks.CheckOutcome.all_of(outcome, expectations.validate("refined_qa", df, project_config().taxonomy))
+    sent = checks.all_sent(checks.read_stage_rejects(st, "refined_qa", key))
+    suite = expectations.validate("refined_qa", df, project_config().taxonomy)
+    return checks.CheckOutcome.all_of(outcome, sent, suite)
 
 
 def failing_partitions(st: Store, reject_flags: list[str]) -> list[str]:

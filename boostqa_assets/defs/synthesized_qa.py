@@ -140,7 +140,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         """Per discipline x grade partition: the synthesized schema, unique `qa_id`, no null or empty
         question/answer, discipline and grade equal to the partition's, tracks and labels inside the
         taxonomy; plus the Great Expectations suite of `expectations.py` (lengths, label sets; `gx_*` metadata).
-        An empty partition passes (no seed of that discipline reached it)."""
+        An empty partition passes (no seed of that discipline reached it). Rows the run never sent (the endpoint
+        went down, or kept answering 429) fail it until the partition is materialized again."""
         st = store.get()
         tax = project_config().taxonomy
 
@@ -159,7 +160,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                     "seed_grade": tax.grades,
                 },
             )
-            return checks.CheckOutcome.all_of(rules, expectations.validate("synthesized_qa", df, tax))
+            sent = checks.all_sent(checks.read_stage_rejects(st, "synthesized_qa", key))
+            return checks.CheckOutcome.all_of(rules, sent, expectations.validate("synthesized_qa", df, tax))
 
         return report_partition_checks(context, "synthesized_qa", "synthesized_qa_valid", evaluate)
 

@@ -18,16 +18,43 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from boostqa_assets.llm.client import LLMClient, LLMEndpointError, _Reply
-from boostqa_assets.llm.types import LLMRequest, LLMResult, Validator, request_hash
+from boostqa_assets.llm import parsing
+from boostqa_assets.llm.cache import ResponseCache
+from boostqa_assets.llm.transport import LLMEndpointError, Reply
+from boostqa_assets.llm.types import LLMRequest, LLMResult, LLMStats, Validator, request_hash
+
+if TYPE_CHECKING:
+    from boostqa_assets.configs import RoleConfig
 
 logger = logging.getLogger(__name__)
 
 _TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+class LLMClient(Protocol):
+    """What batch mode needs of ``client.LLMClient`` (which calls it): a protocol, so the two modules do not
+    import each other."""
+
+    role: str
+    cfg: RoleConfig
+    base_url: str
+    cache: ResponseCache | None
+    replay_only: bool
+    stats: LLMStats
+
+    def build_body(self, req: LLMRequest, attempt: int = 0, max_tokens: int | None = None) -> dict[str, Any]: ...
+
+    def redact(self, text: str) -> str: ...
+
+    def parse_payload(self, payload: dict[str, Any], latency: float = 0.0) -> Reply: ...
+
+    def _headers(self) -> dict[str, str]: ...
+
+    def run(self, requests: list[LLMRequest], validator: Validator) -> list[LLMResult]: ...
 
 
 class BatchError(RuntimeError):
@@ -67,11 +94,11 @@ class BatchRunner:
             )
         bodies = [client.build_body(r, 0) for r in requests]
         hashes = [request_hash(b) for b in bodies]
-        replies: dict[str, _Reply] = {}
+        replies: dict[str, Reply] = {}
         for h in dict.fromkeys(hashes):
             hit = cache.get(h)
             if hit is not None:
-                replies[h] = _Reply.from_cache(hit)
+                replies[h] = Reply.from_cache(hit)
         pending = {h: b for h, b in zip(hashes, bodies, strict=True) if h not in replies}
         key = hashlib.sha256("\n".join(sorted(set(hashes))).encode()).hexdigest()
         state_path = Path(state_dir) / f"{key}.json"
@@ -86,7 +113,7 @@ class BatchRunner:
 
     def _batch(
         self, client: LLMClient, pending: dict[str, dict[str, Any]], state_path: Path, poll_s: float, timeout_s: float
-    ) -> dict[str, _Reply]:
+    ) -> dict[str, Reply]:
         headers = {k: v for k, v in client._headers().items() if k != "content-type"}  # httpx sets it per call
         timeout = httpx.Timeout(client.cfg.timeout_s, connect=min(10.0, client.cfg.timeout_s))
         with httpx.Client(timeout=timeout, headers=headers) as http:
@@ -111,10 +138,10 @@ class BatchRunner:
             for file_key in ("output_file_id", "error_file_id"):
                 if batch.get(file_key):
                     payloads.update(self._read_lines(api.call("GET", f"/files/{batch[file_key]}/content").text))
-        replies: dict[str, _Reply] = {}
+        replies: dict[str, Reply] = {}
         for h, body in pending.items():
             try:
-                reply = client._parse_payload(payloads[h], 0.0)
+                reply = client.parse_payload(payloads[h], 0.0)
             except KeyError:  # not answered (failed line, or a batch that failed, expired or was cancelled)
                 continue
             except (AttributeError, TypeError, ValueError, IndexError):  # a body that is not a completion
@@ -189,7 +216,7 @@ class BatchRunner:
         client: LLMClient,
         requests: list[LLMRequest],
         hashes: list[str],
-        replies: dict[str, _Reply],
+        replies: dict[str, Reply],
         validator: Validator,
     ) -> list[LLMResult]:
         stats, cfg = client.stats, client.cfg
@@ -202,7 +229,7 @@ class BatchRunner:
                 continue
             if req.prefill and cfg.api == "completions":
                 reply = dataclasses.replace(reply, content=req.prefill + reply.content)
-            value, error, _ = client._validate(req, reply, validator)
+            value, error, _, _ = parsing.validate(req, reply, validator)
             if error is not None:
                 redo.append(i)
                 continue

@@ -77,6 +77,12 @@ class FaultConfig(BaseModel):
     rpm: int | None = Field(default=None, ge=1, description="requests admitted per window")
     tpm: int | None = Field(default=None, ge=1, description="prompt+completion tokens admitted per window")
     window_s: float = Field(default=60.0, gt=0.0, description="sliding rate-limit window (60 = per minute)")
+    enforce_window_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="also enforce rpm/tpm over this shorter sliding window, pro rata (rpm 600 per 60 s with "
+        "enforce_window_s 1: at most 10 in any 1 s), as providers that quantize a per-minute limit do",
+    )
     error_500_rate: Probability = 0.0
     error_503_rate: Probability = 0.0
     error_400_rate: Probability = 0.0
@@ -302,6 +308,8 @@ class _Runtime:
         self.jitter_rng = random.Random(config.seed + 1)  # separate so jitter never shifts faults
         self.window: deque[list[float]] = deque()  # [admitted_at, tokens], oldest first
         self.window_tokens = 0.0
+        self.short: deque[list[float]] = deque()  # the same entries, over enforce_window_s
+        self.short_tokens = 0.0
         self.attempts: dict[str, int] = {}
         self.sequence = [kind for kind, n in config.fail_first_n.items() for _ in range(n)]
         self.rates = [(kind, getattr(config, attr)) for kind, attr in _RANDOM_FAULTS if getattr(config, attr)]
@@ -318,28 +326,48 @@ class _Runtime:
                 return kind
         return None
 
-    def admit(self, tokens: int) -> tuple[list[float] | None, dict[str, str]]:
-        """Sliding-window rpm/tpm check; returns (window entry or None if rejected, headers)."""
-        c, w, now = self.config, self.window, time.monotonic()
-        while w and w[0][0] <= now - c.window_s:
-            self.window_tokens -= w.popleft()[1]
+    @staticmethod
+    def _wait(
+        w: deque[list[float]], total: float, tokens: int, rpm: float | None, tpm: float | None, span: float, now: float
+    ) -> float:
+        """Seconds until one more request of ``tokens`` fits the window ``w`` (0: it fits now)."""
         wait = 0.0
-        if c.rpm is not None and len(w) >= c.rpm:
-            wait = w[len(w) - c.rpm][0] + c.window_s - now
-        if c.tpm is not None and w and self.window_tokens + tokens > c.tpm:
+        if rpm is not None and len(w) >= rpm:
+            wait = w[len(w) - int(rpm)][0] + span - now
+        if tpm is not None and w and total + tokens > tpm:
             freed = 0.0
             for ts, tk in w:  # wait until enough of the oldest entries have expired
                 freed += tk
-                if self.window_tokens - freed + tokens <= c.tpm:
-                    wait = max(wait, ts + c.window_s - now)
+                if total - freed + tokens <= tpm:
+                    wait = max(wait, ts + span - now)
                     break
             else:
-                wait = max(wait, w[-1][0] + c.window_s - now)
+                wait = max(wait, w[-1][0] + span - now)
+        return wait
+
+    def admit(self, tokens: int) -> tuple[list[float] | None, dict[str, str]]:
+        """Sliding-window rpm/tpm check (and the short enforcement window, if any); returns (window entry or
+        None if rejected, headers)."""
+        c, w, now = self.config, self.window, time.monotonic()
+        while w and w[0][0] <= now - c.window_s:
+            self.window_tokens -= w.popleft()[1]
+        wait = self._wait(w, self.window_tokens, tokens, c.rpm, c.tpm, c.window_s, now)
+        e = c.enforce_window_s
+        if e is not None and e < c.window_s:
+            while self.short and self.short[0][0] <= now - e:
+                self.short_tokens -= self.short.popleft()[1]
+            share = e / c.window_s
+            rpm_short = None if c.rpm is None else max(1, math.floor(c.rpm * share))
+            tpm_short = None if c.tpm is None else max(1.0, c.tpm * share)
+            wait = max(wait, self._wait(self.short, self.short_tokens, tokens, rpm_short, tpm_short, e, now))
         entry = None
         if wait <= 0:
             entry = [now, float(tokens)]
             w.append(entry)
             self.window_tokens += tokens
+            if e is not None and e < c.window_s:
+                self.short.append(entry)
+                self.short_tokens += tokens
         reset = _duration(w[0][0] + c.window_s - now if w else 0.0)
         headers: dict[str, str] = {}
         if c.rpm is not None:
@@ -360,13 +388,17 @@ class _Runtime:
             )
         if entry is None:
             headers["retry-after"] = str(max(1, math.ceil(wait)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))  # OpenAI's precise form
         return entry, headers
 
     def settle(self, entry: list[float], tokens: int) -> None:
         """Replace the admission estimate (prompt only) with prompt+completion once known."""
+        delta = tokens - entry[1]
         if self.window and self.window[0][0] <= entry[0]:
-            self.window_tokens += tokens - entry[1]
-            entry[1] = float(tokens)
+            self.window_tokens += delta
+        if self.short and self.short[0][0] <= entry[0]:
+            self.short_tokens += delta
+        entry[1] = float(tokens)
 
 
 _BATCH_ENDPOINTS = {"/v1/chat/completions": True, "/v1/completions": False}  # endpoint -> chat?

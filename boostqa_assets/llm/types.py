@@ -104,6 +104,8 @@ class LLMStats:
     budget_exhausted: bool = False
     limiter_wait_s: float = 0.0  # time requests waited for a concurrency slot, a pause or room under a rate
     pauses: int = 0  # endpoint pauses this client set after a 429 or exhausted rate-limit headers
+    rate_limit_wait_s: float = 0.0  # time requests waited out 429s before going again (summed over requests)
+    stopped: str = ""  # why the client stopped sending before the end (the circuit breaker's message)
 
     price_factor: float = 1.0  # 0.5 when the role runs through a half-price Batch API
 
@@ -136,5 +138,7 @@ class LLMStats:
             "budget_exhausted": self.budget_exhausted,
             "limiter_wait_s": round(self.limiter_wait_s, 3),
             "endpoint_pauses": self.pauses,
+            "rate_limit_wait_s": round(self.rate_limit_wait_s, 3),
+            "stopped": self.stopped or "-",
             "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
         }

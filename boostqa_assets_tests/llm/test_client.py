@@ -22,13 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from boostqa_assets.configs import ConfigError, RoleConfig
 from boostqa_assets.llm.cache import ResponseCache
-from boostqa_assets.llm.client import (
-    LLMClient,
-    LLMEndpointError,
-    ReplayMissError,
-    _extract_json,
-    _retry_after_seconds,
-)
+from boostqa_assets.llm.client import LLMClient, ReplayMissError
 from boostqa_assets.llm.fake_server import (
     FakeOpenAIServer,
     FaultConfig,
@@ -36,6 +30,8 @@ from boostqa_assets.llm.fake_server import (
     default_responder,
     prompt_text,
 )
+from boostqa_assets.llm.limits import retry_after_s
+from boostqa_assets.llm.parsing import extract_json as _extract_json
 from boostqa_assets.llm.reasoning import split_reasoning
 from boostqa_assets.llm.types import LLMRequest, LLMResult, LLMStats, request_hash
 
@@ -560,7 +556,7 @@ def test_rpm_limit_retry_after_is_honoured(serve: Serve) -> None:
     ],
 )
 def test_retry_after_parsing(headers: dict[str, str], expected: float | None) -> None:
-    value = _retry_after_seconds(httpx.Response(429, headers=headers))
+    value = retry_after_s(httpx.Response(429, headers=headers).headers)
     assert value == pytest.approx(expected) if expected is not None else value is None
 
 
@@ -688,19 +684,56 @@ def test_circuit_breaker_opens_on_a_failing_endpoint(
     srv = serve(FaultConfig(error_500_rate=1.0))
     c = client_for(srv, api_key_env=KEY_ENV, max_retries=1)
     started = time.perf_counter()
-    with caplog.at_level(logging.ERROR, logger="asyncio"):
-        try:
-            c.run(make_requests(), qa_validator)
-        except LLMEndpointError as exc:
-            msg = str(exc)
-        else:
-            pytest.fail("the circuit breaker did not open")
+    reqs = make_requests()
+    with caplog.at_level(logging.ERROR):
+        results = c.run(reqs, qa_validator)  # it returns: the run decides what an incomplete batch means
         gc.collect()  # finished tasks whose exception nobody looked at are reported when collected
     assert time.perf_counter() - started < 10
-    assert "'synthesizer'" in msg and srv.base_url in msg and "500" in msg
-    assert api_key not in msg
+    assert_one_per_request(results, reqs)
+    msg = c.stop_reason or ""
+    assert srv.base_url in msg and "500" in msg and api_key not in msg
+    assert {r.error for r in results} == {"transport", "endpoint_down"}  # failed after retries, or never sent
+    not_sent = [r for r in results if r.error == "endpoint_down"]
+    assert not_sent and all("not sent: the circuit breaker opened" in r.detail for r in not_sent)
     assert c.stats.http_requests < 2 * N  # it stopped early instead of working through the batch
-    assert "never retrieved" not in caplog.text
+    assert "never retrieved" not in caplog.text and "stopped sending" in caplog.text and api_key not in caplog.text
+
+
+class DiesAfterServer(FakeOpenAIServer):
+    """Answers ``ok`` requests, then every later one with a 500: an endpoint that goes down mid-run."""
+
+    def __init__(self, ok: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ok, self.seen = ok, 0
+
+    async def _handle(self, request: Request, chat: bool, st: Any) -> Response:
+        self.seen += 1
+        if self.seen > self.ok:
+            return JSONResponse({"error": {"message": "down"}}, status_code=500)
+        return await super()._handle(request, chat, st)
+
+
+def test_a_run_cut_by_the_breaker_keeps_what_was_paid_and_the_rerun_pays_only_the_rest(
+    serve: Serve, tmp_path: Path
+) -> None:
+    n, answered = 40, 15
+    dying = serve(cls=DiesAfterServer, ok=answered)
+    cache = ResponseCache(str(tmp_path / "cache"))
+    reqs = make_requests(n)
+    c = client_for(dying, cache=cache, max_concurrency=1, max_retries=1)
+    results = c.run(reqs, qa_validator)
+    assert_one_per_request(results, reqs)
+    assert [r.ok for r in results[:answered]] == [True] * answered  # the replies paid for are kept
+    assert c.stop_reason and not any(r.ok for r in results[answered:])
+    # (a row backing off between retries lets the next one go: a few more than the threshold fail on the wire)
+    assert sum(1 for r in results if r.error == "endpoint_down") >= n - answered - 2 * c.breaker.threshold
+    healthy = serve()
+    again = client_for(healthy, cache=ResponseCache(str(tmp_path / "cache")), max_concurrency=4)
+    second = again.run(reqs, qa_validator)
+    assert all(r.ok for r in second) and [r.content for r in second[:answered]] == [
+        r.content for r in results[:answered]
+    ]
+    assert healthy.stats()["requests"] == n - answered and again.stats.cache_hits == answered
 
 
 class BarrierServer(FakeOpenAIServer):
@@ -727,13 +760,9 @@ def test_circuit_breaker_collects_every_task_that_failed_together(
     srv = serve(cls=BarrierServer, n=N)
     c = client_for(srv, max_retries=0, max_concurrency=N, circuit_breaker_failures=1)
     with caplog.at_level(logging.ERROR, logger="asyncio"):
-        try:
-            c.run(make_requests(), qa_validator)
-        except LLMEndpointError:
-            pass
-        else:
-            pytest.fail("the circuit breaker did not open")
+        results = c.run(make_requests(), qa_validator)
         gc.collect()  # a finished task whose exception nobody looked at is reported when it is collected
+    assert c.stop_reason and all(r.error == "transport" for r in results)  # all were on the wire together
     assert c.stats.http_requests == N
     assert "never retrieved" not in caplog.text
 
@@ -742,21 +771,70 @@ def test_circuit_breaker_opens_on_a_closed_port(api_key: str) -> None:
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     c = client_for(url, api_key_env=KEY_ENV, max_retries=2)
     started = time.perf_counter()
-    with pytest.raises(LLMEndpointError) as info:
-        c.run(make_requests(), qa_validator)
+    results = c.run(make_requests(), qa_validator)
     assert time.perf_counter() - started < 10
-    msg = str(info.value)
-    assert "'synthesizer'" in msg and url in msg and api_key not in msg
-    assert c.stats.transport_errors >= 5
+    msg = c.stop_reason or ""
+    assert url in msg and api_key not in msg and "ConnectError" in msg
+    assert c.stats.transport_errors >= 5 and not any(r.ok for r in results)
 
 
 def test_circuit_breaker_message_redacts_an_echoed_key(serve: Serve, api_key: str) -> None:
     srv = serve(cls=EchoKeyServer, status=500)
     c = client_for(srv, api_key_env=KEY_ENV, max_retries=1)
-    with pytest.raises(LLMEndpointError) as info:
-        c.run(make_requests(), qa_validator)
-    msg = str(info.value)
+    results = c.run(make_requests(), qa_validator)
+    msg = c.stop_reason or ""
     assert "invalid credentials: Bearer ***" in msg and api_key not in msg
+    assert all(api_key not in r.detail for r in results)
+
+
+def test_429s_never_use_up_retries_nor_open_the_breaker(serve: Serve) -> None:
+    """A server that answers each request's first 12 attempts with 429 + Retry-After: more than max_retries
+    (2) and than the breaker's threshold (2) in a row; every row still comes back."""
+    srv = serve(FaultConfig(fail_first_n={"429": 12}), responder=Recorder())
+    c = client_for(srv, max_retries=2, circuit_breaker_failures=2, max_concurrency=N)
+    reqs = make_requests(5)
+    started = time.perf_counter()
+    results = c.run(reqs, qa_validator)
+    assert_one_per_request(results, reqs)
+    assert all(r.ok for r in results), [r.detail for r in results]
+    assert c.stop_reason is None and c.stats.http_429 == 5 * 12
+    assert time.perf_counter() - started >= 12 * 1.0 * 0.9  # each 429 said Retry-After: 1 and was honoured
+    assert c.stats.rate_limit_wait_s >= 5 * 12 * 0.9
+
+
+def test_a_request_that_waits_too_long_on_429s_is_rate_limited_not_down(serve: Serve) -> None:
+    srv = serve(FaultConfig(fail_first_n={"429": 50}))
+    c = client_for(srv, max_retries=1, circuit_breaker_failures=1, rate_limit_max_wait_s=2.5)
+    results = c.run(make_requests(3), qa_validator)
+    assert all(r.error == "rate_limited" and "rate_limit_max_wait_s" in r.detail for r in results)
+    assert c.stop_reason is None and c.stats.failures_by_reason == {"rate_limited": 3}
+
+
+def test_a_reply_cut_by_max_tokens_is_never_a_good_row_without_a_schema(serve: Serve) -> None:
+    """The probe's requests have no schema: a reply that stopped at max_tokens is re-asked with more tokens,
+    then rejected as truncated, never kept as an answer."""
+    seen: set[str] = set()
+
+    def cut_once(body: dict[str, Any]) -> ResponderReply:  # each row's first reply stops at max_tokens
+        text = prompt_text(body)
+        first = text not in seen
+        seen.add(text)
+        return ResponderReply(
+            "Paris is the" if first else "Paris is the capital", finish_reason="length" if first else "stop"
+        )
+
+    srv = serve(responder=cut_once)
+    c = client_for(srv, max_parse_retries=1)
+    results = c.run(make_requests(4, schema=None), lambda text: text)
+    assert all(r.ok and r.attempts == 2 and r.content == "Paris is the capital" for r in results)
+    assert c.stats.reasks == 4
+    rec = Recorder(lambda body: "Paris is the capital")
+    srv2 = serve(FaultConfig(truncated_rate=1.0), responder=rec)
+    c2 = client_for(srv2, max_parse_retries=1)
+    results = c2.run(make_requests(4, schema=None), lambda text: text)
+    assert all(not r.ok and r.error == "truncated" and r.attempts == 2 for r in results)
+    assert c2.stats.failures_by_reason == {"truncated": 4}
+    assert sorted({b["max_tokens"] for b in rec.bodies}) == [64, 128]  # the re-ask asked for twice the tokens
 
 
 # --- 7. redaction ----------------------------------------------------------------------------------------
@@ -873,11 +951,14 @@ def test_refusing_endpoint_stops_the_run_without_leaking_the_key(
     srv = serve(cls=EchoKeyServer, status=status)
     client = client_for(srv, api_key_env=KEY_ENV)
     started = time.monotonic()
-    with pytest.raises(LLMEndpointError) as err:
-        client.run(make_requests(10), qa_validator)
+    results = client.run(make_requests(10), qa_validator)
     assert time.monotonic() - started < 15  # it stops at once; slack for a loaded machine
-    assert f"HTTP {status}" in str(err.value) and KEY_ENV in str(err.value)
-    assert api_key not in str(err.value)
+    msg = client.stop_reason or ""
+    assert f"HTTP {status}" in msg and KEY_ENV in msg and api_key not in msg
+    assert {r.error for r in results} <= {f"http_{status}", "endpoint_down"} and "endpoint_down" in {
+        r.error for r in results
+    }
+    assert all(api_key not in r.detail for r in results)
     assert srv.stats()["requests"] <= client.cfg.max_concurrency * 2  # it stopped, it did not try every row
 
 
@@ -945,7 +1026,7 @@ def test_the_client_builds_its_limiter_from_the_role(serve: Serve, tmp_path: Pat
     assert limiter is not None and (limiter.rpm, limiter.tpm_in, limiter.max_concurrency) == (600, 10**6, 2)
     assert all(r.ok for r in c.run(make_requests(8), qa_validator))
     assert srv.stats()["max_in_flight"] <= 2
-    assert (tmp_path / f"{limiter.key}.sqlite").exists() and (tmp_path / f"{limiter.key}.slots").is_dir()
+    assert (tmp_path / f"{limiter.key}.pacing").exists() and (tmp_path / f"{limiter.key}.slots").is_dir()
     assert limiter.slots_held == 0  # every slot went back; run() also closed the handles it opened
     only_dir = LLMClient("synthesizer", role(), srv.base_url, limits_dir=tmp_path)  # a directory alone: cap + pause
     assert only_dir.limiter is not None and not only_dir.limiter.has_rates

@@ -1,9 +1,11 @@
-"""Tests for the shared endpoint limits (rates, concurrency cap, pause) and the run budget: in one process,
-and across processes (``spawn``) sharing one SQLite limits directory against one fake server process."""
+"""Tests for the shared endpoint limits (pacing, concurrency cap, pause) and the run budget: the pacing rules as
+pure functions, one process, and processes (``spawn``) sharing one limits directory against one fake server
+process that enforces its per-minute limit over 1 s windows, as providers do."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -20,18 +22,19 @@ import httpx
 import pytest
 
 from boostqa_assets.configs import ROLES, ConfigError, LLMConfig, RoleConfig
+from boostqa_assets.llm import pacing
+from boostqa_assets.llm.budget import Budget
 from boostqa_assets.llm.cache import ResponseCache
 from boostqa_assets.llm.client import LLMClient
 from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets.llm.limits import (
-    MAX_UNITS,
-    Budget,
     EndpointLimiter,
-    _Meter,
     endpoint_key,
     estimate_tokens,
     parse_duration_s,
+    retry_after_s,
 )
+from boostqa_assets.llm.pacing import REQUESTS, TOKENS_IN, PacingRule
 from boostqa_assets.llm.types import LLMRequest
 
 MODEL = "fake-model"
@@ -189,17 +192,97 @@ def test_endpoint_key_and_token_estimate() -> None:
     assert estimate_tokens("") == 1 and estimate_tokens("x" * 400) == 101
 
 
-def test_meter_keeps_large_limits_to_bounded_units_and_carries_the_rest() -> None:
-    small = _Meter("requests", 600)
-    assert small.quantum == 1 and small.units_limit == 600 and [small.take(1) for _ in range(3)] == [1, 1, 1]
-    big = _Meter("tokens_in", 2_000_000)
-    assert big.quantum == 400 and big.units_limit == MAX_UNITS
-    charged = sum(big.take(150) for _ in range(1000))  # 150,000 tokens in small requests
-    assert charged * big.quantum + big.carry == 150_000 and 0 <= big.carry < big.quantum
-    big.adjust(-1000)  # a reservation not used is credited to the next request
-    assert big.take(1000 + big.carry) == 0 or big.carry < big.quantum
-    huge = big.take(10**9)  # more than a whole window: charge one window now, the rest as debt
-    assert huge == MAX_UNITS and big.carry > 0
+def test_retry_after_prefers_the_precise_header_and_reads_http_dates() -> None:
+    assert retry_after_s({"retry-after-ms": "250", "retry-after": "1"}) == pytest.approx(0.25)
+    assert retry_after_s({"retry-after": "3"}) == 3.0
+    assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=1445412478.0) == pytest.approx(2.0)
+    assert retry_after_s({"x-ratelimit-reset-tokens": "1.5s"}) == 1.5
+    assert retry_after_s({"retry-after": "soon"}) is None and retry_after_s({}) is None
+
+
+# --- pacing rules (pure) -------------------------------------------------------------------------------------
+
+
+def _departures(rule: PacingRule, n: int, state: dict[str, Any], start: float = 1000.0) -> list[float]:
+    """Departure times of ``n`` requests all asking at ``start`` (a backlog), one request weight each."""
+    return [pacing.reserve(state, start, {REQUESTS: 1.0}, rule)[0] for _ in range(n)]
+
+
+def test_a_backlog_leaves_evenly_spaced_at_the_rate() -> None:
+    rule = PacingRule({REQUESTS: 10.0})  # 600 per minute
+    times = _departures(rule, 30, pacing.new_state(1000.0))
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert times[0] == 1000.0 and all(g == pytest.approx(0.1) for g in gaps)  # no burst on a fresh state
+    # in any 1 s (the window a quantizing provider counts over), never more than a second's quota
+    assert max(sum(1 for t in times if a <= t < a + 1.0 - 1e-9) for a in times) == 10
+
+
+def test_the_burst_is_earned_and_bounded_by_burst_s() -> None:
+    rule = PacingRule({REQUESTS: 10.0}, burst_s=1.0, burst_recover_s=600.0)
+    state = pacing.new_state(0.0)
+    later = 700.0  # long enough without a 429: the burst is earned
+    times = _departures(rule, 15, state, later)
+    assert times[:10] == pytest.approx([later] * 10)  # one second's worth at once...
+    assert times[10] == pytest.approx(later + 0.1) and times[14] == pytest.approx(later + 0.5)  # ...then paced
+
+
+def test_big_requests_and_token_rates() -> None:
+    rule = PacingRule({TOKENS_IN: 100.0})  # 6,000 tokens a minute
+    state = pacing.new_state(0.0)
+    first, ok = pacing.reserve(state, 0.0, {TOKENS_IN: 500.0}, rule)  # bigger than a second's worth
+    second, _ = pacing.reserve(state, 0.0, {TOKENS_IN: 100.0}, rule)
+    assert ok and first == 0.0 and second == pytest.approx(5.0)  # the big one goes, the next waits its 5 s
+    pacing.settle(state, 0.0, {TOKENS_IN: -300.0}, rule)  # the big one used 200 tokens: 3 s credited back
+    third, _ = pacing.reserve(state, 0.0, {TOKENS_IN: 100.0}, rule)
+    assert third == pytest.approx(3.0)
+
+
+def test_a_reservation_beyond_the_horizon_is_not_taken() -> None:
+    rule = PacingRule({REQUESTS: 10.0})
+    state = pacing.new_state(0.0)
+    _departures(rule, 10, state, 0.0)  # the schedule runs to 1.0
+    before = json.dumps(state)
+    when, reserved = pacing.reserve(state, 0.0, {REQUESTS: 1.0}, rule, horizon=0.5)
+    assert not reserved and when == pytest.approx(1.0) and json.dumps(state) == before
+
+
+def test_a_429_slows_the_pace_down_then_it_recovers_to_a_ceiling_under_it() -> None:
+    rule = PacingRule({REQUESTS: 10.0}, decrease=0.9, margin=0.03, recover_per_s=0.05, probe_per_s=0.001)
+    state = pacing.new_state(0.0)
+    assert pacing.factor(state, 0.0, rule) == 1.0
+    assert pacing.slow_down(state, 10.0, rule)
+    assert not pacing.slow_down(state, 10.5, rule)  # the same burst's other 429s: one decrease only
+    assert pacing.factor(state, 10.0, rule) == pytest.approx(0.9)
+    assert pacing.burst_scale(state, 10.0, rule) == 0.0  # and no burst for a while
+    assert pacing.factor(state, 11.0, rule) == pytest.approx(0.95)  # fast recovery...
+    assert pacing.factor(state, 12.0, rule) == pytest.approx(0.97, abs=2e-3)  # ...up to 3% under the 429's pace
+    assert pacing.factor(state, 42.0, rule) == pytest.approx(1.0, abs=2e-3)  # then slow probing, back to 1
+    times = _departures(rule, 3, state, 10.0)
+    assert times[2] - times[1] == pytest.approx(0.1 / 0.9)  # the slower pace spaces requests wider
+    for t in range(20):  # 429s every few seconds, at the ceiling: it gives way, never below the floor
+        pacing.slow_down(state, 100.0 + 3 * t, rule)
+    assert rule.floor <= pacing.factor(state, 160.0, rule) < 0.9
+
+
+def test_a_pause_holds_every_departure() -> None:
+    rule = PacingRule({REQUESTS: 10.0})
+    state = pacing.new_state(0.0)
+    assert pacing.extend_pause(state, 5.0) and not pacing.extend_pause(state, 3.0)
+    assert pacing.reserve(state, 1.0, {REQUESTS: 1.0}, rule)[0] == 5.0
+    assert pacing.reserve(state, 1.0, {}, PacingRule({}))[0] == 5.0  # also with nothing paced
+
+
+def test_the_state_file_survives_garbage_and_is_shared(tmp_path: Path) -> None:
+    path = tmp_path / "k.pacing"
+    path.write_bytes(b"\x00not json")
+    a, b = pacing.FileStore(path), pacing.FileStore(path)
+    rule = PacingRule({REQUESTS: 10.0})
+    t0 = time.time()
+    first = a.update(lambda s: pacing.reserve(s, t0, {REQUESTS: 1.0}, rule))
+    second = b.update(lambda s: pacing.reserve(s, t0, {REQUESTS: 1.0}, rule))
+    assert first[1] and second[0] - first[0] == pytest.approx(0.1)  # b saw a's reservation
+    a.close()
+    b.close()
 
 
 def test_limiter_rejects_bad_settings(tmp_path: Path) -> None:
@@ -213,18 +296,15 @@ def test_limiter_rejects_bad_settings(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize(
-    ("url", "package"), [("redis://127.0.0.1:6379/0", "redis"), ("postgresql://u@h/db", "psycopg")]
-)
-def test_remote_backends_are_imported_lazily_with_a_clear_message(tmp_path: Path, url: str, package: str) -> None:
+def test_redis_backend_is_imported_lazily_with_a_clear_message(tmp_path: Path) -> None:
     try:
-        __import__("redis" if package == "redis" else "psycopg_pool")
+        import redis  # noqa: F401
     except ImportError:
         pass
     else:
-        pytest.skip(f"{package} is installed: the lazy-import message cannot be checked")
-    limiter = EndpointLimiter(tmp_path, "http://h/v1", "m", rpm=10, backend_url=url)  # nothing imported yet
-    with pytest.raises(ImportError, match=package):
+        pytest.skip("redis is installed: the lazy-import message cannot be checked")
+    limiter = EndpointLimiter(tmp_path, "http://h/v1", "m", rpm=10, backend_url="redis://127.0.0.1:6379/0")
+    with pytest.raises(ImportError, match="redis"):
         asyncio.run(limiter.acquire(1, 1))
 
 
@@ -246,6 +326,11 @@ def test_role_config_limits_and_env_overrides() -> None:
     assert RoleConfig().rpm is None and RoleConfig().limits_window_s == 60.0  # default: no limit
     lim = EndpointLimiter.from_role(syn, "http://h/v1", "/tmp/unused")
     assert (lim.rpm, lim.tpm_in, lim.tpm_out, lim.max_concurrency, lim.window_s) == (600, 100_000, 50_000, 4, 60.0)
+    assert lim.rule.rates == {"requests": 10.0, "tokens_in": 100_000 / 60, "tokens_out": 50_000 / 60}
+    assert lim.rule.burst_s == 1.0
+    assert (
+        EndpointLimiter.from_role(syn.model_copy(update={"limits_burst_s": 0.0}), "http://h/v1", "/x").rule.burst_s == 0
+    )
 
 
 # --- one process -------------------------------------------------------------------------------------------
@@ -256,8 +341,8 @@ def _max_in_window(times: list[float], window: float) -> int:
     return max(sum(1 for t in times if a <= t < a + window) for a in times)
 
 
-def test_request_rate_holds_within_one_process(tmp_path: Path) -> None:
-    rpm, window, n = 10, 0.5, 35
+def test_requests_leave_paced_within_one_process(tmp_path: Path) -> None:
+    rpm, window, n = 10, 0.5, 35  # 20 a second
 
     async def main() -> list[float]:
         limiter = EndpointLimiter(tmp_path, "http://h/v1", "m", rpm=rpm, window_s=window)
@@ -273,9 +358,9 @@ def test_request_rate_holds_within_one_process(tmp_path: Path) -> None:
         return times
 
     times = asyncio.run(main())
-    assert _max_in_window(times, window) <= rpm
-    assert max(times) >= (n // rpm) * window * 0.95  # 35 at 10 per window: the last 5 wait 3 windows
-    assert max(times) <= (n // rpm) * window + 1.0  # and not much longer: the limit is used
+    assert _max_in_window(times, window) <= rpm + 1  # +1: the window's edge, with timer jitter
+    assert max(times) >= (n - 1) * window / rpm * 0.95  # spaced one interval (50 ms) apart...
+    assert max(times) <= (n - 1) * window / rpm + 1.0  # ...and not much slower: the limit is used
 
 
 def test_input_and_output_token_rates_hold(tmp_path: Path) -> None:
@@ -362,36 +447,35 @@ def test_slots_are_shared_and_freed_when_the_holder_dies(tmp_path: Path) -> None
 # --- across processes --------------------------------------------------------------------------------------
 
 
-def test_four_processes_share_the_request_rate(server_process: Any, tmp_path: Path) -> None:
-    # The shared limit sits 10% under the server's, as one would set it against a real provider: the server's
-    # 1 s windows and ours do not start at the same instant, and a loaded 2-core machine adds jitter at the edge.
-    server_rpm, rpm, window, per_process = 40, 36, 1.0, 36
-    url = server_process(FaultConfig(rpm=server_rpm, window_s=window, latency_s=0.02))
+def test_four_processes_share_the_pace_of_a_server_with_1s_windows(server_process: Any, tmp_path: Path) -> None:
+    """The server allows 1,200 a minute but counts them over 1 s windows (20 in any second), as providers that
+    quantize a per-minute limit do; four processes configured with that very limit share one pace. Nothing is
+    lost, the limit is used, and 429s stay rare (the 1% target is measured by benchmarks/llm_gateway.py)."""
+    rpm, per_process = 1200, 50
+    url = server_process(FaultConfig(rpm=rpm, window_s=60.0, enforce_window_s=1.0, latency_s=0.2))
     specs = [
         {
             "url": url,
             "dir": str(tmp_path / "limits"),
             "tag": f"p{i}-",
             "n": per_process,
-            "window_s": window,
             "limits": {"rpm": rpm, "max_concurrency": 16},
-            "role": {"max_concurrency": 16},
+            "role": {"max_concurrency": 16, "max_retries": 2},
         }
         for i in range(4)
     ]
     reports, elapsed = _run_workers(specs)
     total = 4 * per_process
     st = server_stats(url)
-    assert sum(r["ok"] for r in reports.values()) == total and st["answered_ok"] == total
+    assert sum(r["ok"] for r in reports.values()) == total and st["answered_ok"] == total  # nothing lost
     for spec in specs:  # every row came back, in order, in its own process
         assert reports[spec["tag"]]["keys"] == [r.key for r in make_requests(per_process, spec["tag"])]
     rejected = st["by_status"].get("429", 0)
-    # The 1% target is measured by benchmarks/llm_gateway.py over real 60 s windows. Here: rare, and never a
-    # lost row.
-    assert rejected <= 0.03 * total, f"{rejected} 429s for {total} requests"
-    floor = (total - rpm) / rpm * window  # the first window's requests go at once, then rpm per window
-    assert elapsed >= floor * 0.95, f"{total} requests in {elapsed:.2f}s: faster than {rpm}/{window}s"
-    assert elapsed <= floor * 1.5 + 5, f"{total} requests in {elapsed:.2f}s: far below the limit"
+    # Bounds for a machine whose two cores are busy (run 10 times beside a CPU hog: at most 4 429s seen).
+    assert rejected <= 0.05 * total, f"{rejected} 429s for {total} requests"
+    floor = (total - 1) / (rpm / 60)  # one every 50 ms
+    assert elapsed >= floor * 0.95, f"{total} requests in {elapsed:.2f}s: faster than {rpm}/min"
+    assert elapsed <= floor * 1.6 + 3, f"{total} requests in {elapsed:.2f}s: far below the limit"
 
 
 def test_concurrency_cap_holds_across_processes(server_process: Any, tmp_path: Path) -> None:
