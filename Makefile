@@ -28,15 +28,19 @@ $(VENV)/.installed: requirements.lock requirements-data.lock pyproject.toml
 demo: setup
 	$(BIN)/boostqa demo
 
-test: setup postgres
+test: setup services
 	$(BIN)/python -m pytest
 
-# The scale-out test (boostqa_assets_tests/test_scale_out.py) starts a real PostgreSQL server on 127.0.0.1:
-# install Debian's server package once, only where no server binary is present yet (needs root, as in CI).
-.PHONY: postgres
-postgres:
-	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; }
+# Tests start real PostgreSQL and Redis servers on 127.0.0.1 (the scale-out profile, limits shared across
+# machines): install Debian's server packages once, only where they are missing (needs root, as in CI).
+.PHONY: services postgres
+services:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; fi
+postgres: services
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

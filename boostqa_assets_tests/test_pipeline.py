@@ -210,6 +210,42 @@ def test_llm_failure_rejects_rows_and_keeps_going(
     assert len(rows) == 9 and {r for r, _ in rows} == {"invalid_json"} and all(raw for _, raw in rows)
 
 
+def test_an_endpoint_down_mid_stage_fails_the_check_and_the_rerun_pays_only_the_rest(
+    project_env: dict[str, str], fake_llm: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The breaker opens: the rows already answered are written and cached, the rest are rejects
+    (`endpoint_down`), and the blocking check fails the partition until it is materialized again."""
+    from boostqa_assets.llm.fake_server import FaultConfig
+
+    monkeypatch.setenv("BOOSTQA_LLM_MAX_RETRIES", "0")
+    monkeypatch.setenv("BOOSTQA_LLM_MAX_CONCURRENCY", "1")
+    defs = build_definitions()
+    instance = dg.DagsterInstance.ephemeral()
+    assert run_stage(defs, "seeds", instance).success
+    fake_llm.set_config(FaultConfig(error_500_rate=1.0))
+    res = run_stage(defs, "annotated_seeds", instance)
+    assert not res.success and res.checks_failed >= 1
+    con = connect(_store())
+    reasons = dict(
+        con.sql("SELECT reason, count(*) FROM rejects WHERE stage = 'annotated_seeds' GROUP BY 1").fetchall()
+    )
+    assert reasons.get("endpoint_down", 0) >= 1 and sum(reasons.values()) == 9  # every seed accounted for
+    evaluations = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("annotated_seeds"), "annotated_seeds_valid")]
+    )
+    assert evaluations  # the check ran and failed (above); the message names what to do
+    fake_llm.set_config(FaultConfig())
+    again = run_stage(defs, "annotated_seeds", instance)
+    assert again.success and again.checks_failed == 0
+    assert set(fake_llm.stats()["ok_by_body"].values()) == {1}  # no request was paid for twice
+    assert (
+        con.sql("SELECT count(*) FROM rejects WHERE stage = 'annotated_seeds' AND reason = 'endpoint_down'").fetchall()[
+            0
+        ][0]
+        == 0
+    )
+
+
 def test_pipeline_through_the_batch_api(
     project_env: dict[str, str], fake_llm: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,7 @@ logs on S3 (moto), and the cluster settings (K8sRunLauncher, Helm values) checke
 them. Two processes share the instance the way two machines would: one runs stages, the other sees those runs
 and continues the pipeline from the data on S3.
 
-The server is Debian's `postgresql` package (`make postgres` installs it; `make test` depends on it), started on
+The server is Debian's `postgresql` package (`make services` installs it; `make test` depends on it), started on
 127.0.0.1 on a free port in a temporary folder, as the `postgres` user when the tests run as root.
 """
 
@@ -42,6 +42,7 @@ from boostqa_assets.runner import run_pipeline
 from boostqa_assets.settings import DEFAULT_CONFIG_DIR, get_settings
 from boostqa_assets.storage import Store
 from boostqa_assets_tests.conftest import write_project
+from boostqa_assets_tests.servers import PostgresServer, running_postgres
 
 pytestmark = [pytest.mark.postgres, pytest.mark.s3]
 
@@ -52,94 +53,13 @@ DISCIPLINES = ("mathematics", "physics", "biology", "history", "economics", "gen
 SETTINGS_ENV = ("BOOSTQA_HOME", "BOOSTQA_DATA_ROOT", "BOOSTQA_CONFIG_DIR", "BOOSTQA_S3_ENDPOINT_URL")
 
 
-# --- a real PostgreSQL server --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PostgresServer:
-    host: str
-    port: int
-    user: str
-    password: str
-
-    def connect(self, dbname: str = "postgres") -> Any:
-        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password, dbname=dbname)
-
-
-def _server_bindir() -> Path | None:
-    found = glob.glob("/usr/lib/postgresql/*/bin/postgres")
-    if not found:
-        return None
-    newest = max(found, key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
-    return Path(newest).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --- a real PostgreSQL server (servers.py) --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def postgres_server() -> Iterator[PostgresServer]:
-    bindir = _server_bindir()
-    if bindir is None:
-        pytest.fail(
-            "no PostgreSQL server in /usr/lib/postgresql/*/bin: run `make postgres` (installs Debian's `postgresql`; "
-            "`make test` does it) or deselect these tests with -m 'not postgres'"
-        )
-    # PostgreSQL refuses to run as root: as root, its programs run as the `postgres` user (Debian's package makes
-    # it) in a folder that user owns; otherwise they run as the current user.
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    root = Path(tempfile.mkdtemp(prefix="boostqa-pg-"))
-    data = root / "data"
-    password = uuid.uuid4().hex
-    (root / "pwfile").write_text(password + "\n")
-    if as_root:
-        shutil.chown(root, "postgres", "postgres")
-        shutil.chown(root / "pwfile", "postgres", "postgres")
-    subprocess.run(
-        [
-            *prefix,
-            str(bindir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "dagster",
-            f"--pwfile={root / 'pwfile'}",
-            "--auth=scram-sha-256",
-            "--no-locale",
-            "--encoding=UTF8",
-            "--no-sync",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    server = None
-    for _ in range(3):  # another process may take the free port between _free_port() and the bind
-        port = _free_port()
-        # Test-only settings: TCP on 127.0.0.1 only, the socket in our folder, no fsync (a throwaway database).
-        options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        pg_ctl = [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options]
-        started = subprocess.run([*pg_ctl, "-w", "-t", "60", "start"], capture_output=True, text=True)
-        if started.returncode == 0:
-            server = PostgresServer("127.0.0.1", port, "dagster", password)
-            break
-    log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
-    assert server is not None, f"PostgreSQL did not start: {started.stderr}\n{log}"
-    pid = int((data / "postmaster.pid").read_text().split()[0])
-    try:
+    with running_postgres() as server:
         yield server
-    finally:
-        stopped = subprocess.run(
-            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop"],
-            capture_output=True,
-        )
-        if stopped.returncode != 0:  # pg_ctl could not stop it: kill the postmaster we started, by its PID
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

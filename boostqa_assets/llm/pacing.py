@@ -277,6 +277,8 @@ class PostgresStore:
             self._conn = psycopg2.connect(self.url)
             self._pid = os.getpid()
             with self._conn, self._conn.cursor() as cur:
+                # Two processes creating the table at once collide even with IF NOT EXISTS: serialise them.
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.TABLE,))
                 cur.execute(f"CREATE TABLE IF NOT EXISTS {self.TABLE} (key TEXT PRIMARY KEY, state TEXT NOT NULL)")
         return self._conn
 

@@ -227,6 +227,25 @@ def test_rpm_limit_returns_429_with_headers(server: Callable[..., FakeOpenAIServ
     assert stats["by_fault"] == {"rate_limit": 1} and stats["by_status"] == {"200": 3, "429": 1}
 
 
+def test_a_per_minute_limit_enforced_over_short_windows(server: Callable[..., FakeOpenAIServer]) -> None:
+    """600 a minute counted over 0.5 s windows: 5 in any half second, however empty the minute is."""
+    srv = server(FaultConfig(rpm=600, window_s=60.0, enforce_window_s=0.5))
+    codes = [_post(srv, _chat(f"q{i}")).status_code for i in range(6)]
+    assert codes == [200] * 5 + [429]
+    limited = _post(srv, _chat("q6"))
+    assert limited.status_code == 429
+    assert limited.headers["x-ratelimit-limit-requests"] == "600"  # the headers speak of the minute...
+    assert int(limited.headers["x-ratelimit-remaining-requests"]) == 595  # ...which has room left
+    wait_ms = int(limited.headers["retry-after-ms"])
+    assert 0 < wait_ms <= 500 and limited.headers["retry-after"] == "1"
+    time.sleep(0.55)
+    assert _post(srv, _chat("q7")).status_code == 200
+    paced = server(FaultConfig(rpm=600, window_s=60.0, enforce_window_s=0.5))
+    for i in range(8):  # one every 0.11 s: never more than 5 in half a second
+        assert _post(paced, _chat(f"p{i}")).status_code == 200
+        time.sleep(0.11)
+
+
 def test_tpm_limit_counts_prompt_and_completion_tokens(server: Callable[..., FakeOpenAIServer]) -> None:
     srv = server()
     total = _post(srv, _chat()).json()["usage"]["total_tokens"]
