@@ -9,16 +9,11 @@ The server is Debian's `postgresql` package (`make services` installs it; `make 
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
