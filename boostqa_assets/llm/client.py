@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from boostqa_assets.llm.transport import (
     ReplayMissError,
     Reply,
     RetryableError,
+    build_body,
     encode,
     parse_payload,
     post_once,
@@ -174,55 +174,9 @@ class LLMClient:
 
     # --- request bodies ----------------------------------------------------------------------------
 
-    def _gbnf(self, schema: dict[str, Any]) -> str:
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self._grammar_cache:
-            # llama.cpp's own converter keeps the grammar identical to what its server would build.
-            from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-            self._grammar_cache[key] = json_schema_to_gbnf(key)
-        return self._grammar_cache[key]
-
     def build_body(self, req: LLMRequest, attempt: int = 0, max_tokens: int | None = None) -> dict[str, Any]:
         """The exact JSON body sent for ``req`` at ``attempt`` (re-asks change the seed, so the hash)."""
-        cfg = self.cfg
-        temperature = req.temperature if req.temperature is not None else cfg.temperature
-        if attempt > 0 and temperature == 0:
-            temperature = 0.7  # a greedy re-ask would repeat the same bad reply
-        body: dict[str, Any] = {
-            "model": cfg.model,
-            "max_tokens": max_tokens or req.max_tokens or cfg.max_tokens,
-            "temperature": temperature,
-            "top_p": cfg.top_p,
-        }
-        if cfg.stop:
-            body["stop"] = list(cfg.stop)
-        if cfg.seed is not None:
-            body["seed"] = cfg.seed + req.seed_offset + attempt
-        elif attempt > 0:  # a re-ask identical to the failed attempt would get its cached bad reply back
-            body["seed"] = req.seed_offset + attempt
-        if cfg.api == "chat":
-            messages = [{"role": "system", "content": req.system}] if req.system else []
-            messages.append({"role": "user", "content": req.prompt})
-            body["messages"] = messages
-        else:
-            prompt = (req.system + "\n\n" + req.prompt) if req.system else req.prompt
-            body["prompt"] = prompt + " " + req.prefill if req.prefill else prompt
-        if req.schema is not None:
-            mode = cfg.structured_output
-            if mode == "json_schema":
-                body["response_format"] = {
-                    "type": "json_schema",
-                    "json_schema": {"name": req.prompt_id, "schema": req.schema, "strict": True},
-                }
-            elif mode == "json_object_schema":
-                body["response_format"] = {"type": "json_object", "schema": req.schema}
-            elif mode == "json_object":
-                body["response_format"] = {"type": "json_object"}
-            elif mode == "gbnf":
-                body["grammar"] = self._gbnf(req.schema)
-        body.update(cfg.extra_body)
-        return body
+        return build_body(self.cfg, req, attempt, max_tokens, self._grammar_cache)
 
     def _headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json"}

@@ -17,7 +17,7 @@ import httpx
 
 from boostqa_assets.llm.limits import retry_after_s
 from boostqa_assets.llm.reasoning import split_reasoning
-from boostqa_assets.llm.types import LLMStats, canonical_json
+from boostqa_assets.llm.types import LLMRequest, LLMStats, canonical_json
 
 if TYPE_CHECKING:
     from boostqa_assets.configs import RoleConfig
@@ -46,6 +46,64 @@ def encode(body: dict[str, Any]) -> tuple[bytes, str]:
     """
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
     return data, hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def _gbnf(schema: dict[str, Any], cache: dict[str, str]) -> str:
+    key = json.dumps(schema, sort_keys=True)
+    if key not in cache:
+        # llama.cpp's own converter keeps the grammar identical to what its server would build.
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        cache[key] = json_schema_to_gbnf(key)
+    return cache[key]
+
+
+def build_body(
+    cfg: RoleConfig,
+    req: LLMRequest,
+    attempt: int = 0,
+    max_tokens: int | None = None,
+    grammar_cache: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The exact JSON body sent for ``req`` at ``attempt`` (re-asks change the seed, so the hash): sampling
+    parameters, messages or prompt (with the prefill), and the structured-output form the role's server takes."""
+    temperature = req.temperature if req.temperature is not None else cfg.temperature
+    if attempt > 0 and temperature == 0:
+        temperature = 0.7  # a greedy re-ask would repeat the same bad reply
+    body: dict[str, Any] = {
+        "model": cfg.model,
+        "max_tokens": max_tokens or req.max_tokens or cfg.max_tokens,
+        "temperature": temperature,
+        "top_p": cfg.top_p,
+    }
+    if cfg.stop:
+        body["stop"] = list(cfg.stop)
+    if cfg.seed is not None:
+        body["seed"] = cfg.seed + req.seed_offset + attempt
+    elif attempt > 0:  # a re-ask identical to the failed attempt would get its cached bad reply back
+        body["seed"] = req.seed_offset + attempt
+    if cfg.api == "chat":
+        messages = [{"role": "system", "content": req.system}] if req.system else []
+        messages.append({"role": "user", "content": req.prompt})
+        body["messages"] = messages
+    else:
+        prompt = (req.system + "\n\n" + req.prompt) if req.system else req.prompt
+        body["prompt"] = prompt + " " + req.prefill if req.prefill else prompt
+    if req.schema is not None:
+        mode = cfg.structured_output
+        if mode == "json_schema":
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": req.prompt_id, "schema": req.schema, "strict": True},
+            }
+        elif mode == "json_object_schema":
+            body["response_format"] = {"type": "json_object", "schema": req.schema}
+        elif mode == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        elif mode == "gbnf":
+            body["grammar"] = _gbnf(req.schema, grammar_cache if grammar_cache is not None else {})
+    body.update(cfg.extra_body)
+    return body
 
 
 class LLMEndpointError(RuntimeError):
