@@ -21,9 +21,14 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from boostqa_assets.configs import ConfigError
-from boostqa_assets.settings import get_settings
+from boostqa_assets.settings import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from boostqa_assets.runner import StageResult
+    from boostqa_assets.storage import Store
 
 
 def _print(msg: str = "") -> None:
@@ -31,7 +36,7 @@ def _print(msg: str = "") -> None:
     sys.stdout.flush()
 
 
-def _store():  # type: ignore[no-untyped-def]
+def _store() -> Store:
     from boostqa_assets.storage import Store
 
     settings = get_settings()
@@ -149,86 +154,199 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+# The LLM roles each stage calls (synthesized_qa re-annotates a sample with the annotator for grade fidelity).
+STAGE_ROLES = {
+    "annotated_seeds": ("annotator",),
+    "deficiency_probe": ("probe", "judge"),
+    "synthesized_qa": ("synthesizer", "annotator"),
+    "refined_qa": ("refiner",),
+}
+
+
+class UsageError(Exception):
+    """A mistake in the command line; the message says what was meant and what is possible."""
+
+
+def _check_stages(requested: list[str] | None, known: tuple[str, ...]) -> list[str]:
+    """The stages to run, in the order given; an unknown name is a usage error with the closest match."""
+    import difflib
+
+    if not requested:
+        return list(known)
+    for name in requested:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"boostqa demo --stages: unknown stage {name!r}{hint}; stages: {', '.join(known)}")
+    return list(requested)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from boostqa_assets.definitions import STAGES
+
+    stages = _check_stages(args.stages, STAGES)
+    settings = get_settings()
+    store = _store()  # a data root that cannot be used fails here, in one line, before anything starts
+    store.require_writable()
+    # A SIGTERM (a CI timeout, `kill`) stops the demo like Ctrl-C: turn it into SystemExit, handled below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    servers: list[Any] = []  # the embedded model server, once started: stopped however the demo ends
+    try:
+        return _demo(stages, settings, store, servers)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else int(exc.code or 143)
+        for server in servers:
+            server.stop()
+        _print(
+            f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}): the run in progress is marked failed and its pool "
+            "slots freed; run `boostqa demo` again to go on (every LLM reply already received comes from the cache)"
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A stage's run may still execute in its worker thread (runner.py): do not wait for it.
+        os._exit(code)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any]) -> int:
     import dagster as dg
 
-    from boostqa_assets.definitions import STAGES, build_definitions
+    from boostqa_assets.definitions import build_definitions
     from boostqa_assets.llm.embedded import EmbeddedServer
     from boostqa_assets.resources import project_config
-    from boostqa_assets.runner import StageResult, ensure_dagster_home, run_pipeline
+    from boostqa_assets.runner import ensure_dagster_home, run_pipeline
 
-    settings = get_settings()
     home = ensure_dagster_home(str(settings.home / "dagster_home"))
     project = project_config()
-    stages = args.stages or list(STAGES)
     _print(f"BoostQA: data root {settings.data_root}, Dagster instance {home}")
-    llm_roles = {"annotated_seeds": "annotator", "synthesized_qa": "synthesizer", "refined_qa": "refiner"}
     needs_embedded = any(
-        project.llm.roles[llm_roles[s]].is_embedded  # type: ignore[index]
+        project.llm.roles[role].is_embedded  # type: ignore[index]
         for s in stages
-        if s in llm_roles
+        for role in STAGE_ROLES.get(s, ())
+        if role in project.llm.roles
     )
-    # A SIGTERM (a CI timeout, `kill`) must still stop the model server: turn it into SystemExit.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    server = None
     started = time.perf_counter()
     if needs_embedded and not settings.embedded_base_url:
-        server = EmbeddedServer(settings.models_dir, project.llm.embedded, settings.home / "logs").start()
+        server = EmbeddedServer(settings.models_dir, project.llm.embedded, settings.home / "logs")
+        servers.append(server)
+        server.start()
         os.environ["BOOSTQA_EMBEDDED_BASE_URL"] = server.base_url
         _print(f"embedded model (llama.cpp, Gemma 3 270M) serving at {server.base_url}")
 
     def on_stage(res: StageResult) -> None:
-        status = "ok" if res.success else "FAILED"
-        meta = res.metadata
-        extra = ""
-        if "tokens_in" in meta:
-            extra = f", tokens in/out {meta['tokens_in']}/{meta['tokens_out']}, cache hits {meta['llm_cache_hits']}"
-        _print(
-            f"  {res.asset:<16} {status:<6} {res.seconds:7.1f}s  {res.partitions:>3} partitions  "
-            f"rows {meta.get('rows', '?')}, rejected {meta.get('rows_rejected', 0)}{extra}  "
-            f"checks {res.checks_passed} passed / {res.checks_failed} failed  (run {res.run_id[:8]})"
-        )
+        _print(stage_line(res))
+        for key, why in res.failed_partitions.items():
+            _print(f"      {res.asset}[{key}] FAILED: {why}")
+        if res.error:
+            _print(f"      {res.asset} FAILED: {res.error}")
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            instance = dg.DagsterInstance.get()
-            _print("materializing " + " -> ".join(stages))
-            results = run_pipeline(build_definitions(), instance, stages, on_stage)
-    finally:
-        if server is not None:
-            server.stop()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        instance = dg.DagsterInstance.get()
+        _print("materializing " + " -> ".join(stages))
+        results = run_pipeline(build_definitions(), instance, stages, on_stage)
     pipeline_s = time.perf_counter() - started
-    ok = all(r.success for r in results) and len(results) == len(stages)
+    ok = len(results) == len(stages) and all(r.status == "ok" and not r.skipped_partitions for r in results)
     _print(f"pipeline {'finished' if ok else 'FAILED'} in {pipeline_s:.1f}s")
-    _summary(results)
+    _summary(results, store)
     return 0 if ok else 1
 
 
-def _summary(results: list) -> None:  # type: ignore[type-arg]
-    from boostqa_assets.inspect import connect
+def stage_line(res: StageResult) -> str:
+    """One line per stage: status, time, partitions, rows and rejects over all of its runs, LLM tokens, checks."""
+    status = {"ok": "ok", "partial": "PARTIAL", "failed": "FAILED"}[res.status]
+    stats = res.stats
+    extra = ""
+    if stats.llm:
+        t_in = sum(int(v["tokens_in"]) for v in stats.llm.values())
+        t_out = sum(int(v["tokens_out"]) for v in stats.llm.values())
+        hits = sum(int(v["cache_hits"]) for v in stats.llm.values())
+        extra = f", tokens in/out {t_in}/{t_out}, cache hits {hits}"
+    failed = f", {len(res.failed_partitions)} failed" if res.failed_partitions else ""
+    skipped = f", {len(res.skipped_partitions)} skipped" if res.skipped_partitions else ""
+    runs = [r for r in res.run_id.split(",") if r]
+    run_ids = ", ".join(r[:8] for r in runs[:3]) + (" ..." if len(runs) > 3 else "")
+    return (
+        f"  {res.asset:<16} {status:<7} {res.seconds:7.1f}s  {res.partitions:>3} partitions{failed}{skipped}  "
+        f"rows {stats.rows}, rejected {stats.rows_rejected}{extra}  "
+        f"checks {res.checks_passed} passed / {res.checks_failed} failed  (runs: {run_ids or '-'})"
+    )
 
-    store = _store()
-    con = connect(store)
+
+def rejects_by_reason(results: list[StageResult], store: Store) -> list[tuple[str, str, int]]:
+    """(stage, reason, rows) over the rejects of the partitions this run materialized, and only those: files that
+    other (or failed) runs left behind are not counted."""
+    import polars as pl
+
+    from boostqa_assets.logic.probe import REJECTS_PARTITION
+
+    counts: dict[tuple[str, str], int] = {}
+    for res in results:
+        for key in dict.fromkeys(res.materialized):
+            path = store.rejects_path(res.asset, key or REJECTS_PARTITION)
+            if not store.exists(path):
+                continue
+            reasons = store.read_parquet(path).group_by("reason").agg(pl.len().alias("n"))
+            for reason, n in reasons.iter_rows():
+                counts[(res.asset, str(reason))] = counts.get((res.asset, str(reason)), 0) + int(n)
+    return sorted(((s, r, n) for (s, r), n in counts.items()), key=lambda t: (t[0], -t[2], t[1]))
+
+
+def llm_by_role(results: list[StageResult]) -> dict[str, dict[str, float]]:
+    """Every LLM role's figures over the whole run (a role used by several stages is added up)."""
+    totals: dict[str, dict[str, float]] = {}
+    for res in results:
+        for role, stats in res.stats.llm.items():
+            total = totals.setdefault(role, {k: 0 for k in stats})
+            for k, v in stats.items():
+                total[k] = total.get(k, 0) + v
+    return totals
+
+
+def _summary(results: list[StageResult], store: Store) -> None:
     _print("")
     _print(f"data: {store.root}")
-    for view in ("seeds", "annotated_seeds", "synthesized_qa", "refined_qa", "qa_mixture", "rejects"):
-        n = con.sql(f"SELECT count(*) FROM {view}").fetchall()[0][0]
-        _print(f"  {view:<16} {n:>6} rows")
-    rejects = con.sql("SELECT stage, reason, count(*) AS n FROM rejects GROUP BY ALL ORDER BY stage, n DESC").fetchall()
+    _print("materialized by this run (from the runs' metadata):")
+    for res in results:
+        _print(
+            f"  {res.asset:<16} {len(set(res.materialized)):>4} partitions  {res.stats.rows:>7} rows  "
+            f"{res.stats.rows_rejected:>6} rejected"
+        )
+    rejects = rejects_by_reason(results, store)
     if rejects:
         _print("rejected rows by reason:")
         for stage, reason, n in rejects:
-            _print(f"  {stage:<16} {reason:<20} {n}")
-    tokens = [(r.asset, r.metadata) for r in results if "tokens_in" in r.metadata]
-    if tokens:
-        _print("LLM tokens per role:")
-        for asset, meta in tokens:
-            llm = meta.get("llm") or {}
+            _print(f"  {stage:<16} {reason:<24} {n}")
+    roles = llm_by_role(results)
+    if roles:
+        _print("LLM requests, tokens and estimated cost per role:")
+        for role, t in roles.items():
             _print(
-                f"  {llm.get('role', asset):<12} requests {meta['llm_requests']:>5}  in {meta['tokens_in']:>7}  "
-                f"out {meta['tokens_out']:>6}  cache hits {meta['llm_cache_hits']}  p50 {meta['latency_p50_s']}s"
+                f"  {role:<12} requests {int(t['requests']):>5}  http {int(t['http_requests']):>5}  "
+                f"cache hits {int(t['cache_hits']):>5}  in {int(t['tokens_in']):>8}  out {int(t['tokens_out']):>7}  "
+                f"cost ${t['est_cost_usd']:.4f}"
             )
+        total = sum(t["est_cost_usd"] for t in roles.values())
+        _print(f"  {'total':<12} requests {sum(int(t['requests']) for t in roles.values()):>5}  cost ${total:.4f}")
+    failed_here = {k for r in results for k in r.failed_partitions}
+    problems = [
+        *(f"{r.asset}[{k}]: {why}" for r in results for k, why in r.failed_partitions.items()),
+        # A partition left out because it failed upstream in an earlier demo (this run's failures are listed above).
+        *(
+            f"{r.asset}[{k}] not run: {why}"
+            for r in results
+            for k, why in r.skipped_partitions.items()
+            if k not in failed_here
+        ),
+        *(f"{r.asset}: {r.error}" for r in results if r.error),
+    ]
+    if problems:
+        _print("")
+        _print(f"FAILED ({len(problems)}):")
+        for line in problems:
+            _print(f"  {line}")
     _print("")
     _print("inspect: .venv/bin/boostqa duckdb    (or: make duckdb)")
     _print('e.g.:    .venv/bin/boostqa sql "SELECT * FROM coverage"')
@@ -257,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args))
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
+        return 2
+    except (SettingsError, UsageError) as exc:  # a path or a command line that cannot work: one line, no traceback
+        sys.stderr.write(f"boostqa: {exc}\n")
         return 2
 
 

@@ -66,3 +66,18 @@ def test_lineage_prints_seed_and_every_llm_call(project_env: dict[str, str]) -> 
     assert out.count("raw output:") == 3 and "<not in the cache>" not in out
     missing = _run(["lineage", "q_does_not_exist"], project_env)
     assert missing.returncode == 1 and "rejects" in missing.stderr
+
+
+def test_user_mistakes_get_one_line_and_a_nonzero_exit(project_env: dict[str, str], tmp_path: Path) -> None:
+    typo = _run(["demo", "--stages", "seeds", "qa_mixtur"], project_env)
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert "unknown stage 'qa_mixtur'" in typo.stderr and "did you mean 'qa_mixture'" in typo.stderr
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    for root in (a_file / "data", a_file):
+        res = _run(["demo", "--stages", "seeds"], {**project_env, "BOOSTQA_DATA_ROOT": str(root)})
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert f"{a_file} is a file, not a folder" in res.stderr and "BOOSTQA_DATA_ROOT" in res.stderr
+    sql = _run(["sql", "SELECT 1"], {**project_env, "BOOSTQA_DATA_ROOT": str(a_file / "data")})
+    assert sql.returncode == 2 and "is a file, not a folder" in sql.stderr and "Traceback" not in sql.stderr

@@ -1,0 +1,101 @@
+"""The runner's accounting: a stage's rows, rejects and LLM figures add up over every run of the stage, every LLM
+client of a run counts (probe, judge, fidelity re-annotation included), and the demo summary shows what this run
+materialized only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from boostqa_assets.cli import llm_by_role, rejects_by_reason, stage_line
+from boostqa_assets.definitions import build_definitions
+from boostqa_assets.llm.fake_server import FakeOpenAIServer
+from boostqa_assets.records import REJECT_SCHEMA
+from boostqa_assets.runner import StageResult, StageStats, llm_stats_by_role, run_pipeline
+from boostqa_assets.settings import get_settings
+from boostqa_assets.storage import Store
+
+
+def _llm(role: str, requests: int, tokens_in: int, cost: float = 0.0) -> dict[str, object]:
+    return {
+        "role": role,
+        "model": "m",
+        "requests": requests,
+        "http_requests": requests,
+        "cache_hits": 0,
+        "failed": 0,
+        "retries": 0,
+        "tokens_in": tokens_in,
+        "tokens_out": 1,
+        "est_cost_usd": cost,
+    }
+
+
+def test_stage_stats_add_every_run_and_every_client() -> None:
+    stats = StageStats()
+    # synthesized_qa in two runs: the synthesizer and the annotator's fidelity re-annotation in each.
+    stats.add_run(
+        {
+            "rows": 18,
+            "rows_rejected": 3,
+            "llm": _llm("synthesizer", 10, 100, 0.5),
+            "fidelity_llm": _llm("annotator", 4, 40),
+        }
+    )
+    stats.add_run(
+        {
+            "rows": 16,
+            "rows_rejected": 4,
+            "llm": _llm("synthesizer", 8, 80, 0.25),
+            "fidelity_llm": _llm("annotator", 2, 20),
+        }
+    )
+    assert (stats.rows, stats.rows_rejected) == (34, 7)
+    assert stats.llm["synthesizer"]["requests"] == 18 and stats.llm["synthesizer"]["tokens_in"] == 180
+    assert stats.llm["synthesizer"]["est_cost_usd"] == 0.75
+    assert stats.llm["annotator"]["requests"] == 6
+    # The probe's run: the target and the judge.
+    probe = llm_stats_by_role({"rows": 3, "llm": _llm("probe", 6, 60), "judge_llm": _llm("judge", 2, 20), "x": {}})
+    assert set(probe) == {"probe", "judge"}
+
+
+def test_llm_by_role_adds_a_role_used_by_two_stages() -> None:
+    annotate = StageResult("annotated_seeds", "r1", True, 1.0, 3)
+    annotate.stats.add_run({"rows": 9, "llm": _llm("annotator", 9, 90)})
+    synth = StageResult("synthesized_qa", "r2", True, 1.0, 110)
+    synth.stats.add_run({"rows": 34, "llm": _llm("synthesizer", 34, 340), "fidelity_llm": _llm("annotator", 5, 50)})
+    roles = llm_by_role([annotate, synth])
+    assert roles["annotator"]["requests"] == 14 and roles["synthesizer"]["requests"] == 34
+    line = stage_line(synth)
+    assert "rows 34" in line and "tokens in/out 390/2" in line
+
+
+def test_rejects_counted_only_for_partitions_this_run_materialized(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "data"))
+
+    def rejects(n: int, reason: str) -> pl.DataFrame:
+        row = dict.fromkeys(REJECT_SCHEMA.names(), None) | {"stage": "seeds", "reason": reason}
+        return pl.DataFrame([row] * n, schema=REJECT_SCHEMA)
+
+    store.write_rejects("seeds", "good", rejects(2, "duplicate"))
+    store.write_rejects("seeds", "left_behind", rejects(5, "empty_text"))  # a failed or older run's file
+    seeds = StageResult("seeds", "r", True, 1.0, 1, materialized=["good"])
+    assert rejects_by_reason([seeds], store) == [("seeds", "duplicate", 2)]
+
+
+@pytest.mark.slow
+def test_a_whole_run_counts_every_request_the_endpoint_answered(
+    project_env: dict[str, str], fake_llm: FakeOpenAIServer
+) -> None:
+    results = run_pipeline(build_definitions(), dg.DagsterInstance.ephemeral())
+    assert all(r.status == "ok" for r in results), [(r.asset, r.status, r.error) for r in results]
+    roles = llm_by_role(results)
+    assert {"annotator", "probe", "synthesizer", "refiner"} <= set(roles)
+    assert sum(int(t["http_requests"]) for t in roles.values()) == fake_llm.stats()["requests"]
+    seeds = next(r for r in results if r.asset == "seeds")
+    assert (seeds.stats.rows, seeds.stats.rows_rejected) == (9, 4)
+    summary = rejects_by_reason(results, Store(get_settings().data_root))
+    assert ("seeds", "duplicate", 1) in summary
