@@ -182,12 +182,12 @@ def _check_stages(requested: list[str] | None, known: tuple[str, ...]) -> list[s
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from boostqa_assets.definitions import STAGES
-
-    stages = _check_stages(args.stages, STAGES)
     settings = get_settings()
     store = _store()  # a data root that cannot be used fails here, in one line, before anything starts
     store.require_writable()
+    from boostqa_assets.definitions import STAGES  # loads (and validates) the configuration
+
+    stages = _check_stages(args.stages, STAGES)
     # A SIGTERM (a CI timeout, `kill`) stops the demo like Ctrl-C: turn it into SystemExit, handled below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     servers: list[Any] = []  # the embedded model server, once started: stopped however the demo ends
@@ -281,16 +281,19 @@ def rejects_by_reason(results: list[StageResult], store: Store) -> list[tuple[st
     import polars as pl
 
     from boostqa_assets.logic.probe import REJECTS_PARTITION
+    from boostqa_assets.storage import partition_slug
 
+    wanted = {
+        f"/stage={res.asset}/partition={partition_slug(key or REJECTS_PARTITION)}/"
+        for res in results
+        for key in res.materialized
+    }
+    files = [f for f in store.list_partition_files("rejects") if any(w in f for w in wanted)]
     counts: dict[tuple[str, str], int] = {}
-    for res in results:
-        for key in dict.fromkeys(res.materialized):
-            path = store.rejects_path(res.asset, key or REJECTS_PARTITION)
-            if not store.exists(path):
-                continue
-            reasons = store.read_parquet(path).group_by("reason").agg(pl.len().alias("n"))
-            for reason, n in reasons.iter_rows():
-                counts[(res.asset, str(reason))] = counts.get((res.asset, str(reason)), 0) + int(n)
+    for path in files:
+        stage = path.split("/stage=", 1)[1].split("/", 1)[0]
+        for reason, n in store.read_parquet(path).group_by("reason").agg(pl.len()).iter_rows():
+            counts[(stage, str(reason))] = counts.get((stage, str(reason)), 0) + int(n)
     return sorted(((s, r, n) for (s, r), n in counts.items()), key=lambda t: (t[0], -t[2], t[1]))
 
 

@@ -55,8 +55,7 @@ def test_a_source_that_breaks_fails_only_its_partition(
     defs = build_definitions()
     store = _store()
     assert run_stage(defs, "seeds", instance).status == "ok"
-    good_file = Path(store.partition_path("seeds", {"source": "extra_qa"}))
-    before = good_file.read_bytes()
+    before = store.read_partition("seeds", {"source": "extra_qa"})
 
     extra.write_bytes(good_parquet[:100])  # truncated: a copy cut short
     res = run_stage(defs, "seeds", instance)
@@ -67,7 +66,7 @@ def test_a_source_that_breaks_fails_only_its_partition(
     assert "'extra_qa'" in why and str(extra) in why and "fix:" in why and "Parquet" in why
     assert sorted(res.materialized) == ["code_problems", "history_passages", "physics_qa"]
     assert res.stats.rows == 9  # the three good sources, counted once over the run
-    assert good_file.read_bytes() == before  # the bad partition's previous data is left alone
+    assert store.read_partition("seeds", {"source": "extra_qa"}).equals(before)  # its previous data is left alone
     assert failures.read_failure(store, "seeds", "extra_qa").message == why  # type: ignore[union-attr]
 
     # annotated_seeds: only the good sources; readers leave the failed one out.
