@@ -198,7 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for server in servers:
             server.stop()
         _print(
-            f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}): the run in progress is marked failed and its pool "
+            f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}): a run in progress is marked failed and its pool "
             "slots freed; run `boostqa demo` again to go on (every LLM reply already received comes from the cache)"
         )
         sys.stdout.flush()

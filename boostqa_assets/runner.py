@@ -312,7 +312,8 @@ def run_stage(
     stage = StageResult(asset, "", True, 0.0, sum(max(len(k), 1) for k in ranges), skipped_partitions=skipped)
     run_ids = []
     for keys in ranges:
-        tags = {**runner_tags(), LAUNCH_TAG: uuid.uuid4().hex, STAGE_TAG: asset}
+        # No daemon retries: an in-process run has no code location to relaunch it from; the next demo redoes it.
+        tags = {**runner_tags(), LAUNCH_TAG: uuid.uuid4().hex, STAGE_TAG: asset, "dagster/max_retries": "0"}
         if keys:
             tags.update({"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
         if pool:
