@@ -24,7 +24,9 @@ of X in the formation of Y, according to the models usually taught at this level
 and count as near duplicates (46 of 1 M rows in the benchmark); raise the threshold to 0.85-0.9 (or use
 ``text="question+answer"``) where templates dominate.
 
-**How (the engine).** Shingles are hashed to 64 bits with numpy (code points or word hashes, a polynomial
+**How (the engine)** (hashing, signatures, band keys and the screen live in ``minhash.py``, shared with the
+out-of-core path ``dedup_ooc.py``, which gives the same kept set and reasons in bounded memory). Shingles
+are hashed to 64 bits with numpy (code points or word hashes, a polynomial
 over the n-gram then the splitmix64 finalizer), a chunk of ``chunk_rows`` rows at a time; MinHash signatures
 (``num_perm`` x uint32) come from ``rensa`` (Rust, ``RMinHash.digest_matrix_from_flat_token_hashes``: one call
 per chunk, no Python object per row; 100 k questions of ~130 characters: 0.57 s, against 3.3 s for datasketch
@@ -41,18 +43,18 @@ it the estimate itself must reach the threshold. The sequential rule above then 
 in id order (a kept row's status is final before any later row looks at it, so this is exactly the LSH
 query-then-insert loop, with at most ``max_candidates`` checks per row).
 
-**Memory** (bounded: nothing grows with text length or with the square of anything). Per row for the
-whole call: the signature (``4 * num_perm`` = 256 B), an exact key (16 B digest in a bytes object, ~60 B)
-and a few index/status arrays (~40 B): ~0.35 KB a row, plus a copy of the compared text column (measured:
-peak +0.64 GB over the input frame at 1 M rows); ~35 GB for 10^8 rows, so run that on shards (partitions
-grouped by a qa_id prefix, then once more over the survivors). Shingle hashes exist per chunk only (~150
-shingles x 8 B per short question: ~200 MB of numpy temporaries per 50k-row chunk). Exact verification
-re-shingles only the rows that appear in a screened pair (the near duplicates and the rows they point at,
-~12% of the rows in the benchmark; ~1.2 KB each, ~140 MB at 1 M rows) instead of keeping every row's
-shingle set (~1.2 GB at 1 M rows in numpy, 5-8 GB as Python sets). Band work is one band at a time (a few
-int64 arrays per row plus the pairs of the band). A library LSH index would hold one bucket entry per row
-per band: measured at 1 M rows, 16 bands, ``rensa.RMinHashLSH`` +1.5 GB; ``datasketch.MinHashLSH`` (5 bands)
-+334 MB and 4.6 s for 200 k rows (~1.7 GB, ~23 s at 1 M).
+**Memory** (bounded: nothing grows with text length or with the square of anything). Per row for the whole
+call: the signature (``4 * num_perm`` = 256 B), an exact key (16 B digest in a bytes object, ~60 B) and a few
+index/status arrays (~40 B): ~0.35 KB a row, plus a copy of the compared text column (measured: peak +0.64 GB
+over the input frame at 1 M rows); ~35 GB for 10^8 rows: past ~10^6 rows use ``dedup_ooc.py`` (DuckDB
+group-bys, signatures on disk; the mixture always does). Shingle hashes exist per chunk only (~150 shingles x
+8 B per short question: ~200 MB of numpy temporaries per 50k-row chunk). Exact verification re-shingles only
+the rows that appear in a screened pair (the near duplicates and the rows they point at, ~12% of the rows in
+the benchmark; ~1.2 KB each, ~140 MB at 1 M rows) instead of keeping every row's shingle set (~1.2 GB at 1 M
+rows in numpy, 5-8 GB as Python sets). Band work is one band at a time (a few int64 arrays per row plus the
+pairs of the band). A library LSH index would hold one bucket entry per row per band: measured at 1 M rows, 16
+bands, ``rensa.RMinHashLSH`` +1.5 GB; ``datasketch.MinHashLSH`` (5 bands) +334 MB and 4.6 s for 200 k rows
+(~1.7 GB, ~23 s at 1 M).
 
 **Measured** (2-core machine shared with other work, ``benchmarks/dedup_scale.py``: template questions +
 random vocabulary, ~130 characters, 5% planted exact and 5% planted near duplicates; the child process's
@@ -72,72 +74,51 @@ clusters (estimate noise) instead of 46.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import logging
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import polars as pl
-import rensa
 
+from boostqa_assets.logic.minhash import (
+    WORD_PATTERN,
+    DedupConfig,
+    agreement,
+    band_keys,
+    candidate_probability,
+    dedup_text,
+    exact_key,
+    lsh_params,
+    min_agreement,
+    set_jaccard,
+    shingle_hashes,
+    signatures,
+    unique_rows,
+)
 from boostqa_assets.records import normalize_text
 
 logger = logging.getLogger(__name__)
 
 EXACT = "exact_duplicate"
 NEAR = "near_duplicate"
-WORD_PATTERN = r"[\p{L}\p{N}\p{M}]+"
-_WORD_HASH_SEED = 0xDED0_5EED
-_RECALL_AT_THRESHOLD = 0.9
-_SCREEN_SDS = 3.0
-_PAIR_BLOCK = 262_144  # pairs compared per numpy block (x num_perm x 4 B x 2 transient)
 
-_U64 = np.uint64
-_M64 = (1 << 64) - 1
-_P1_INT = 0x9E3779B97F4A7C15
-_P2_INT = 0x100000001B3
-_P1 = _U64(_P1_INT)
-_P2 = _U64(_P2_INT)
-
-
-@dataclass(frozen=True)
-class DedupConfig:
-    """How rows are compared. Defaults: exact + near at char 5-gram Jaccard >= 0.8 on the question."""
-
-    exact: bool = True
-    near: bool = True
-    threshold: float = 0.8  # Jaccard threshold for near-duplicates
-    num_perm: int = 64
-    shingle: Literal["char", "word"] = "char"
-    ngram: int = 5  # character 5-grams (word n-gram size when shingle="word")
-    text: Literal["question", "question+answer"] = "question"
-    verify_jaccard: bool = True  # confirm LSH candidates with exact Jaccard on the shingle sets
-    chunk_rows: int = 50_000  # rows hashed per chunk (bounded memory)
-    seed: int = 1
-    bands: int | None = None  # LSH bands; None: chosen from threshold and num_perm (recall >= 0.9 at threshold)
-    max_candidates: int = 32  # earlier rows paired per bucket and checks per row (caps hub buckets)
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"DedupConfig.threshold must be in (0, 1], got {self.threshold}")
-        if self.num_perm < 2:
-            raise ValueError(f"DedupConfig.num_perm must be >= 2, got {self.num_perm}")
-        if self.ngram < 1:
-            raise ValueError(f"DedupConfig.ngram must be >= 1, got {self.ngram}")
-        if self.chunk_rows < 1:
-            raise ValueError(f"DedupConfig.chunk_rows must be >= 1, got {self.chunk_rows}")
-        if self.max_candidates < 1:
-            raise ValueError(f"DedupConfig.max_candidates must be >= 1, got {self.max_candidates}")
-        if self.shingle not in ("char", "word"):
-            raise ValueError(f"DedupConfig.shingle must be 'char' or 'word', got {self.shingle!r}")
-        if self.text not in ("question", "question+answer"):
-            raise ValueError(f"DedupConfig.text must be 'question' or 'question+answer', got {self.text!r}")
-        if self.bands is not None and not 1 <= self.bands <= self.num_perm:
-            raise ValueError(f"DedupConfig.bands must be in [1, num_perm={self.num_perm}], got {self.bands}")
+# Re-exported: callers and tests import the hashing helpers from here, as before the split.
+__all__ = [
+    "EXACT",
+    "NEAR",
+    "WORD_PATTERN",
+    "DedupConfig",
+    "DedupResult",
+    "candidate_probability",
+    "dedup",
+    "dedup_text",
+    "lsh_params",
+    "normalize_text",
+    "shingle_hashes",
+    "signatures",
+    "unique_rows",
+]
 
 
 @dataclass
@@ -158,131 +139,6 @@ class DedupResult:
             self.duplicate_of.alias("dedup_duplicate_of"),
             self.similarity.alias("dedup_similarity"),
         )
-
-
-def lsh_params(threshold: float, num_perm: int, bands: int | None = None) -> tuple[int, int]:
-    """(bands, rows per band): the most rows per band (fewest false candidates) such that a pair at exactly
-    ``threshold`` shares a band with probability >= 0.9; ``bands`` given: rows = num_perm // bands."""
-    if bands is not None:
-        return bands, max(1, num_perm // bands)
-    for r in range(num_perm, 0, -1):
-        b = num_perm // r
-        if 1.0 - (1.0 - threshold**r) ** b >= _RECALL_AT_THRESHOLD:
-            return b, r
-    return num_perm, 1
-
-
-def candidate_probability(similarity: float, bands: int, rows: int) -> float:
-    """The LSH S-curve: probability that a pair of true Jaccard ``similarity`` shares at least one band."""
-    return 1.0 - (1.0 - similarity**rows) ** bands
-
-
-def dedup_text(df: pl.DataFrame, cfg: DedupConfig) -> pl.Series:
-    """The text compared (before normalization): the question, or question + newline + answer
-    (``refined_answer`` when the frame has it, else ``answer``). Null is the empty string."""
-    if "question" not in df.columns:
-        raise ValueError(f"dedup needs a 'question' column; the frame has {df.columns}")
-    q = pl.col("question").cast(pl.Utf8).fill_null("")
-    if cfg.text == "question":
-        expr = q
-    else:
-        answer_col = "refined_answer" if "refined_answer" in df.columns else "answer"
-        if answer_col not in df.columns:
-            raise ValueError(f"dedup text='question+answer' needs 'refined_answer' or 'answer'; has {df.columns}")
-        expr = q + "\n" + pl.col(answer_col).cast(pl.Utf8).fill_null("")
-    return df.select(expr.alias("_text"))["_text"]
-
-
-def _mix64(h: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer (an avalanching bijection on uint64), in place."""
-    h ^= h >> _U64(30)
-    h *= _U64(0xBF58476D1CE4E5B9)
-    h ^= h >> _U64(27)
-    h *= _U64(0x94D049BB133111EB)
-    h ^= h >> _U64(31)
-    return h
-
-
-def _units(texts: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Flat units (uint32 code points, or uint64 word hashes) and per-row unit counts."""
-    if cfg.shingle == "char":
-        lens = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-        return np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32), lens
-    words = pl.Series("t", texts, dtype=pl.Utf8).str.extract_all(WORD_PATTERN)
-    lens = words.list.len().fill_null(0).to_numpy().astype(np.int64)
-    flat = words.explode().drop_nulls()
-    units = flat.hash(seed=_WORD_HASH_SEED).to_numpy().astype(np.uint64) if flat.len() else np.empty(0, np.uint64)
-    return units, lens
-
-
-def _short_hash(units: np.ndarray) -> int:
-    """The n-gram hash (before the finalizer) of a row shorter than n: its whole unit sequence, width-salted."""
-    h = 0
-    for u in units.tolist():
-        h = (((h ^ u) * _P2_INT) + _P1_INT) & _M64
-    return h ^ ((len(units) * _P1_INT) & _M64)
-
-
-def shingle_hashes(texts: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit hashes of each normalized text's n-grams: (flat hashes, offsets of length rows + 1).
-
-    The n-gram hash is ``h = ((h ^ unit) * P2 + P1) mod 2^64`` over its n units, salted with the width, then
-    the splitmix64 finalizer; computed for every position of the chunk's concatenated units at once (slices,
-    no gathers), then the positions whose n-gram crosses a row end are dropped. A text with fewer than
-    ``ngram`` units but at least one is a single shingle (its whole text); an empty text has none. Hashes of
-    one row may repeat (MinHash does not care; ``_unique_rows`` dedups)."""
-    n = cfg.ngram
-    units, lens = _units(texts, cfg)
-    rows = len(texts)
-    counts = np.where(lens >= n, lens - n + 1, np.where(lens > 0, 1, 0))
-    offsets = np.zeros(rows + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    total = int(offsets[-1])
-    if total == 0:
-        return np.empty(0, dtype=np.uint64), offsets
-    m = max(len(units) - n + 1, 0)
-    h = np.zeros(m, dtype=np.uint64)
-    for k in range(n):
-        h ^= units[k : k + m]
-        h *= _P2
-        h += _P1
-    h ^= np.uint64((n * _P1_INT) & _M64)
-    valid = np.ones(m, dtype=bool)
-    ends = np.cumsum(lens)
-    for k in range(1, n):
-        p = ends - k
-        valid[p[(p >= 0) & (p < m)]] = False
-    full = h[valid]
-    del h, valid
-    short = np.flatnonzero((lens > 0) & (lens < n))
-    if len(short) == 0:
-        return _mix64(full), offsets
-    starts = ends - lens
-    out = np.empty(total, dtype=np.uint64)
-    is_short_slot = np.zeros(total, dtype=bool)
-    is_short_slot[offsets[short]] = True
-    out[~is_short_slot] = full
-    out[is_short_slot] = np.array([_short_hash(units[starts[r] : ends[r]]) for r in short.tolist()], dtype=np.uint64)
-    return _mix64(out), offsets
-
-
-def signatures(flat: np.ndarray, offsets: np.ndarray, cfg: DedupConfig) -> np.ndarray:
-    """MinHash signatures (rows x num_perm, uint32) from flat shingle hashes, via rensa; an empty row is all
-    0xFFFFFFFF."""
-    rows = len(offsets) - 1
-    if rows == 0:
-        return np.empty((0, cfg.num_perm), dtype=np.uint32)
-    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-        np.ascontiguousarray(flat, dtype=np.uint64),
-        np.ascontiguousarray(offsets, dtype=np.uint64),
-        cfg.num_perm,
-        cfg.seed,
-    )
-    return np.asarray(matrix.to_rows(), dtype=np.uint32).reshape(rows, cfg.num_perm)
-
-
-def _exact_key(normalized: str) -> bytes:
-    return hashlib.blake2b(normalized.encode("utf-8"), digest_size=16).digest()
 
 
 def _band_pairs(key: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -309,35 +165,9 @@ def _band_pairs(key: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
     return order[src].astype(np.int64), order[gstart[src] + t].astype(np.int64)
 
 
-def _agreement(sig: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Number of equal signature positions per pair (rows a[k], b[k] of ``sig``), in blocks."""
-    out = np.empty(len(a), dtype=np.int32)
-    for s in range(0, len(a), _PAIR_BLOCK):
-        e = s + _PAIR_BLOCK
-        out[s:e] = (sig[a[s:e]] == sig[b[s:e]]).sum(axis=1)
-    return out
-
-
-def _unique_rows(flat: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's hashes sorted and deduplicated (CSR). Rows are sorted in place one by one (short rows:
-    ~2 us each, and no row-index arrays the size of ``flat``)."""
-    rows = len(offsets) - 1
-    if len(flat) == 0:
-        return flat, np.zeros(rows + 1, dtype=np.int64)
-    bounds = offsets.tolist()
-    for a, b in itertools.pairwise(bounds):
-        flat[a:b].sort()
-    keep = np.ones(len(flat), dtype=bool)
-    np.not_equal(flat[1:], flat[:-1], out=keep[1:])
-    keep[offsets[:-1][np.diff(offsets) > 0]] = True  # a row's first hash is always new
-    kept_before = np.zeros(len(flat) + 1, dtype=np.int64)
-    np.cumsum(keep, out=kept_before[1:])
-    new_off = kept_before[offsets]
-    return flat[keep], new_off
-
-
-def dedup(df: pl.DataFrame, cfg: DedupConfig = DedupConfig(), id_col: str = "qa_id") -> DedupResult:
+def dedup(df: pl.DataFrame, cfg: DedupConfig | None = None, id_col: str = "qa_id") -> DedupResult:
     """Exact then near-duplicate dedup of ``df`` (see the module docstring for the rule and its memory)."""
+    cfg = cfg or DedupConfig()
     t0 = time.perf_counter()
     if id_col not in df.columns:
         raise ValueError(f"dedup id column {id_col!r} is not in the frame {df.columns}")
@@ -364,7 +194,7 @@ def dedup(df: pl.DataFrame, cfg: DedupConfig = DedupConfig(), id_col: str = "qa_
         chunk = raw.gather(order[s : s + cfg.chunk_rows]).to_list()
         normalized = [normalize_text(t) for t in chunk]
         if cfg.exact:
-            keys.extend(_exact_key(t) for t in normalized)
+            keys.extend(exact_key(t) for t in normalized)
         tb = time.perf_counter()
         t_norm += tb - ta
         if cfg.near:
@@ -402,23 +232,14 @@ def dedup(df: pl.DataFrame, cfg: DedupConfig = DedupConfig(), id_col: str = "qa_
     if cfg.near and n:
         ta = time.perf_counter()
         cand = np.flatnonzero((status == 0) & has_shingles)  # id-order positions, ascending
-        if cfg.verify_jaccard:
-            sd = math.sqrt(cfg.threshold * (1.0 - cfg.threshold) / cfg.num_perm)
-            screen = max(0.0, cfg.threshold - _SCREEN_SDS * sd)
-        else:
-            screen = cfg.threshold
-        min_agree = math.ceil(screen * cfg.num_perm - 1e-9)
+        min_agree = min_agreement(cfg)
         later_parts, earlier_parts, agree_parts = [], [], []
         for band in range(b):
-            cols = sig[cand, band * r : (band + 1) * r].astype(np.uint64)
-            key = np.zeros(len(cand), dtype=np.uint64)
-            for c in range(cols.shape[1]):
-                key = (key ^ cols[:, c]) * _P1
-            del cols
-            later, earlier = _band_pairs(_mix64(key), cfg.max_candidates)
+            key = band_keys(sig[cand, band * r : (band + 1) * r], 1, r)[:, 0]
+            later, earlier = _band_pairs(key, cfg.max_candidates)
             stats_near["lsh_pairs"] += len(later)
             later, earlier = cand[later], cand[earlier]
-            agree = _agreement(sig, later, earlier)
+            agree = agreement(sig, later, earlier)
             ok = agree >= min_agree
             later_parts.append(later[ok])
             earlier_parts.append(earlier[ok])
@@ -438,14 +259,13 @@ def dedup(df: pl.DataFrame, cfg: DedupConfig = DedupConfig(), id_col: str = "qa_
             involved = np.unique(np.concatenate([later, earlier]))
             stats_near["verify_rows"] = len(involved)
             texts = raw.gather(order[involved]).to_list()
-            flat, offsets = _unique_rows(*shingle_hashes([normalize_text(t) for t in texts], cfg))
+            flat, offsets = unique_rows(*shingle_hashes([normalize_text(t) for t in texts], cfg))
             local = {int(p): k for k, p in enumerate(involved)}
 
             def exact_j(i: int, j: int) -> float:
                 a = flat[offsets[local[i]] : offsets[local[i] + 1]]
                 c = flat[offsets[local[j]] : offsets[local[j] + 1]]
-                inter = np.intersect1d(a, c, assume_unique=True).size
-                return inter / (a.size + c.size - inter)
+                return set_jaccard(a, c)
 
         kept = (status == 0).tolist()
         done, current, checks = -1, -1, 0
