@@ -5,6 +5,10 @@ Rule: each row's weight is ``category_weights[category] * grade_weights[grade] *
 hash of (recipe seed, qa_id): an exponential race, i.e. weighted sampling without replacement
 (Efraimidis-Spirakis). Rows are taken in key order while the running token total stays within the budget.
 The hash makes the draw independent of input order and stable when rows are added elsewhere.
+
+Two implementations of the same rule: ``build_mixture`` over a frame (small runs, tests), and ``mixture_ooc``
+over a pool spilled chunk by chunk (``pool_rows``: the same text, token count and key per row) and sorted by
+DuckDB out of core, which the ``qa_mixture`` asset uses at every size.
 """
 
 from __future__ import annotations
@@ -16,10 +20,22 @@ import math
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from boostqa_assets.configs import Recipe
-from boostqa_assets.logic.tokens import count_tokens
+from boostqa_assets.logic.tokens import get_encoding
 from boostqa_assets.records import MIXTURE_SCHEMA, stable_hash, to_json
+
+# One row of a recipe's pool spill: the MIXTURE_SCHEMA columns known before sampling, plus the sampling key.
+POOL_COLUMNS = ["qa_id", "seed_id", "source", "discipline", "category", "grade", "track"]
+POOL_SCHEMA = pa.schema(
+    [
+        *(pa.field(c, pa.string()) for c in POOL_COLUMNS),
+        pa.field("text", pa.string()),
+        pa.field("n_tokens", pa.int64()),
+        pa.field("key", pa.float64()),
+    ]
+)
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -47,19 +63,52 @@ def row_weights(df: pl.DataFrame, recipe: Recipe) -> pl.Series:
     )["_w"].alias("w")
 
 
-def build_mixture(refined: pl.DataFrame, recipe: Recipe) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Documents of the mixture (MIXTURE_SCHEMA, in sampled order) and the manifest."""
-    kept = refined.filter(pl.col("status") == "kept")
-    texts = [
+def doc_texts(kept: pl.DataFrame, recipe: Recipe) -> list[str]:
+    """The training document of each row: the recipe's template over the question and the refined answer."""
+    return [
         recipe.template.format(question=q, answer=a)
         for q, a in zip(kept["question"], kept["refined_answer"], strict=True)
     ]
-    n_tokens = count_tokens(texts, recipe.encoding) if texts else []
+
+
+def token_counts(texts: list[str], encoding: str) -> list[int]:
+    """Token count per text, one ``encode_ordinary`` call each: measured ~4 M tokens/s on one core here, against
+    ~0.9 M/s for tiktoken's ``encode_ordinary_batch`` (its thread pool costs more than it saves on short texts)."""
+    enc = get_encoding(encoding)
+    return [len(enc.encode_ordinary(t)) for t in texts]
+
+
+def sample_keys(kept: pl.DataFrame, recipe: Recipe) -> list[float]:
+    """Each row's key of the exponential race (inf for weight 0: never drawn)."""
     weights = row_weights(kept, recipe) if kept.height else pl.Series("w", [], dtype=pl.Float64)
-    keys = [
+    return [
         (-math.log(_uniform(recipe.seed, q)) / w) if w > 0 else math.inf
         for q, w in zip(kept["qa_id"], weights, strict=True)
     ]
+
+
+def pool_rows(kept: pl.DataFrame, recipe: Recipe) -> pa.Table:
+    """The pool spill rows (``POOL_SCHEMA``) of ``kept`` (rows with status ``kept``) for ``recipe``."""
+    texts = doc_texts(kept, recipe)
+    columns = [kept[c].cast(pl.Utf8).to_arrow() for c in POOL_COLUMNS]
+    columns += [
+        pa.array(texts, pa.string()),
+        pa.array(token_counts(texts, recipe.encoding), pa.int64()),
+        pa.array(sample_keys(kept, recipe), pa.float64()),
+    ]
+    return pa.Table.from_arrays(columns, schema=POOL_SCHEMA)
+
+
+def doc_id(recipe: Recipe, qa_id: str) -> str:
+    return "d_" + stable_hash(recipe.name, qa_id)
+
+
+def build_mixture(refined: pl.DataFrame, recipe: Recipe) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Documents of the mixture (MIXTURE_SCHEMA, in sampled order) and the manifest."""
+    kept = refined.filter(pl.col("status") == "kept")
+    texts = doc_texts(kept, recipe)
+    n_tokens = token_counts(texts, recipe.encoding)
+    keys = sample_keys(kept, recipe)
     pool = kept.with_columns(
         pl.Series("text", texts, dtype=pl.Utf8),
         pl.Series("n_tokens", n_tokens, dtype=pl.Int64),
@@ -71,9 +120,7 @@ def build_mixture(refined: pl.DataFrame, recipe: Recipe) -> tuple[pl.DataFrame, 
     docs = (
         chosen.with_row_index("_i")
         .select(
-            pl.col("qa_id")
-            .map_elements(lambda q: "d_" + stable_hash(recipe.name, q), return_dtype=pl.Utf8)
-            .alias("doc_id"),
+            pl.col("qa_id").map_elements(lambda q: doc_id(recipe, q), return_dtype=pl.Utf8).alias("doc_id"),
             pl.lit(recipe.name).alias("recipe"),
             "qa_id",
             "seed_id",
@@ -100,7 +147,23 @@ def _totals(docs: pl.DataFrame, col: str) -> dict[str, int]:
 
 
 def _manifest(docs: pl.DataFrame, recipe: Recipe, available_rows: int, available_tokens: int) -> dict[str, Any]:
-    total = int(docs["n_tokens"].sum()) if docs.height else 0
+    totals = {f"tokens_by_{c}": _totals(docs, c) for c in ("discipline", "grade", "track", "source", "category")}
+    shards = int(docs["shard"].max()) + 1 if docs.height else 0
+    return manifest_of(
+        recipe,
+        docs.height,
+        int(docs["n_tokens"].sum()) if docs.height else 0,
+        shards,
+        totals,
+        (available_rows, available_tokens),
+    )
+
+
+def manifest_of(
+    recipe: Recipe, rows: int, total: int, shards: int, totals: dict[str, dict[str, int]], available: tuple[int, int]
+) -> dict[str, Any]:
+    """The manifest of a mixture from its figures (both implementations build it here)."""
+    available_rows, available_tokens = available
     return {
         "recipe": recipe.model_dump(),
         "recipe_hash": recipe_hash(recipe),
@@ -109,15 +172,11 @@ def _manifest(docs: pl.DataFrame, recipe: Recipe, available_rows: int, available
         "token_budget": recipe.token_budget,
         "tokens_total": total,
         "budget_filled": round(total / recipe.token_budget, 4),
-        "rows": docs.height,
+        "rows": rows,
         "available_rows": available_rows,
         "available_tokens": available_tokens,
-        "shards": int(docs["shard"].max()) + 1 if docs.height else 0,
-        "tokens_by_discipline": _totals(docs, "discipline"),
-        "tokens_by_grade": _totals(docs, "grade"),
-        "tokens_by_track": _totals(docs, "track"),
-        "tokens_by_source": _totals(docs, "source"),
-        "tokens_by_category": _totals(docs, "category"),
+        "shards": shards,
+        **{f"tokens_by_{c}": totals[f"tokens_by_{c}"] for c in ("discipline", "grade", "track", "source", "category")},
     }
 
 
