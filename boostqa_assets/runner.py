@@ -272,12 +272,20 @@ def _outcome(
 
 
 def _failure_text(event: dg.DagsterEvent) -> str:
+    """One line: a `dg.Failure`'s description, else the innermost error (Dagster wraps user errors in
+    DagsterExecutionStepExecutionError, whose own message only names the op)."""
     data = event.step_failure_data
     if data is None:
         return event.message or "step failed"
     if data.user_failure_data is not None and data.user_failure_data.description:
         return data.user_failure_data.description
-    return (data.error.message.strip().splitlines() or ["step failed"])[-1] if data.error else "step failed"
+    error = data.error
+    if error is None:
+        return "step failed"
+    while error.cause is not None:
+        error = error.cause
+    lines = [line for line in error.message.strip().splitlines() if line.strip()]
+    return f"step {event.step_key}: {' '.join(lines)[:500]}" if lines else "step failed"
 
 
 def run_stage(

@@ -99,3 +99,18 @@ def test_a_whole_run_counts_every_request_the_endpoint_answered(
     assert (seeds.stats.rows, seeds.stats.rows_rejected) == (9, 4)
     summary = rejects_by_reason(results, Store(get_settings().data_root))
     assert ("seeds", "duplicate", 1) in summary
+
+
+def test_a_failure_that_is_no_partitions_own_stops_the_pipeline_with_the_innermost_error(
+    project_env: dict[str, str], fake_llm: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    defs = build_definitions()
+    instance = dg.DagsterInstance.ephemeral()
+    assert run_pipeline(defs, instance, stages=["seeds"])[0].status == "ok"
+    monkeypatch.setenv("BOOSTQA_REPLAY_ONLY", "1")  # an empty cache: the annotator's first request fails the run
+    results = run_pipeline(defs, instance, stages=["annotated_seeds", "deficiency_probe"])
+    assert [r.asset for r in results] == ["annotated_seeds"]
+    stage = results[0]
+    assert stage.status == "failed" and not stage.success and stage.error is not None
+    assert stage.error.startswith("step annotated_seeds: ") and "DagsterExecutionStepExecutionError" not in stage.error
+    assert fake_llm.stats()["requests"] == 0
