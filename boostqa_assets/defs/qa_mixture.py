@@ -1,23 +1,26 @@
 """``qa_mixture[recipe]``: the token-budgeted training mixture of one recipe."""
 
 import json
+import shutil
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks, expectations
-from boostqa_assets.defs import refined_qa as refined_qa_defs
+from boostqa_assets.defs.refined_gate import refined_failures
 from boostqa_assets.defs.support import md_table, report_partition_checks
-from boostqa_assets.logic import gates
+from boostqa_assets.logic import gates, gates_ooc
 from boostqa_assets.logic.card import dataset_card
-from boostqa_assets.logic.mixture import build_mixture, shard_files
+from boostqa_assets.logic.mixture_ooc import build_mixture_streaming
+from boostqa_assets.logic.spill import SpillConfig, publish_directory, read_columns, staging_folder
 from boostqa_assets.partitions import Partitions
-from boostqa_assets.records import MIXTURE_SCHEMA, REFINED_SCHEMA, REJECT_SCHEMA, SEED_SCHEMA
+from boostqa_assets.records import MIXTURE_SCHEMA, SEED_SCHEMA
 from boostqa_assets.resources import StoreResource, project_config
 
 
 def _coverage_table(docs: pl.DataFrame, grades: list[str]) -> dg.MetadataValue:
-    """Discipline x grade token counts: where the mixture's tokens are."""
+    """Discipline x grade token counts: where the mixture's tokens are (``docs``: discipline, grade, n_tokens)."""
     if docs.is_empty():
         return dg.MetadataValue.md("_empty mixture_")
     pivot = docs.group_by("discipline", "grade").agg(pl.col("n_tokens").sum())
@@ -54,42 +57,56 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         project = project_config()
         st = store.get()
         # The gate holds across runs too: a refined partition that fails its blocking check never feeds a mixture,
-        # even when it was materialized in another run than this one.
-        failing = refined_qa_defs.failing_partitions(st, project.pipeline.refinement.reject_flags)
+        # even when it was materialized in another run than this one. Read from the instance's check records, not
+        # re-validated (see defs/refined_gate.py).
+        failing = refined_failures(context.instance, st, project.pipeline.refinement.reject_flags).failing
         if failing:
             raise dg.Failure(
                 description=f"refined_qa partitions fail refined_qa_valid: {', '.join(failing[:20])}"
                 f"{' ...' if len(failing) > 20 else ''}; re-materialize them (or fix the data) before the mixture",
                 metadata={"failing_partitions": len(failing)},
             )
-        refined = st.read_asset("refined_qa", REFINED_SCHEMA)
-        seeds = st.read_asset("seeds", SEED_SCHEMA)
         quality = project.pipeline.quality
         index = gates.build_index(quality, project.config_dir, st.storage_options)
-        results = {}
-        for key in context.partition_keys:
-            recipe = project.recipes.get(key)
-            pool, gate_rejects, gate_counts = gates.apply_gates(refined, quality, index, key)
-            st.write_rejects("qa_mixture", key, gate_rejects)
-            docs, manifest = build_mixture(pool, recipe)
-            manifest["gates"] = gate_counts
-            files = shard_files(docs, manifest)
-            rejects = st.read_asset("rejects", REJECT_SCHEMA)  # every stage's, this recipe's gates included
-            card = dataset_card(manifest, seeds, rejects, refined.height)
-            files["DATASET_CARD.md"] = card.encode("utf-8")
-            target = st.write_directory("qa_mixture", {"recipe": key}, files)
-            results[key] = (docs, manifest, target, card)
-            context.log.info(
-                f"qa_mixture[{key}]: {docs.height} docs, {manifest['tokens_total']} tokens "
-                f"({manifest['budget_filled']:.0%} of the budget) from {refined.height} kept QA; gates removed "
-                f"{gate_counts['exact_duplicate']} exact and {gate_counts['near_duplicate']} near duplicates, "
-                f"{gate_counts['contaminated']} contaminated"
-            )
-        docs, manifest, target, card = results[context.partition_keys[-1]]
+        recipes = [project.recipes.get(key) for key in context.partition_keys]
+        spill = SpillConfig(work_dir=gates_ooc.work_folder())
+        staged: list[Path] = []
+        try:
+            # Out of core at every size: keys per partition (qa_signatures' when fresh), a DuckDB merge, one
+            # streaming pass for rejects, decontamination and each recipe's pool (logic/gates_ooc.py).
+            run = gates_ooc.run_gates(st, st.list_partition_files("refined_qa"), quality, index, recipes, spill)
+            gate_counts = run.counts
+            # The card needs counts only: two columns of seeds and rejects, never their records.
+            seeds = read_columns(st, st.list_partition_files("seeds"), ["source", "license"])
+            rejects = read_columns(st, st.list_partition_files("rejects"), ["stage", "reason"])
+            results = {}
+            for recipe in recipes:
+                key = recipe.name
+                out = staging_folder(st, "qa_mixture") or spill.work_dir / "out" / key
+                staged.append(out)
+                mix = build_mixture_streaming(run.pools[key], recipe, spill, out)
+                manifest = {**mix.manifest, "gates": gate_counts}
+                (out / "manifest.json").write_bytes(
+                    json.dumps({**manifest, "files": sorted(mix.files)}, indent=2, sort_keys=True).encode("utf-8")
+                )
+                card = dataset_card(manifest, seeds, rejects, run.refined_rows)
+                (out / "DATASET_CARD.md").write_bytes(card.encode("utf-8"))
+                target = publish_directory(st, "qa_mixture", f"recipe={key}", out)
+                results[key] = (mix.coverage, manifest, target, card)
+                context.log.info(
+                    f"qa_mixture[{key}]: {manifest['rows']} docs, {manifest['tokens_total']} tokens "
+                    f"({manifest['budget_filled']:.0%} of the budget) from {run.refined_rows} kept QA; gates removed "
+                    f"{gate_counts['exact_duplicate']} exact and {gate_counts['near_duplicate']} near duplicates, "
+                    f"{gate_counts['contaminated']} contaminated"
+                )
+        finally:
+            for folder in [spill.work_dir, *staged]:  # published folders are gone already; a failed one is not
+                shutil.rmtree(folder, ignore_errors=True)
+        coverage, manifest, target, card = results[context.partition_keys[-1]]
         return dg.MaterializeResult(
             metadata={
-                "rows": docs.height,
-                "dagster/row_count": docs.height,
+                "rows": manifest["rows"],
+                "dagster/row_count": manifest["rows"],
                 "tokens_total": manifest["tokens_total"],
                 "token_budget": manifest["token_budget"],
                 "budget_filled": manifest["budget_filled"],
@@ -101,7 +118,9 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "removed_near_duplicates": manifest["gates"]["near_duplicate"],
                 "removed_contaminated": manifest["gates"]["contaminated"],
                 "dataset_card": dg.MetadataValue.md(card),
-                "coverage_tokens": _coverage_table(docs, project.taxonomy.grades),
+                "coverage_tokens": _coverage_table(coverage, project.taxonomy.grades),
+                "gate_seconds": run.stats.get("seconds_gates", 0.0),
+                "dedup_keys_from_qa_signatures": run.stats.get("keys_reused", 0),
                 "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),
                 "tokens_by_source": dg.MetadataValue.json(manifest["tokens_by_source"]),
             }
