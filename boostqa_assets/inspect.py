@@ -9,11 +9,13 @@ offline).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
+from boostqa_assets.llm.cache import Storage, stored_forms
 from boostqa_assets.records import (
     ANNOTATED_SCHEMA,
     MIXTURE_SCHEMA,
@@ -40,7 +42,8 @@ VIEW_SCHEMAS: dict[str, pl.Schema] = {
     "refined_qa": REFINED_SCHEMA,
     "qa_mixture": MIXTURE_SCHEMA,
     "rejects": REJECT_SCHEMA,
-    # Cache entries are JSON files (see llm/cache.py); `request` is JSON in the view, text when empty.
+    # Cache entries (Parquet segments and shards, older JSON files: see llm/cache/); `request` is JSON in the view,
+    # text when empty; `created_at` is null for JSON files.
     "llm_cache": pl.Schema(
         {
             "request_hash": pl.Utf8,
@@ -53,6 +56,7 @@ VIEW_SCHEMAS: dict[str, pl.Schema] = {
             "tokens_in": pl.Int64,
             "tokens_out": pl.Int64,
             "latency_s": pl.Float64,
+            "created_at": pl.Datetime("us", "UTC"),
         }
     ),
 }
@@ -62,6 +66,7 @@ _DUCK_TYPES: dict[type, str] = {
     pl.Int64: "BIGINT",
     pl.Float64: "DOUBLE",
     pl.Boolean: "BOOLEAN",
+    pl.Datetime: "TIMESTAMPTZ",
 }
 
 
@@ -76,11 +81,29 @@ def _empty_view(schema: pl.Schema) -> str:
     return f"SELECT {cols} WHERE false"
 
 
+def _llm_cache_view(store: Store, body: str, root: str, schema: pl.Schema) -> str:
+    """The cache's query with the ``-- part: <layout>`` selects whose layout holds files (``{parts}``)."""
+    head, *chunks = re.split(r"^-- part: (\w+)\n", body, flags=re.M)
+    forms = stored_forms(Storage.of(f"{store.root}/_llm_cache", store.fs))
+    parts = [_sql(chunk) for form, chunk in zip(chunks[::2], chunks[1::2], strict=True) if form in forms]
+    if not parts:
+        return _empty_view(schema)
+    return _sql(head).replace("{parts}", "\nUNION ALL\n".join(parts)).replace("{root}", root)
+
+
+def _sql(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("--")).strip()
+
+
 def view_statements(store: Store, sql_dir: Path = SQL_DIR) -> list[str]:
     """CREATE VIEW statements for the assets (over files that exist) and the reports."""
     root = store.root if "://" in store.root else Path(store.root).resolve().as_posix()
     statements = []
     for name, schema in VIEW_SCHEMAS.items():
+        if name == "llm_cache":  # its own layout: segments, shards and legacy JSON files
+            body = _llm_cache_view(store, (sql_dir / "views" / f"{name}.sql").read_text(), root, schema)
+            statements.append(f"CREATE OR REPLACE VIEW {name} AS {body};")
+            continue
         body = (sql_dir / "views" / f"{name}.sql").read_text().replace("{root}", root)
         select = "\n".join(line for line in body.splitlines() if not line.startswith("--"))
         glob = select.split("'", 2)[1]  # the first quoted string is the file glob

@@ -94,20 +94,19 @@ class BatchRunner:
             )
         bodies = [client.build_body(r, 0) for r in requests]
         hashes = [request_hash(b) for b in bodies]
-        replies: dict[str, Reply] = {}
-        for h in dict.fromkeys(hashes):
-            hit = cache.get(h)
-            if hit is not None:
-                replies[h] = Reply.from_cache(hit)
+        replies = {h: Reply.from_cache(hit) for h, hit in cache.get_many(hashes).items()}  # one bulk lookup
         pending = {h: b for h, b in zip(hashes, bodies, strict=True) if h not in replies}
         key = hashlib.sha256("\n".join(sorted(set(hashes))).encode()).hexdigest()
         state_path = Path(state_dir) / f"{key}.json"
         self.summary = {"batch": True, "role": client.role, "requests": len(requests), "batch_id": None}
         self.summary.update(submitted=len(pending), resumed=False, batch_errors=0, sync_fallback=0)
-        if pending:
-            replies.update(self._batch(client, pending, state_path, poll_s, timeout_s))
-        state_path.unlink(missing_ok=True)
-        return self._finish(client, requests, hashes, replies, validator)
+        try:
+            if pending:
+                replies.update(self._batch(client, pending, state_path, poll_s, timeout_s))
+            state_path.unlink(missing_ok=True)
+            return self._finish(client, requests, hashes, replies, validator)
+        finally:
+            cache.close()  # the batch's replies are written before this returns (or raises)
 
     # --- the batch itself ----------------------------------------------------------------------------
 

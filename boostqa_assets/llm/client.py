@@ -423,6 +423,9 @@ class LLMClient:
         timeout = httpx.Timeout(self.cfg.timeout_s, connect=min(10.0, self.cfg.timeout_s))
         results: list[LLMResult | None] = [None] * len(requests)
         done = 0
+        if self.cache is not None:
+            # One bulk lookup of every first attempt, so each request's cache.get below is answered from memory.
+            self.cache.prefetch([encode(self.build_body(req, 0))[1] for req in requests])
         # Local slot i always uses client i // per_client, so no client ever has more requests than connections.
         pool = _Pool(
             [
@@ -495,6 +498,8 @@ class LLMClient:
         finally:
             if self._owns_limiter and self.limiter is not None:
                 self.limiter.close()  # the shared state stays on disk; this process's handles go
+            if self.cache is not None:
+                self.cache.close()  # every reply of this run written before it returns (or raises)
         if self.stop_reason:
             self.stats.stopped = self.stop_reason
             not_sent = sum(1 for r in results if r.error == "endpoint_down")
@@ -510,6 +515,9 @@ class LLMClient:
         return results
 
     def close(self) -> None:
-        """Release the limiter's handles if this client built it (``run`` does it after each batch)."""
+        """Release the limiter's handles if this client built it and write the cache's buffered replies
+        (``run`` does both after each batch)."""
         if self._owns_limiter and self.limiter is not None:
             self.limiter.close()
+        if self.cache is not None:
+            self.cache.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -635,13 +636,18 @@ def test_cache_second_run_sends_nothing_and_holds_no_key(serve: Serve, tmp_path:
     assert [r.value for r in r2] == [r.value for r in r1]
     assert [r.request_hash for r in r2] == [r.request_hash for r in r1]
     assert all(r.cached and r.ok for r in r2)
-    files = sorted(tmp_path.rglob("*.json"))
-    assert len(files) == N and not list(tmp_path.rglob("*.tmp"))
+    # Every reply is stored (Parquet segments, see test_cache.py), and no stored byte or value holds the key.
+    entries = ResponseCache(str(tmp_path)).get_many(r.request_hash for r in r1)
+    assert len(entries) == N and not list(tmp_path.rglob("*.tmp"))
+    for h, entry in entries.items():
+        assert h == entry["request_hash"] == request_hash(entry["request"])
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert files and all(f.suffix == ".parquet" for f in files)
     for f in files:
-        text = f.read_text()
+        raw = f.read_bytes()
+        text = json.dumps(pq.read_table(f).to_pylist(), default=str)
+        assert api_key.encode() not in raw and b"Bearer" not in raw
         assert api_key not in text and "Bearer" not in text
-        entry = json.loads(text)
-        assert f.stem == entry["request_hash"] == request_hash(entry["request"])
     # a replay-only client over the full cache needs no server at all
     replay = client_for("http://127.0.0.1:9/v1", cache=ResponseCache(str(tmp_path)), replay_only=True)
     assert [r.value for r in replay.run(reqs, qa_validator)] == [r.value for r in r1]
