@@ -185,13 +185,13 @@ def qa_keys() -> list[str]:
 
 def partition_rows(data_root: Path, keys: list[str]) -> tuple[int, int, int]:
     """(partitions with synthesized rows, synthesized rows, refined rows) over ``keys``."""
-    import polars as pl
 
     from boostqa_assets.partitions import qa_key_parts
+    from boostqa_assets.storage import Store
 
     def height(asset: str, key: str) -> int:
         d, g = qa_key_parts(key)
-        return pl.read_parquet(data_root / asset / f"discipline={d}" / f"grade={g}" / "part-0000.parquet").height
+        return Store(str(data_root)).read_partition(asset, {"discipline": d, "grade": g}).height
 
     with_rows = synth = refined = 0
     for key in keys:

@@ -112,15 +112,15 @@ def table_checks(
     return CheckOutcome.all_of(*parts)
 
 
-# Reject reasons that mean "never answered": the run stopped sending (the circuit breaker opened, or the endpoint
-# kept answering 429 past rate_limit_max_wait_s). The partition is incomplete until it is materialized again.
-NOT_SENT_REASONS = ("endpoint_down", "rate_limited")
+# Reject reasons that mean "never answered": the request failed all its retries on the wire, the run stopped
+# sending (the circuit breaker opened), or the endpoint kept answering 429 past rate_limit_max_wait_s. The
+# partition is incomplete until it is materialized again (which pays only for these rows).
+NOT_SENT_REASONS = ("endpoint_down", "rate_limited", "transport")
 
 
 def read_stage_rejects(store: Any, stage: str, partition_key: str) -> pl.DataFrame:
     """The rejects a stage wrote for one partition (empty when it wrote none)."""
-    path = store.rejects_path(stage, partition_key)
-    return store.read_parquet(path) if store.exists(path) else pl.DataFrame()
+    return store.read_rejects(stage, partition_key)
 
 
 def all_sent(rejects: pl.DataFrame) -> CheckOutcome:

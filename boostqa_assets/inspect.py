@@ -1,6 +1,7 @@
 """DuckDB over the Parquet assets: a read-only connection with one view per asset plus the reports.
 
-Views come from ``sql/views/<name>.sql`` (``{root}`` is the data root); reports from ``sql/reports``.
+Views come from ``sql/views/<name>.sql`` (``{files}`` is the list of the asset's committed part files, read from
+the partitions' manifests); reports from ``sql/reports``.
 An asset with no files yet gets an empty view with its record's columns, so every query binds. For
 ``s3://`` roots the s3fs filesystem is registered with DuckDB (its httpfs extension is not installable
 offline).
@@ -81,6 +82,10 @@ def _empty_view(schema: pl.Schema) -> str:
     return f"SELECT {cols} WHERE false"
 
 
+def _file_list(files: list[str]) -> str:
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
 def _llm_cache_view(store: Store, body: str, root: str, schema: pl.Schema) -> str:
     """The cache's query with the ``-- part: <layout>`` selects whose layout holds files (``{parts}``)."""
     head, *chunks = re.split(r"^-- part: (\w+)\n", body, flags=re.M)
@@ -96,7 +101,12 @@ def _sql(text: str) -> str:
 
 
 def view_statements(store: Store, sql_dir: Path = SQL_DIR) -> list[str]:
-    """CREATE VIEW statements for the assets (over files that exist) and the reports."""
+    """CREATE VIEW statements for the assets and the reports.
+
+    A table view reads exactly the committed part files of every partition (``{files}``, from the partitions'
+    manifests: never a chunk of a run still writing, never an older generation); an asset with no committed
+    file yet gets an empty view with its record's columns. The LLM cache view reads its own layout.
+    """
     root = store.root if "://" in store.root else Path(store.root).resolve().as_posix()
     statements = []
     for name, schema in VIEW_SCHEMAS.items():
@@ -104,11 +114,19 @@ def view_statements(store: Store, sql_dir: Path = SQL_DIR) -> list[str]:
             body = _llm_cache_view(store, (sql_dir / "views" / f"{name}.sql").read_text(), root, schema)
             statements.append(f"CREATE OR REPLACE VIEW {name} AS {body};")
             continue
-        body = (sql_dir / "views" / f"{name}.sql").read_text().replace("{root}", root)
+        body = (sql_dir / "views" / f"{name}.sql").read_text()
         select = "\n".join(line for line in body.splitlines() if not line.startswith("--"))
-        glob = select.split("'", 2)[1]  # the first quoted string is the file glob
-        has_files = bool(store.fs.glob(glob.split("://", 1)[-1] if store.protocol == "s3" else glob))
-        statements.append(f"CREATE OR REPLACE VIEW {name} AS {select if has_files else _empty_view(schema)};")
+        if "{files}" in select:
+            files = store.list_partition_files(name)
+            if store.is_local:
+                files = [Path(f).resolve().as_posix() for f in files]
+            select = select.replace("{files}", _file_list(files)) if files else _empty_view(schema)
+        else:
+            select = select.replace("{root}", root)
+            glob = select.split("'", 2)[1]  # the first quoted string is the file glob
+            has_files = bool(store.fs.glob(glob.split("://", 1)[-1] if store.protocol == "s3" else glob))
+            select = select if has_files else _empty_view(schema)
+        statements.append(f"CREATE OR REPLACE VIEW {name} AS {select};")
     for path in sorted((sql_dir / "reports").glob("*.sql")):
         statements.append(path.read_text())
     return statements

@@ -1,16 +1,17 @@
 """Parquet storage over fsspec: a local folder by default, ``s3://`` through s3fs.
 
-Layout (hive style): ``<root>/<asset>/<key>=<value>/.../part-0000.parquet``; rejects go to
-``<root>/rejects/stage=<asset>/partition=<key>/part-0000.parquet``.
-
-Atomicity: a table partition is exactly one Parquet file, written to a hidden temporary name and moved into
-place (``os.replace`` locally; on S3 a single PUT is atomic), so a reader sees the old partition or the new
-one, never half of one. Multi-file partitions (mixture shards) swap whole directories locally; on S3 they
-write new objects first and delete stale ones after, so a reader may briefly see both generations.
+Layout (hive style): a table partition is a folder ``<root>/<asset>/<key>=<value>/...`` of immutable part files
+committed by ``_manifest.json`` (``manifests.py``): a stage writes chunk by chunk and commits at the end, so a
+reader sees the old partition or the new one, never half of one, and memory does not grow with the partition.
+Rejects go to ``<root>/rejects/stage=<asset>/partition=<key>/`` the same way. Every object is written whole (a
+hidden temporary name and ``os.replace`` locally, a single PUT on S3). Multi-file partitions swapped as a whole
+(mixture shards) use ``write_directory``: locally one rename; on S3 new objects first and stale ones deleted
+after, so a reader may briefly see both generations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -22,11 +23,12 @@ from typing import Any
 import fsspec
 import polars as pl
 
+from boostqa_assets.manifests import MANIFEST, STAGING, PartitionWriter, committed_files
 from boostqa_assets.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 
-PART_FILE = "part-0000.parquet"
+PART_FILE = "part-0000.parquet"  # the single file of a partition written before manifests
 
 
 class DataRootError(SettingsError):
@@ -76,6 +78,7 @@ class Store:
             self.fs = fsspec.filesystem(protocol, **self.storage_options)
         self.protocol = protocol
         self.is_local = protocol == "file"
+        self.objects_written = 0  # objects this store wrote (benchmarks count them)
         if self.is_local:
             try:
                 os.makedirs(self.root, exist_ok=True)
@@ -95,11 +98,18 @@ class Store:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *[p for p in parts if p])
 
+    def partition_folder(self, asset: str, partition: Mapping[str, str]) -> str:
+        return self.path(asset, partition_dirs(partition))
+
     def partition_path(self, asset: str, partition: Mapping[str, str]) -> str:
+        """The single file of an unpartitioned-style table (``<asset>/part-0000.parquet``)."""
         return self.path(asset, partition_dirs(partition), PART_FILE)
 
+    def rejects_folder(self, stage: str, partition_key: str) -> str:
+        return self.path("rejects", f"stage={stage}", f"partition={partition_slug(partition_key)}")
+
     def rejects_path(self, stage: str, partition_key: str) -> str:
-        return self.path("rejects", f"stage={stage}", f"partition={partition_slug(partition_key)}", PART_FILE)
+        return posixpath.join(self.rejects_folder(stage, partition_key), PART_FILE)
 
     # --- single-file partitions --------------------------------------------------------------------
 
@@ -113,6 +123,7 @@ class Store:
 
     def _put_atomic(self, path: str, data: bytes) -> None:
         parent = posixpath.dirname(path)
+        self.objects_written += 1
         if self.is_local:
             os.makedirs(parent, exist_ok=True)
             tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
@@ -128,44 +139,110 @@ class Store:
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, path)
 
+    def put_bytes(self, path: str, data: bytes) -> None:
+        """Write one object whole (readers see the old content or the new)."""
+        self._put_atomic(path, data)
+
+    def delete(self, paths: list[str]) -> None:
+        """Delete files that may or may not exist."""
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(path)
+
+    def delete_folder(self, folder: str) -> None:
+        """Delete a folder and everything under it, if it exists."""
+        if self.exists(folder):
+            self.fs.rm(folder, recursive=True)
+
+    # --- partitions (parts + manifest) -------------------------------------------------------------
+
+    def partition_writer(
+        self,
+        asset: str,
+        partition: Mapping[str, str],
+        schema: pl.Schema | None = None,
+        resume_key: str | None = None,
+        resume_committed: bool = False,
+    ) -> PartitionWriter:
+        """A writer for one partition, chunk by chunk (see ``manifests.PartitionWriter``)."""
+        folder = self.partition_folder(asset, partition)
+        return PartitionWriter(self, folder, schema, resume_key, resume_committed)
+
+    def rejects_writer(self, stage: str, partition_key: str, resume_key: str | None = None) -> PartitionWriter:
+        from boostqa_assets.records import REJECT_SCHEMA
+
+        return PartitionWriter(self, self.rejects_folder(stage, partition_key), REJECT_SCHEMA, resume_key)
+
     def write_partition(self, asset: str, partition: Mapping[str, str], df: pl.DataFrame) -> str:
-        path = self.partition_path(asset, partition)
-        self.write_parquet(path, df)
-        return path
+        """Replace a partition with ``df`` (one chunk, committed); returns the partition's folder."""
+        with self.partition_writer(asset, partition) as writer:
+            writer.write(df)
+        return writer.folder
 
     def write_rejects(self, stage: str, partition_key: str, df: pl.DataFrame) -> str:
-        path = self.rejects_path(stage, partition_key)
-        self.write_parquet(path, df)
-        return path
+        with self.rejects_writer(stage, partition_key) as writer:
+            writer.write(df)
+        return writer.folder
 
-    def read_parquet(self, path: str, schema: pl.Schema | None = None) -> pl.DataFrame:
+    def partition_files(self, asset: str, partition: Mapping[str, str]) -> list[str]:
+        """The committed part files of one partition (empty if it was never written)."""
+        return committed_files(self, self.partition_folder(asset, partition))
+
+    def read_parquet(
+        self, path: str, schema: pl.Schema | None = None, columns: list[str] | None = None
+    ) -> pl.DataFrame:
         with self.fs.open(path, "rb") as f:
-            df = pl.read_parquet(f)
+            df = pl.read_parquet(f, columns=columns)
         return df if schema is None else df.select([pl.col(c).cast(t) for c, t in schema.items()])
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
+    def read_files(self, files: list[str], schema: pl.Schema | None = None) -> pl.DataFrame:
+        frames = [self.read_parquet(p, schema) for p in files]
+        if not frames:
+            return pl.DataFrame(schema=schema) if schema is not None else pl.DataFrame()
+        return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+
     def read_partition(self, asset: str, partition: Mapping[str, str], schema: pl.Schema | None = None) -> pl.DataFrame:
-        path = self.partition_path(asset, partition)
-        if not self.fs.exists(path):
+        folder = self.partition_folder(asset, partition)
+        files = committed_files(self, folder)
+        if not files and not self.exists(posixpath.join(folder, MANIFEST)):
             raise FileNotFoundError(
                 f"{asset} partition {partition_dirs(partition)} has not been materialized "
-                f"({path} does not exist); materialize it first"
+                f"({folder} holds no committed data); materialize it first"
             )
-        return self.read_parquet(path, schema)
+        return self.read_files(files, schema)
+
+    def read_rejects(self, stage: str, partition_key: str) -> pl.DataFrame:
+        """The rejects a stage wrote for one partition (empty when it wrote none)."""
+        from boostqa_assets.records import REJECT_SCHEMA
+
+        return self.read_files(committed_files(self, self.rejects_folder(stage, partition_key)), REJECT_SCHEMA)
 
     def list_partition_files(self, asset: str) -> list[str]:
-        pattern = self.path(asset, "**", PART_FILE)
-        files = sorted(self.fs.glob(pattern))
-        if self.protocol != "file":
-            files = [f"{self.protocol}://{f}" if "://" not in f else f for f in files]
+        """The committed part files of every partition of ``asset`` (what its DuckDB view reads)."""
+        base = self.path(asset)
+        if not self.exists(base):
+            return []
+        folders: dict[str, bool] = {}  # folder -> has a manifest
+        for found in self.fs.find(base):
+            path = found if "://" in found or self.is_local else f"{self.protocol}://{found}"
+            folder, name = posixpath.split(path)
+            if f"/{STAGING}" in folder or posixpath.basename(folder).startswith("."):
+                continue
+            if name == MANIFEST:
+                folders[folder] = True
+            elif name.startswith("part-") and name.endswith(".parquet"):
+                folders.setdefault(folder, False)
+        files: list[str] = []
+        for folder in sorted(folders):
+            files.extend(committed_files(self, folder))
         return files
 
     def read_asset(self, asset: str, schema: pl.Schema) -> pl.DataFrame:
         """Every materialized partition of ``asset`` concatenated (empty frame with ``schema`` if none)."""
-        frames = [self.read_parquet(p, schema) for p in self.list_partition_files(asset)]
-        return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
+        return self.read_files(self.list_partition_files(asset), schema)
 
     # --- multi-file partitions ---------------------------------------------------------------------
 

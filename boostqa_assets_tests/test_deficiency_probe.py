@@ -112,7 +112,7 @@ def test_probe_measures_accuracy_per_cell(probe_project: dict[str, str], fake_ll
     assert json.loads(by[("mathematics", "high")]["grading"]) == {"judge": 2}
 
     # Items: one per sampled question, with the reply, the method and the request hashes.
-    items = pl.read_parquet(Path(store.root) / "deficiency_probe_items" / "part-0000.parquet")
+    items = store.read_partition("deficiency_probe_items", {})
     assert items.schema == PROBE_ITEM_SCHEMA
     assert items.height == sum(r["n_sampled"] for r in by.values()) == 32
     assert probe.items_match_cells(items, cells).passed
@@ -133,9 +133,7 @@ def test_probe_measures_accuracy_per_cell(probe_project: dict[str, str], fake_ll
     assert roles == {"probe", "judge"}
 
     # Rejects: the item whose verdict stayed invalid after the re-asks, with the raw reply.
-    rejects = pl.read_parquet(
-        Path(store.root) / "rejects" / "stage=deficiency_probe" / "partition=all" / "part-0000.parquet"
-    )
+    rejects = store.read_rejects("deficiency_probe", "all")
     assert rejects.schema == REJECT_SCHEMA
     assert rejects["reason"].to_list() == ["judge_schema_mismatch"]
     assert "maybe" in rejects["raw_output"][0] and rejects["seed_id"][0] in set(items["seed_id"])
@@ -188,9 +186,7 @@ def test_failed_requests_are_not_graded(probe_project: dict[str, str], monkeypat
     assert cells is not None and cells.height == 7
     assert set(cells["status"]) == {"insufficient_samples"}
     assert cells["n_graded"].sum() == 0 and cells["accuracy"].null_count() == 7
-    rejects = pl.read_parquet(
-        Path(store.root) / "rejects" / "stage=deficiency_probe" / "partition=all" / "part-0000.parquet"
-    )
+    rejects = store.read_rejects("deficiency_probe", "all")
     assert rejects.height == cells["n_sampled"].sum() == 32
     assert set(rejects["reason"]) == {"budget_exhausted"}
     assert res.metadata["overall_accuracy"] == "no graded replies"
@@ -214,7 +210,7 @@ def test_disabled_probe_writes_an_empty_table(probe_project: dict[str, str], fak
     assert res.metadata["rows"] == 0 and "disabled" in res.metadata["probe"]
     store = _store()
     assert probe.read_probe_cells(store) is None  # the plan falls back to static weights
-    assert store.exists(store.partition_path("deficiency_probe", {}))
+    assert store.partition_files("deficiency_probe", {})
 
 
 def test_probe_without_annotated_seeds_fails_nothing(probe_project: dict[str, str]) -> None:

@@ -140,9 +140,7 @@ def test_one_partition_run_records_per_partition_check(project_env: dict[str, st
     assert result.success
     evals = result.get_asset_check_evaluations()
     assert len(evals) == 1 and evals[0].passed
-    df = pl.read_parquet(
-        Path(get_settings().data_root) / "synthesized_qa/discipline=physics/grade=graduate/part-0000.parquet"
-    )
+    df = _store().read_partition("synthesized_qa", {"discipline": "physics", "grade": "graduate"})
     assert set(df["track"]) == {"multi_grade", "high_difficulty"}
     assert set(df["grade"]) == {"graduate"}
 
@@ -236,14 +234,11 @@ def test_an_endpoint_down_mid_stage_fails_the_check_and_the_rerun_pays_only_the_
     assert evaluations  # the check ran and failed (above); the message names what to do
     fake_llm.set_config(FaultConfig())
     again = run_stage(defs, "annotated_seeds", instance)
-    assert again.success and again.checks_failed == 0
+    assert again.success and again.checks_failed == 0, again.failed_partitions
     assert set(fake_llm.stats()["ok_by_body"].values()) == {1}  # no request was paid for twice
-    assert (
-        con.sql("SELECT count(*) FROM rejects WHERE stage = 'annotated_seeds' AND reason = 'endpoint_down'").fetchall()[
-            0
-        ][0]
-        == 0
-    )
+    con = connect(_store())  # views list the committed files: a new connection sees the new partitions
+    left = con.sql("SELECT count(*) FROM rejects WHERE stage = 'annotated_seeds' AND reason = 'endpoint_down'")
+    assert left.fetchall()[0][0] == 0
 
 
 def test_pipeline_through_the_batch_api(

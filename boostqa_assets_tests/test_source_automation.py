@@ -32,9 +32,15 @@ from boostqa_assets.logic.sources import (
 from boostqa_assets.resources import project_config
 from boostqa_assets.runner import run_stage
 from boostqa_assets.settings import get_settings
+from boostqa_assets.storage import Store
 
 CONFIGURED = ["physics_qa", "history_passages", "code_problems"]
 TEMPLATE = {"kind": "qa", "license": "CC-BY-4.0", "fields": {"id": "id", "question": "q", "answer": "a"}}
+
+
+def _seeds(key: str) -> pl.DataFrame:
+    settings = get_settings()
+    return Store(settings.data_root, settings.storage_options).read_partition("seeds", {"source": key})
 
 
 def add_watch(root: Path, **watch: Any) -> None:
@@ -232,7 +238,7 @@ def test_sensor_registers_sources_and_adds_a_partition_per_new_local_file(
     # The run the sensor asked for reads the discovered file (the runner runs every partition).
     res = run_stage(defs, "seeds", instance)
     assert res.success and res.partitions == 5
-    df = pl.read_parquet(Path(get_settings().data_root) / f"seeds/source={key}/part-0000.parquet")
+    df = _seeds(key)
     assert df.height == 2 and set(df["source"]) == {key} and set(df["license"]) == {"CC-BY-4.0"}
     materialized, fingerprint = recorded_fingerprint(instance, key)
     assert materialized and fingerprint == SourceResolver(
@@ -266,7 +272,7 @@ def test_sensor_and_schedule_on_an_s3_prefix(
     assert not tick(defs, instance, second.cursor).run_requests
 
     assert run_stage(defs, "seeds", instance).success
-    df = pl.read_parquet(Path(get_settings().data_root) / f"seeds/source={key}/part-0000.parquet")
+    df = _seeds(key)
     assert df.height == 2 and set(df["source"]) == {key}
     _, fingerprint = recorded_fingerprint(instance, key)
     assert fingerprint and fingerprint.startswith("etag=")
@@ -321,7 +327,7 @@ def test_schedule_refreshes_changed_and_never_materialized_partitions(
     assert run_stage(defs, "annotated_seeds", instance).success
     after = schedule_tick(defs, instance)
     assert not after.run_requests and "removed_source" in after.skip_message
-    rows = pl.read_parquet(Path(get_settings().data_root) / "seeds/source=physics_qa/part-0000.parquet").height
+    rows = _seeds("physics_qa").height
     assert rows == 6  # 5 before + the new line
     mats = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("seeds"), asset_partitions=["physics_qa"]), limit=5

@@ -556,8 +556,8 @@ def read_probe_cells(store: Store) -> pl.DataFrame | None:
 
     Only cells with ``status == "ok"`` carry an accuracy; the others have null ``accuracy``/``ci_*``.
     """
-    path = store.partition_path(ASSET, {})
-    if not store.exists(path):
+    files = store.partition_files(ASSET, {})
+    if not files:
         return None
-    cells = store.read_parquet(path, PROBE_CELL_SCHEMA)
+    cells = store.read_files(files, PROBE_CELL_SCHEMA)
     return cells if cells.height else None

@@ -522,7 +522,7 @@ def test_read_probe_cells(tmp_path: Path) -> None:
     assert probe.read_probe_cells(store) is None  # ran, measured nothing (disabled)
     cells = _good_cells()
     path = store.write_partition("deficiency_probe", {}, cells)
-    assert path == f"{tmp_path}/deficiency_probe/part-0000.parquet"
+    assert path == f"{tmp_path}/deficiency_probe"
     got = probe.read_probe_cells(store)
     assert got is not None and got.equals(cells) and got.schema == PROBE_CELL_SCHEMA
 

@@ -1,2 +1,2 @@
 -- refined_qa: kept QA with refined answers and flags (partitions: discipline x grade)
-SELECT * FROM read_parquet('{root}/refined_qa/*/*/part-*.parquet', hive_partitioning = false, union_by_name = true)
+SELECT * FROM read_parquet({files}, hive_partitioning = false, union_by_name = true)

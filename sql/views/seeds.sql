@@ -1,2 +1,2 @@
 -- seeds: one row per normalized seed (partition: source)
-SELECT * FROM read_parquet('{root}/seeds/*/part-*.parquet', hive_partitioning = false, union_by_name = true)
+SELECT * FROM read_parquet({files}, hive_partitioning = false, union_by_name = true)

@@ -1,2 +1,2 @@
 -- synthesized_qa: new QA pairs (partitions: discipline x grade)
-SELECT * FROM read_parquet('{root}/synthesized_qa/*/*/part-*.parquet', hive_partitioning = false, union_by_name = true)
+SELECT * FROM read_parquet({files}, hive_partitioning = false, union_by_name = true)
