@@ -154,6 +154,21 @@ class SourceConfig(SourceTemplate):
         description="local path (relative to the config file), s3://, https:// or pkg://<package>/<file>",
     )
 
+    shards: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="cut the source into this many hash buckets of seed_id, each a `seeds` partition of its own "
+        "(`<name>--s0000` ...), so one huge source is read and annotated by as many runs; a watch prefix cuts "
+        "by file instead",
+    )
+
+    def partition_keys(self) -> list[str]:
+        """The `seeds` partition keys of this source: its name, or one key per shard."""
+        if self.shards == 1:
+            return [self.name]
+        return [shard_key(self.name, i) for i in range(self.shards)]
+
     def resolved_format(self) -> str:
         fmt = self.format or infer_format(self.path)
         if fmt:
@@ -211,6 +226,14 @@ class WatchConfig(_Strict):
         return SourceConfig.model_validate({**self.source.model_dump(), "name": key, "path": path})
 
 
+SHARD_SEPARATOR = "--s"
+
+
+def shard_key(name: str, index: int) -> str:
+    """The partition key of shard ``index`` of source ``name`` (a source name cannot contain ``--``)."""
+    return f"{name}{SHARD_SEPARATOR}{index:04d}"
+
+
 class SourcesConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     watch: list[WatchConfig] = Field(
@@ -257,6 +280,20 @@ class SourcesConfig(_Strict):
             if s.name == name:
                 return s
         raise KeyError(f"no source named {name!r}; configured: {[s.name for s in self.sources]}")
+
+    def partition_keys(self) -> list[str]:
+        """Every configured source's `seeds` partition keys (shards expanded), in config order."""
+        return [k for s in self.sources for k in s.partition_keys()]
+
+    def for_key(self, key: str) -> tuple[SourceConfig, tuple[int, int] | None] | None:
+        """The configured source behind a partition key and its shard (index, count), or None if none is."""
+        name, sep, index = key.rpartition(SHARD_SEPARATOR)
+        for s in self.sources:
+            if s.shards == 1 and s.name == key:
+                return s, None
+            if sep and s.shards > 1 and s.name == name and index.isdigit() and int(index) < s.shards:
+                return s, (int(index), s.shards)
+        return None
 
     def watch_for_key(self, key: str) -> WatchConfig | None:
         """The watch whose files have partition keys like ``key`` (``<watch name>__...``), if any."""
@@ -569,7 +606,19 @@ class OrchestrationConfig(_Strict):
     timezone: str = "UTC"
 
 
+class StreamingConfig(_Strict):
+    """How the LLM stages stream: rows per chunk (one LLM batch, one part file per partition it touches)."""
+
+    chunk_rows: int = Field(
+        2000,
+        ge=1,
+        description="rows (or synthesis tasks) per chunk: memory stays at one chunk whatever the partition's size; "
+        "a run killed half way resumes after its last committed chunk",
+    )
+
+
 class PipelineConfig(_Strict):
+    streaming: StreamingConfig = StreamingConfig()
     annotation: AnnotationConfig = AnnotationConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     refinement: RefinementConfig = RefinementConfig()

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from boostqa_assets import checks, expectations
+from boostqa_assets.defs.seeds import source_name
 from boostqa_assets.defs.support import (
     backfill_policy,
     counts_by,
@@ -13,10 +14,12 @@ from boostqa_assets.defs.support import (
     report_partition_checks,
 )
 from boostqa_assets.logic import annotate
+from boostqa_assets.manifests import stream_parquet
 from boostqa_assets.partitions import Partitions
 from boostqa_assets.prompting import prompt_fingerprint
 from boostqa_assets.records import ANNOTATED_SCHEMA, SEED_SCHEMA
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
+from boostqa_assets.streaming import input_generation, open_output, resume_key, skip_done
 
 
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -37,34 +40,45 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         """One row per seed of the source, with `discipline`, `category`, `grade` and `difficulty` from the
         annotator role. The reply is JSON constrained by a schema built from the taxonomy and validated
         again; a bad reply is re-asked up to `max_parse_retries` times, then the seed goes to
-        `rejects/stage=annotated_seeds` with the raw output.
+        `rejects/stage=annotated_seeds` with the raw output. Seeds stream through in chunks of
+        `streaming.chunk_rows`, each written as a part file; the partition is committed at the end, and a run
+        killed half way resumes after its last chunk.
         """
         project = project_config()
         st = store.get()
         client = llm.client("annotator")
+        chunk_rows = project.pipeline.streaming.chunk_rows
+        validator = annotate.make_validator(project.taxonomy)
         summary = []
         for key in context.partition_keys:
-            seeds = st.read_partition("seeds", {"source": key}, SEED_SCHEMA)
-            requests = annotate.build_requests(seeds, project.taxonomy, project.pipeline.annotation.max_chars_in_prompt)
-            results = client.run(
-                requests,
-                annotate.make_validator(project.taxonomy),
-                progress_logger(context.log, f"annotated_seeds[{key}]"),
+            files = st.partition_files("seeds", {"source": key})
+            fingerprint = resume_key(
+                input_generation(st, "seeds", {"source": key}),
+                context.assets_def.code_versions_by_key[context.asset_key],
+                client.cfg.model_dump(exclude={"api_key_env"}),
             )
-            kept, rejects = annotate.assemble(seeds, results, project.taxonomy, key)
-            st.write_partition("annotated_seeds", {"source": key}, kept)
-            st.write_rejects("annotated_seeds", key, rejects)
+            out = open_output(st, "annotated_seeds", {"source": key}, key, ANNOTATED_SCHEMA, fingerprint)
+            if out.done:
+                context.log.info(f"annotated_seeds[{key}]: resuming after {out.done} seeds already written")
+            for chunk in skip_done(stream_parquet(st, files, chunk_rows, SEED_SCHEMA), out.done):
+                requests = annotate.build_requests(
+                    chunk, project.taxonomy, project.pipeline.annotation.max_chars_in_prompt
+                )
+                results = client.run(requests, validator, progress_logger(context.log, f"annotated_seeds[{key}]"))
+                kept, rejects = annotate.assemble(chunk, results, project.taxonomy, key)
+                out.write(kept, rejects, chunk.height)
+            out.commit()
             summary.append(
                 {
                     "source": key,
-                    "seeds": seeds.height,
-                    "annotated": kept.height,
-                    "rejected": rejects.height,
-                    "reject_reasons": counts_by(rejects, "reason") or "-",
-                    "disciplines": kept["discipline"].n_unique() if kept.height else 0,
+                    "seeds": out.done,
+                    "annotated": out.kept,
+                    "rejected": out.rejected,
+                    "reject_reasons": out.reasons or "-",
+                    "parts": out.rows.chunks_done,
                 }
             )
-            context.log.info(f"annotated_seeds[{key}]: {kept.height} annotated, {rejects.height} rejected")
+            context.log.info(f"annotated_seeds[{key}]: {out.kept} annotated, {out.rejected} rejected")
         rows = sum(s["annotated"] for s in summary)
         return dg.MaterializeResult(
             metadata={
@@ -91,7 +105,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 df,
                 ANNOTATED_SCHEMA,
                 unique_on="seed_id",
-                equals={"source": key},
+                equals={"source": source_name(key)},
                 not_null=[
                     "seed_id",
                     "discipline",

@@ -1,12 +1,13 @@
 """``refined_qa[discipline x grade]``: synthesized QA with the refiner's answer and rule-filter flags."""
 
+from collections.abc import Iterator
+
 import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
     backfill_policy,
-    counts_by,
     endpoint_pool,
     llm_metadata,
     md_table,
@@ -14,11 +15,13 @@ from boostqa_assets.defs.support import (
     report_partition_checks,
 )
 from boostqa_assets.logic import refine
+from boostqa_assets.manifests import stream_parquet
 from boostqa_assets.partitions import Partitions, qa_key, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
 from boostqa_assets.records import REFINED_SCHEMA, SYNTHESIZED_SCHEMA
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
 from boostqa_assets.storage import Store
+from boostqa_assets.streaming import PartitionOutput, input_generation, open_output, pooled, resume_key, skip_done
 
 
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -40,40 +43,80 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         Rejected (to `rejects/stage=refined_qa`, reason = the first blocking flag): refusals, empty or
         truncated answers, answers shorter/longer than the configured bounds, length outliers beyond
         Q3 + k*IQR of the partition, and answers whose script differs from the question's.
+
+        Streams in two passes, a chunk (`streaming.chunk_rows`) at a time: the refiner's answers are staged
+        under `_work/`, then the partition's length fence is computed and the rules applied; the partition is
+        committed at the end. A run killed in pass 1 resumes after its last chunk; one killed in pass 2 redoes
+        only pass 2.
         """
         project = project_config()
         st = store.get()
         client = llm.client("refiner")
-        inputs = {}
+        cfg = project.pipeline.refinement
+        chunk_rows = project.pipeline.streaming.chunk_rows
+        code_version = context.assets_def.code_versions_by_key[context.asset_key]
+        # Pass 1, the LLM: the run's partitions stream through in pooled chunks; answered rows are staged (the
+        # length rule needs the whole partition), the rows the refiner did not answer are rejects already.
+        staged: dict[str, PartitionOutput] = {}
+        pending: list[tuple[str, Iterator[pl.DataFrame]]] = []
         for key in context.partition_keys:
-            discipline, grade = qa_key_parts(key)
-            inputs[key] = st.read_partition(
-                "synthesized_qa", {"discipline": discipline, "grade": grade}, SYNTHESIZED_SCHEMA
+            part = _part(key)
+            fingerprint = resume_key(
+                input_generation(st, "synthesized_qa", part), code_version, client.cfg.model_dump(), cfg.model_dump()
             )
-        everything = pl.concat(list(inputs.values())) if inputs else pl.DataFrame(schema=SYNTHESIZED_SCHEMA)
-        context.log.info(f"refined_qa: {everything.height} QA to refine over {len(inputs)} partitions")
-        results = client.run(
-            refine.build_requests(everything),
-            refine.validate_answer,
-            progress_logger(context.log, "refined_qa"),
-        )
-        by_key = {r.key: r for r in results}
+            out = open_output(
+                st, WORK_ASSET, part, key, refine.STAGED_SCHEMA, fingerprint, "refined_qa", resume_committed=True
+            )
+            staged[key] = out
+            if not out.rows.committed:
+                if out.done:
+                    context.log.info(f"refined_qa[{key}]: resuming after {out.done} rows already refined")
+                files = st.partition_files("synthesized_qa", part)
+                pending.append((key, skip_done(stream_parquet(st, files, chunk_rows, SYNTHESIZED_SCHEMA), out.done)))
+        progress = progress_logger(context.log, "refined_qa")
+        sent = 0
+        for batch in pooled(_interleave(pending), chunk_rows):
+            qa = pl.concat([df for _, df in batch])
+            results = client.run(refine.build_requests(qa), refine.validate_answer, progress)
+            by_key = {r.key: r for r in results}
+            for key, df in batch:
+                rows, rejects = refine.stage(df, [by_key[q] for q in df["qa_id"]], cfg, key)
+                staged[key].write(rows, rejects, df.height)
+            sent += qa.height
+        for out in staged.values():
+            out.rows.commit()  # pass 1 is complete: a kill from here on redoes pass 2 only
+        # Pass 2, the rules: the partition's length fence, then every blocking flag rejects its row.
         summary = []
-        for key, qa in inputs.items():
-            discipline, grade = qa_key_parts(key)
-            kept, rejects = refine.assemble(qa, [by_key[q] for q in qa["qa_id"]], project.pipeline.refinement, key)
-            st.write_partition("refined_qa", {"discipline": discipline, "grade": grade}, kept)
-            st.write_rejects("refined_qa", key, rejects)
-            if qa.height:
+        for key, out in staged.items():
+            part = _part(key)
+            work_files = st.partition_files(WORK_ASSET, part)
+            lengths = pl.concat(
+                [st.read_parquet(f, columns=["refined_answer"])["refined_answer"].str.len_chars() for f in work_files]
+                or [pl.Series([], dtype=pl.UInt32)]
+            )
+            fence = refine.length_fence(lengths, cfg.length_outlier_iqr, cfg.min_rows_for_outliers)
+            final = st.partition_writer("refined_qa", part, REFINED_SCHEMA)
+            kept = 0
+            for i, chunk in enumerate(stream_parquet(st, work_files, chunk_rows, refine.STAGED_SCHEMA)):
+                rows, rejects = refine.finish(chunk, fence, cfg, key)
+                final.write(rows)
+                out.rejects.write(rejects, progress=out.done + i + 1)  # beyond pass 1: a resume drops these
+                out.count(rejects)
+                kept += rows.height
+            final.commit()
+            out.rejects.commit()
+            st.delete_folder(st.partition_folder(WORK_ASSET, part))
+            if out.done:
                 summary.append(
                     {
                         "partition": key,
-                        "input": qa.height,
-                        "kept": kept.height,
-                        "rejected": rejects.height,
-                        "reject_reasons": counts_by(rejects, "reason") or "-",
+                        "input": out.done,
+                        "kept": kept,
+                        "rejected": out.rejected,
+                        "reject_reasons": out.reasons or "-",
                     }
                 )
+        context.log.info(f"refined_qa: {sent} QA refined over {len(staged)} partitions")
         rows = sum(s["kept"] for s in summary)
         return dg.MaterializeResult(
             metadata={
@@ -100,6 +143,20 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         )
 
     return [refined_qa, refined_qa_valid]
+
+
+WORK_ASSET = "_work/refined_qa"  # pass 1's staged rows, deleted once the partition is committed
+
+
+def _part(key: str) -> dict[str, str]:
+    discipline, grade = qa_key_parts(key)
+    return {"discipline": discipline, "grade": grade}
+
+
+def _interleave(pending: list[tuple[str, Iterator[pl.DataFrame]]]) -> Iterator[tuple[str, pl.DataFrame]]:
+    for key, frames in pending:
+        for df in frames:
+            yield key, df
 
 
 def evaluate_partition(st: Store, key: str, reject_flags: list[str]) -> checks.CheckOutcome:

@@ -6,7 +6,6 @@ import polars as pl
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
     backfill_policy,
-    counts_by,
     endpoint_pool,
     llm_metadata,
     md_table,
@@ -20,6 +19,7 @@ from boostqa_assets.partitions import Partitions, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
 from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, SYNTHESIZED_SCHEMA
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
+from boostqa_assets.streaming import PartitionOutput, open_output, pooled_lists, resume_key
 
 
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -47,71 +47,98 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         above the configured difficulty yield harder variants. `qa_per_seed` variants each; the model's
         thinking goes to `reasoning`, never into `answer`. Failed requests go to rejects with raw output.
 
-        Fidelity: every high-difficulty row and a sample of multi-grade rows are re-annotated; the grade match
-        rate per discipline goes to the metadata, and high-difficulty rows that came back easier than their
-        seed are rejected as `difficulty_degraded`.
+        Fidelity: every high-difficulty row and a sample of multi-grade rows (`sample_per_partition` per
+        partition per chunk) are re-annotated; the grade match rate per discipline goes to the metadata, and
+        high-difficulty rows that came back easier than their seed are rejected as `difficulty_degraded`.
+
+        Streams one discipline at a time (only its annotated seeds in memory), tasks in pooled chunks of
+        `streaming.chunk_rows`, each partition's rows written as part files and committed at the end; a run
+        killed half way resumes after its last chunk.
         """
         project = project_config()
         st = store.get()
-        annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA)
         client = llm.client("synthesizer")
-        plans = {}
-        budgets = []
-        for key in context.partition_keys:
-            discipline, grade = qa_key_parts(key)
-            cell = st.read_partition("synthesis_plan", {"discipline": discipline, "grade": grade}, PLAN_SCHEMA).row(
-                0, named=True
-            )
-            plans[key], missing = plan_logic.cell_tasks(annotated, cell, project)
-            if missing:
-                context.log.warning(
-                    f"synthesized_qa[{key}]: {missing} seeds of the plan are no longer annotated; the plan is stale "
-                    "(materialize synthesis_plan)"
-                )
-            budgets.append(cell["budget"])
-        # One batch across the run's partitions keeps the endpoint busy at the concurrency cap.
-        tasks = [t for ts in plans.values() for t in ts]
-        context.log.info(
-            f"synthesized_qa: {len(tasks)} tasks over {len(plans)} partitions from {annotated.height} annotated seeds"
-        )
-        requests = synthesize.build_requests(tasks, project.pipeline.synthesis.max_chars_in_prompt)
-        results = client.run(requests, synthesize.validate_qa, progress_logger(context.log, "synthesized_qa"))
-        by_key = {r.key: r for r in results}
-        top = project.taxonomy.difficulties[-1]
-        assembled = {}
-        for key, ts in plans.items():
-            assembled[key] = synthesize.assemble(ts, [by_key[t.qa_id] for t in ts], project.taxonomy, key, top)
-        # Grade fidelity / difficulty degradation: re-annotate a sample (all high-difficulty rows) in one batch.
-        fidelity_cfg = project.pipeline.quality.fidelity
-        to_check = [fidelity.sample(kept, fidelity_cfg.sample_per_partition, seed=0) for kept, _ in assembled.values()]
-        check_rows = pl.concat(to_check) if to_check else pl.DataFrame(schema=SYNTHESIZED_SCHEMA)
         checker = llm.client("annotator")
-        check_results = checker.run(
-            fidelity.build_requests(check_rows, project.taxonomy, project.pipeline.annotation.max_chars_in_prompt),
-            annotate.make_validator(project.taxonomy),
-            progress_logger(context.log, "synthesized_qa fidelity check"),
-        )
-        summary, checked = [], []
-        for key, (kept, rejects) in assembled.items():
-            discipline, grade = qa_key_parts(key)
-            kept, degraded, part_checked = fidelity.apply(
-                kept, check_results, project.taxonomy, key, fidelity_cfg.drop_degraded
-            )
-            rejects = pl.concat([rejects, degraded])
-            checked += part_checked
-            st.write_partition("synthesized_qa", {"discipline": discipline, "grade": grade}, kept)
-            st.write_rejects("synthesized_qa", key, rejects)
-            if plans[key]:
-                summary.append(
-                    {
-                        "partition": key,
-                        "tasks": len(plans[key]),
-                        "kept": kept.height,
-                        "rejected": rejects.height,
-                        "tracks": counts_by(kept, "track") or "-",
-                        "reject_reasons": counts_by(rejects, "reason") or "-",
-                    }
+        chunk_rows = project.pipeline.streaming.chunk_rows
+        code_version = context.assets_def.code_versions_by_key[context.asset_key]
+        fidelity_cfg = project.pipeline.quality.fidelity
+        top = project.taxonomy.difficulties[-1]
+        by_discipline: dict[str, list[str]] = {}
+        for key in context.partition_keys:
+            by_discipline.setdefault(qa_key_parts(key)[0], []).append(key)
+        outs: dict[str, PartitionOutput] = {}
+        budgets, checked, n_tasks = [], [], 0
+        progress = progress_logger(context.log, "synthesized_qa")
+        # One discipline at a time: only its annotated seeds are in memory; its cells' tasks stream through
+        # in pooled chunks, so small cells share an LLM batch and the endpoint stays busy.
+        for discipline, keys in by_discipline.items():
+            annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA, discipline=discipline)
+            pending: list[tuple[str, list[synthesize.SynthTask]]] = []
+            for key in keys:
+                part = {"discipline": discipline, "grade": qa_key_parts(key)[1]}
+                cell = st.read_partition("synthesis_plan", part, PLAN_SCHEMA).row(0, named=True)
+                tasks, missing = plan_logic.cell_tasks(annotated, cell, project)
+                if missing:
+                    context.log.warning(
+                        f"synthesized_qa[{key}]: {missing} seeds of the plan are no longer annotated; the plan is "
+                        "stale (materialize synthesis_plan)"
+                    )
+                budgets.append(cell["budget"])
+                fingerprint = resume_key(
+                    cell["fingerprint"],
+                    [t.qa_id for t in tasks],
+                    code_version,
+                    client.cfg.model_dump(),
+                    checker.cfg.model_dump(),
+                    fidelity_cfg.model_dump(),
                 )
+                outs[key] = out = open_output(st, "synthesized_qa", part, key, SYNTHESIZED_SCHEMA, fingerprint)
+                if out.done:
+                    context.log.info(f"synthesized_qa[{key}]: resuming after {out.done} tasks already written")
+                pending.append((key, tasks[out.done :]))
+                n_tasks += len(tasks)
+            del annotated
+            for batch in pooled_lists(pending, chunk_rows):
+                tasks = [t for _, ts in batch for t in ts]
+                requests = synthesize.build_requests(tasks, project.pipeline.synthesis.max_chars_in_prompt)
+                results = client.run(requests, synthesize.validate_qa, progress)
+                by_key = {r.key: r for r in results}
+                pieces = [
+                    (key, *synthesize.assemble(ts, [by_key[t.qa_id] for t in ts], project.taxonomy, key, top))
+                    for key, ts in batch
+                ]
+                # Grade fidelity / difficulty degradation: re-annotate each piece's sample (all its high-difficulty
+                # rows) in one batch, then reject the degraded rows.
+                to_check = [fidelity.sample(kept, fidelity_cfg.sample_per_partition, seed=0) for _, kept, _ in pieces]
+                check_rows = pl.concat(to_check) if to_check else pl.DataFrame(schema=SYNTHESIZED_SCHEMA)
+                check_results = checker.run(
+                    fidelity.build_requests(
+                        check_rows, project.taxonomy, project.pipeline.annotation.max_chars_in_prompt
+                    ),
+                    annotate.make_validator(project.taxonomy),
+                    progress_logger(context.log, "synthesized_qa fidelity check"),
+                )
+                for (key, kept, rejects), (_, ts) in zip(pieces, batch, strict=True):
+                    kept, degraded, part_checked = fidelity.apply(
+                        kept, check_results, project.taxonomy, key, fidelity_cfg.drop_degraded
+                    )
+                    checked += part_checked
+                    outs[key].write(kept, pl.concat([rejects, degraded]), len(ts))
+            for key in keys:
+                outs[key].commit()
+        context.log.info(f"synthesized_qa: {n_tasks} tasks over {len(outs)} partitions")
+        summary = [
+            {
+                "partition": key,
+                "tasks": out.done,
+                "kept": out.kept,
+                "rejected": out.rejected,
+                "reject_reasons": out.reasons or "-",
+                "parts": out.rows.chunks_done,
+            }
+            for key, out in outs.items()
+            if out.done
+        ]
         table = fidelity.fidelity_table(checked)
         matches = sum(t["grade_matches"] for t in table)
         sampled = sum(t["sampled"] for t in table)
@@ -122,7 +149,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "rows_rejected": sum(s["rejected"] for s in summary),
                 "dagster/row_count": rows,
                 "partitions_with_rows": len(summary),
-                "partitions_in_run": len(plans),
+                "partitions_in_run": len(outs),
                 "plan_budget": sum(budgets),
                 "partitions": md_table(summary),
                 "grade_fidelity": md_table(table),

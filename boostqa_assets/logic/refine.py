@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from boostqa_assets.configs import RefinementConfig
 from boostqa_assets.llm.types import LLMRequest, LLMResult
 from boostqa_assets.prompting import render
-from boostqa_assets.records import REFINED_SCHEMA, REJECT_SCHEMA, frame, to_json
+from boostqa_assets.records import REFINED_SCHEMA, REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame, to_json
 
 PROMPT_ID = "refine"
 
@@ -117,22 +117,34 @@ def rule_flags(
     return flags
 
 
-def length_outlier_mask(lengths: list[int], k: float, min_rows: int) -> list[bool]:
-    """True where a length is above Q3 + k*IQR (Tukey's fence); nothing is an outlier in tiny partitions."""
+def length_fence(lengths: list[int] | pl.Series, k: float, min_rows: int) -> float | None:
+    """Tukey's fence ``Q3 + k*IQR`` of a partition's answer lengths; None (no outliers) in tiny partitions."""
     if len(lengths) < min_rows:
-        return [False] * len(lengths)
+        return None
     s = pl.Series(lengths, dtype=pl.Float64)
     q1, q3 = s.quantile(0.25, "linear"), s.quantile(0.75, "linear")
-    fence = q3 + k * max(q3 - q1, 1.0)
-    return [x > fence for x in lengths]
+    assert q1 is not None and q3 is not None
+    return q3 + k * max(q3 - q1, 1.0)
 
 
-def assemble(
+def length_outlier_mask(lengths: list[int], k: float, min_rows: int) -> list[bool]:
+    """True where a length is above Q3 + k*IQR (Tukey's fence); nothing is an outlier in tiny partitions."""
+    fence = length_fence(lengths, k, min_rows)
+    return [False] * len(lengths) if fence is None else [x > fence for x in lengths]
+
+
+# A refined row before the partition-wide length rule: the refined record plus the raw reply, which a reject keeps.
+STAGED_SCHEMA = pl.Schema({**REFINED_SCHEMA, "raw_output": pl.Utf8()})
+
+
+def stage(
     qa: pl.DataFrame, results: list[LLMResult], cfg: RefinementConfig, partition: str
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """First pass over a chunk: the rows the refiner answered (with their rule flags, not yet the length rule,
+    which needs the whole partition) and the rejects of the rows it did not answer."""
     by_key = {r.key: r for r in results}
     refusal_res = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
-    staged: list[tuple[dict[str, Any], LLMResult]] = []
+    staged: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     for row in qa.iter_rows(named=True):
         res = by_key.get(row["qa_id"])
@@ -147,32 +159,64 @@ def assemble(
                 )
             )
             continue
-        staged.append((row, res))
-    answers = [res.value.answer for _, res in staged]
-    outliers = length_outlier_mask([len(a) for a in answers], cfg.length_outlier_iqr, cfg.min_rows_for_outliers)
-    kept: list[dict[str, Any]] = []
-    reject_flags = set(cfg.reject_flags)
-    for (row, res), answer, outlier in zip(staged, answers, outliers, strict=True):
-        flags = rule_flags(row["question"], answer, res.finish_reason, cfg, refusal_res)
-        if outlier:
-            flags.append("length_outlier")
-        blocking = [f for f in flags if f in reject_flags]
-        if blocking:
-            rejects.append(_reject(row, partition, blocking[0], "flags: " + ", ".join(flags), res))
-            continue
-        kept.append(
+        answer = res.value.answer
+        staged.append(
             {
                 **row,
                 "refined_answer": answer,
-                "flags": flags,
+                "flags": rule_flags(row["question"], answer, res.finish_reason, cfg, refusal_res),
                 "status": "kept",
                 "refine_model": res.model,
                 "refine_prompt_id": res.prompt_id,
                 "refine_prompt_version": res.prompt_version,
                 "refine_request_hash": res.request_hash,
+                "raw_output": res.raw_output,
             }
         )
+    return frame(staged, STAGED_SCHEMA), frame(rejects, REJECT_SCHEMA)
+
+
+def finish(
+    staged: pl.DataFrame, fence: float | None, cfg: RefinementConfig, partition: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Second pass: the length rule with the partition's fence, then every blocking flag rejects its row."""
+    kept: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    reject_flags = set(cfg.reject_flags)
+    synth_cols = [c for c in SYNTHESIZED_SCHEMA]
+    for row in staged.iter_rows(named=True):
+        flags = list(row["flags"])
+        if fence is not None and len(row["refined_answer"]) > fence:
+            flags.append("length_outlier")
+        blocking = [f for f in flags if f in reject_flags]
+        if blocking:
+            rejects.append(
+                {
+                    "stage": "refined_qa",
+                    "partition": partition,
+                    "source": row["source"],
+                    "seed_id": row["seed_id"],
+                    "qa_id": row["qa_id"],
+                    "reason": blocking[0],
+                    "detail": "flags: " + ", ".join(flags),
+                    "raw_output": row["raw_output"],
+                    "request_hash": row["refine_request_hash"],
+                    "record": to_json({c: row[c] for c in synth_cols}),
+                }
+            )
+            continue
+        kept.append({**{k: v for k, v in row.items() if k != "raw_output"}, "flags": flags})
     return frame(kept, REFINED_SCHEMA), frame(rejects, REJECT_SCHEMA)
+
+
+def assemble(
+    qa: pl.DataFrame, results: list[LLMResult], cfg: RefinementConfig, partition: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Both passes over one frame (a partition that fits one chunk)."""
+    staged, llm_rejects = stage(qa, results, cfg, partition)
+    fence = length_fence(staged["refined_answer"].str.len_chars(), cfg.length_outlier_iqr, cfg.min_rows_for_outliers)
+    kept, rejects = finish(staged, fence, cfg, partition)
+    return kept, pl.concat([llm_rejects, rejects])
 
 
 def _reject(row: dict[str, Any], partition: str, reason: str, detail: str, res: LLMResult | None) -> dict[str, Any]:
