@@ -49,7 +49,10 @@ def cmd_check_config(_: argparse.Namespace) -> int:
     project = project_config()
     _print(f"configuration in {project.config_dir} is valid:")
     _print(f"  taxonomy: {len(project.taxonomy.disciplines)} disciplines x {len(project.taxonomy.grades)} grades")
-    _print(f"  sources: {', '.join(s.name for s in project.sources.sources)}")
+    _print(
+        "  sources: "
+        + ", ".join(s.name + (f" ({s.shards} shards)" if s.shards > 1 else "") for s in project.sources.sources)
+    )
     for role, cfg in project.llm.roles.items():
         where = "embedded llama.cpp" if cfg.is_embedded else cfg.base_url
         _print(f"  {role}: {cfg.model} at {where} ({cfg.api}, {cfg.structured_output})")

@@ -42,7 +42,7 @@ def build_partitions(project: ProjectConfig) -> Partitions:
 def register_sources(instance: dg.DagsterInstance, project: ProjectConfig) -> list[str]:
     """Add the configured sources that the instance does not have yet as ``sources`` partitions (in config
     order); returns the names added. Partitions of removed sources and of discovered files are kept."""
-    names = [s.name for s in project.sources.sources]
+    names = project.sources.partition_keys()
     existing = instance.get_existing_dynamic_partitions(SOURCE_PARTITIONS, names)
     missing = [n for n in names if n not in existing]
     if missing:

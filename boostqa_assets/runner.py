@@ -155,7 +155,7 @@ def _partition_ranges(
     if not _is_source_partitioned(pdef):
         return [keys]
     sources = project_config().sources
-    configured = {s.name for s in sources.sources}
+    configured = set(sources.partition_keys())
     known = [k for k in keys if k in configured or sources.watch_for_key(k) is not None]
     orphans = [k for k in keys if k not in set(known)]
     if orphans:

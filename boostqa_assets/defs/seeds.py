@@ -35,6 +35,13 @@ def _resolver() -> SourceResolver:
     return SourceResolver(project.sources, project.config_dir, get_settings().storage_options)
 
 
+def source_name(key: str) -> str:
+    """The `source` column of a partition's rows: the source's name (a shard key ``<name>--s0003`` -> ``<name>``;
+    a watched file's key is its own name)."""
+    found = project_config().sources.for_key(key)
+    return found[0].name if found is not None else key
+
+
 def load_cursor(cursor: str | None) -> set[str]:
     """The sensor's cursor: the keys of every watched file it has already handled."""
     if not cursor:
@@ -100,7 +107,7 @@ def build(
                     fingerprint = resolver.fingerprint(key)
                 except SourceError as exc:
                     context.log.warning(f"seeds[{key}]: no source fingerprint recorded: {exc}")
-                result = read_source(cfg, project.config_dir, st.storage_options)
+                result = read_source(cfg, project.config_dir, st.storage_options, shard=resolver.shard(key))
                 message = empty_source_message(key, result)
             except SourceError as exc:
                 message = " ".join(str(exc).split())  # one line: it goes to tables, checks and the CLI
@@ -179,7 +186,7 @@ def build(
                 SEED_SCHEMA,
                 not_null=["seed_id", "source", "kind", "language"],
                 unique_on="seed_id",
-                equals={"source": key},
+                equals={"source": source_name(key)},
                 require_rows=True,
             )
             outcome = checks.CheckOutcome.all_of(rules, expectations.validate("seeds", df, tax))

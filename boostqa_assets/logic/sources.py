@@ -30,7 +30,7 @@ from typing import IO, Any
 import fsspec
 import polars as pl
 
-from boostqa_assets.configs import SourceConfig, SourcesConfig, WatchConfig
+from boostqa_assets.configs import SourceConfig, SourcesConfig, WatchConfig, shard_key
 from boostqa_assets.records import (
     REJECT_SCHEMA,
     SEED_SCHEMA,
@@ -105,11 +105,23 @@ def resolve_path(cfg: SourceConfig, config_dir: Path) -> str:
     return str(local if local.is_absolute() else (Path(config_dir) / local).resolve())
 
 
-def read_source(cfg: SourceConfig, config_dir: Path, storage_options: dict[str, Any] | None = None) -> SourceReadResult:
-    """Read, validate, dedup and sample one source. Raises ``SourceError`` if the file cannot be read."""
+def read_source(
+    cfg: SourceConfig,
+    config_dir: Path,
+    storage_options: dict[str, Any] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> SourceReadResult:
+    """Read, validate, dedup and sample one source, or one shard of it. Raises ``SourceError`` if the file cannot
+    be read.
+
+    ``shard = (index, count)``: only the seeds whose ``seed_id`` falls in hash bucket ``index`` of ``count`` are
+    kept (so every seed_id lives in exactly one shard, and duplicate ids are caught within it), and only the
+    rejects of the records whose position falls in that bucket (every reject is reported once). Memory holds the
+    shard only; each shard reads the whole file. ``limit`` applies per shard (``limit / count``). Duplicate
+    content across shards is left to the dedup gate before the mixture."""
     path = resolve_path(cfg, config_dir)
     fmt = cfg.resolved_format()
-    collector = _Collector(cfg)
+    collector = _Collector(cfg, shard)
     try:
         with _open(cfg, path, storage_options) as f:
             for item in _items(fmt, f, cfg, path):
@@ -130,9 +142,10 @@ def read_source(cfg: SourceConfig, config_dir: Path, storage_options: dict[str, 
         ) from exc
 
     kept, not_sampled = collector.seeds, 0
-    if cfg.limit is not None and len(kept) > cfg.limit:
+    limit = cfg.limit if shard is None or cfg.limit is None else -(-cfg.limit // shard[1])
+    if limit is not None and len(kept) > limit:
         kept = sorted(kept, key=lambda s: stable_hash(str(cfg.sample_seed), s["seed_id"]))
-        not_sampled, kept = len(kept) - cfg.limit, kept[: cfg.limit]
+        not_sampled, kept = len(kept) - limit, kept[:limit]
     kept = sorted(kept, key=lambda s: s["seed_id"])
     reasons = Counter(r["reason"] for r in collector.rejects)
     logger.info(
@@ -329,7 +342,7 @@ class SourceResolver:
         self.sources = sources
         self.config_dir = Path(config_dir)
         self.storage_options = storage_options
-        self._configured = {s.name for s in sources.sources}
+        self._configured = set(sources.partition_keys())
         self._listed: dict[str, dict[str, SourceFile]] = {}
 
     def files(self, watch: WatchConfig) -> dict[str, SourceFile]:
@@ -346,7 +359,9 @@ class SourceResolver:
     def resolve(self, key: str) -> SourceConfig:
         """The source of a partition key, with the concrete path. Raises ``UnknownSourceError``."""
         if key in self._configured:
-            return self.sources.get(key)
+            found = self.sources.for_key(key)
+            assert found is not None
+            return found[0]
         watch = self.sources.watch_for_key(key)
         if watch is None:
             raise UnknownSourceError(
@@ -363,6 +378,11 @@ class SourceResolver:
                 "the file back, or delete the partition (Dagster UI: seeds > Partitions)"
             )
         return watch.source_config(key, found.path)
+
+    def shard(self, key: str) -> tuple[int, int] | None:
+        """(index, count) when ``key`` is a shard of a configured source, else None."""
+        found = self.sources.for_key(key) if key in self._configured else None
+        return found[1] if found is not None else None
 
     def fingerprint(self, key: str) -> str | None:
         found = self.file(key)
@@ -642,8 +662,10 @@ def _safe(text: str) -> str:
 
 
 class _Collector:
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: SourceConfig, shard: tuple[int, int] | None = None) -> None:
         self.cfg = cfg
+        self.shard = shard
+        self.partition = cfg.name if shard is None else shard_key(cfg.name, shard[0])
         self.required = REQUIRED[cfg.kind]
         self.rows_read = 0
         self.seeds: list[dict[str, Any]] = []
@@ -651,11 +673,20 @@ class _Collector:
         self.by_content: dict[str, str] = {}  # normalized content -> kept seed_id
         self.by_id: dict[str, str] = {}  # kept seed_id -> normalized content
 
+    def _mine(self, text: str) -> bool:
+        """Whether a seed_id (or, before there is one, a record's position) belongs to this shard."""
+        if self.shard is None:
+            return True
+        index, count = self.shard
+        return int(hashlib.blake2b(text.encode(), digest_size=8).hexdigest(), 16) % count == index
+
     def reject(self, reason: str, where: str, detail: str, record: str, seed_id: str | None = None) -> None:
+        if not self._mine(seed_id or where):
+            return
         self.rejects.append(
             {
                 "stage": STAGE,
-                "partition": self.cfg.name,
+                "partition": self.partition,
                 "source": self.cfg.name,
                 "seed_id": seed_id,
                 "qa_id": None,
@@ -702,6 +733,8 @@ class _Collector:
         content = (text or "") if cfg.kind == "passage" else f"{question}\n{answer or ''}"
         native_id = values.get("id") or ""
         seed_id = make_seed_id(cfg.name, native_id or None, content)
+        if not self._mine(seed_id):  # another shard's seed: not read into memory here
+            return
         if size > cfg.max_chars:
             self.reject("oversize", where, f"{size} chars > max_chars {cfg.max_chars}", record, seed_id)
             return

@@ -334,3 +334,28 @@ def test_s3_source(tmp_path: Path) -> None:
             read_source(qa_source("s3://seeds/absent.jsonl"), tmp_path, storage_options=opts)
     finally:
         server.stop()
+
+
+# --- shards ----------------------------------------------------------------------------------------------
+
+
+def test_a_sharded_source_is_cut_into_hash_buckets_of_seed_id(tmp_path: Path) -> None:
+    rows = [{"id": i, "q": f"Question number {i}?", "a": str(i)} for i in range(200)]
+    rows += [{"id": 500, "q": "", "a": "empty"}, {"id": 7, "q": "Other content, same id?", "a": "x"}]
+    write_jsonl(tmp_path / "big.jsonl", rows)
+    (tmp_path / "big.jsonl").write_text((tmp_path / "big.jsonl").read_text() + "{not json\n")
+    whole = read_source(qa_source("big.jsonl"), tmp_path)
+    cfg = qa_source("big.jsonl", shards=4)
+    assert cfg.partition_keys() == ["src--s0000", "src--s0001", "src--s0002", "src--s0003"]
+    assert SourcesConfig(sources=[cfg]).for_key("src--s0002") == (cfg, (2, 4))
+    assert SourcesConfig(sources=[cfg]).for_key("src") is None  # a sharded source has no unsharded key
+    parts = [read_source(cfg, tmp_path, shard=(i, 4)) for i in range(4)]
+    ids = [s for p in parts for s in p.seeds["seed_id"].to_list()]
+    assert sorted(ids) == sorted(whole.seeds["seed_id"].to_list())  # every seed in exactly one shard
+    assert all(0 < p.seeds.height < whole.seeds.height for p in parts)
+    reasons_all = sorted(r for p in parts for r in p.rejects["reason"].to_list())
+    assert reasons_all == sorted(whole.rejects["reason"].to_list())  # every reject reported once
+    assert {r for p in parts for r in p.rejects["partition"].to_list()} <= set(cfg.partition_keys())
+    assert {s for p in parts for s in p.seeds["source"].to_list()} == {"src"}
+    limited = [read_source(qa_source("big.jsonl", shards=4, limit=40), tmp_path, shard=(i, 4)) for i in range(4)]
+    assert all(p.seeds.height <= 10 for p in limited)  # the limit is spread over the shards
