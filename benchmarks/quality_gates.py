@@ -1,28 +1,37 @@
 """Benchmark: the gates before the mixture (exact + near dedup, MMLU decontamination) plus the mixture itself
-(tokenize with tiktoken, weighted sampling to a budget) over N generated QA rows.
+(tokenize, weighted sampling to a token budget), in-memory (``gates.apply_gates`` + ``build_mixture`` on one
+frame) against out of core (``gates_ooc.run_gates`` + ``mixture_ooc``: what ``qa_mixture`` runs), over N
+generated QA rows.
 
-Each row count is generated in one child process and written to Parquet; a second, fresh process reads it
-(as the mixture reads `refined_qa`) and is the one measured, so peak RSS is that scale's own. The rows are synthetic
-generated-QA look-alikes: template questions with ~5% planted exact and ~5% planted near duplicates (from
-`dedup_scale.py`), answers cut from the offline Wikipedia summaries with ~0.5% planted MMLU text (from
-`decontam_scale.py`), spread over the taxonomy's disciplines, grades and both tracks.
+The rows are written once as refined partitions (blocks of 250k rows, one Parquet file each, generated in
+parallel child processes; ``--data-dir`` keeps them for the next run). Each measured run is a fresh child
+process that reads them as ``qa_mixture`` reads ``refined_qa``, so its peak RSS (``ru_maxrss``) is its own. The
+rows are synthetic generated-QA look-alikes: template questions with ~5% planted exact and ~5% planted near
+duplicates per block (``dedup_scale.py``), answers cut from the offline Wikipedia summaries with ~0.5% planted
+MMLU text (``decontam_scale.py``), spread over the taxonomy's disciplines, grades and both tracks. Both modes
+get the same token budget (about half the pool's tokens), so the sampling has to choose.
 
-    .venv/bin/python benchmarks/quality_gates.py                       # 100,000 and 1,000,000 rows
-    .venv/bin/python benchmarks/quality_gates.py --rows 20000          # a quick look
+    .venv/bin/python benchmarks/quality_gates.py                     # 10^6 rows: in-memory and out of core
+    .venv/bin/python benchmarks/quality_gates.py --ten-million       # + 10^7 rows, out of core (~20 min)
+    .venv/bin/python benchmarks/quality_gates.py --rows 50000        # a quick look
+    .venv/bin/python benchmarks/quality_gates.py --rows 1000000 --signatures   # keys precomputed per partition
 
-Targets (issue 4): 1,000,000 rows in under 10 minutes and under 6 GB peak RSS on 2 cores.
+``--signatures`` first computes every partition's keys file in a pool of 2 processes, as the
+``qa_signatures`` asset does over Dagster's executors, so the measured run only merges. Figures, no asserts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -37,6 +46,8 @@ from boostqa_assets.logic import gates
 from boostqa_assets.logic.mixture import build_mixture
 from boostqa_assets.records import REFINED_SCHEMA
 from boostqa_assets.settings import DEFAULT_CONFIG_DIR
+
+BLOCK = 250_000
 
 
 def make_pool(rows: int, seed: int = 7) -> tuple[pl.DataFrame, dict[str, int]]:
@@ -86,20 +97,65 @@ def make_pool(rows: int, seed: int = 7) -> tuple[pl.DataFrame, dict[str, int]]:
     return df, planted
 
 
-def generate_child(rows: int, path: str) -> None:
-    """Write the pool to Parquet, as `refined_qa` would hold it (kept out of the measured process)."""
-    pool, planted = make_pool(rows)
-    pool.write_parquet(path)
-    Path(path + ".planted.json").write_text(json.dumps(planted))
+def block_path(data: Path, block: int) -> Path:
+    return data / "refined_qa" / f"discipline=bench{block:04d}" / "grade=all" / "part-0000.parquet"
 
 
-def run_child(path: str) -> None:
+def generate_block(data: str, block: int, rows: int) -> dict[str, int]:
+    """One refined partition of ``rows`` rows (seeded by its block number: qa_ids never collide)."""
+    pool, planted = make_pool(rows, seed=1000 + block)
+    path = block_path(Path(data), block)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pool.write_parquet(path, row_group_size=50_000)
+    chars = int(
+        pool.select((pl.col("question").str.len_chars() + pl.col("refined_answer").str.len_chars()).sum()).item()
+    )
+    return {**planted, "chars": chars}
+
+
+def generate(data: Path, rows: int) -> dict[str, int]:
+    """The refined partitions of ``rows`` rows under ``data`` (reused when ``data`` already holds them)."""
+    info = data / "planted.json"
+    if info.exists():
+        return json.loads(info.read_text())
+    t = time.perf_counter()
+    blocks = [(b, min(BLOCK, rows - b * BLOCK)) for b in range(-(-rows // BLOCK))]
+    totals: dict[str, int] = {}
+    with ProcessPoolExecutor(2) as pool:
+        for found in pool.map(generate_block, [str(data)] * len(blocks), *zip(*blocks, strict=True)):
+            for k, v in found.items():
+                totals[k] = totals.get(k, 0) + v
+    info.write_text(json.dumps(totals))
+    print(f"generated {rows:,} rows in {len(blocks)} partitions in {time.perf_counter() - t:.0f} s", flush=True)
+    return totals
+
+
+def bench_recipe(chars: int) -> Recipe:
+    # About half the pool's tokens (4 characters a token), so the weighted sampling must choose.
+    return Recipe(
+        name="bench",
+        token_budget=max(1, chars // 8),
+        seed=17,
+        category_weights={"stem": 3.0},
+        track_weights={"high_difficulty": 2.0},
+    )
+
+
+def peak_mb() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def run_in_memory(data: Path, chars: int) -> dict:
+    from boostqa_assets.storage import Store
+
     t0 = time.perf_counter()
-    pool = pl.read_parquet(path)
-    planted = json.loads(Path(path + ".planted.json").read_text())
-    rows = pool.height
+    st = Store(str(data))
+    pool = (
+        st.read_files(st.list_partition_files("refined_qa"), REFINED_SCHEMA)
+        if hasattr(st, "read_files")
+        else (pl.concat([pl.read_parquet(f) for f in st.list_partition_files("refined_qa")]))
+    )
     t_read = time.perf_counter() - t0
-    rss_read = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     quality = QualityConfig()
     t1 = time.perf_counter()
     index = gates.build_index(quality, DEFAULT_CONFIG_DIR)
@@ -107,71 +163,153 @@ def run_child(path: str) -> None:
     t2 = time.perf_counter()
     kept, _rejects, counts = gates.apply_gates(pool, quality, index, "bench")
     t_gates = time.perf_counter() - t2
-    # Budget: half the kept tokens (estimated at 4 characters a token), so the weighted sampling must choose.
-    chars = kept.select((pl.col("question").str.len_chars() + pl.col("refined_answer").str.len_chars()).sum())
-    recipe = Recipe(
-        name="bench",
-        token_budget=max(1, int(chars.item() / 8)),
-        seed=17,
-        category_weights={"stem": 3.0},
-        track_weights={"high_difficulty": 2.0},
-    )
     t3 = time.perf_counter()
-    docs, manifest = build_mixture(kept, recipe)
+    docs, manifest = build_mixture(kept, bench_recipe(chars))
     t_mix = time.perf_counter() - t3
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        json.dumps(
-            {
-                "rows": rows,
-                "read_s": round(t_read, 1),
-                "index_s": round(t_index, 2),
-                "gates_s": round(t_gates, 1),
-                "mixture_s": round(t_mix, 1),
-                "gates_plus_mixture_s": round(t_index + t_gates + t_mix, 1),
-                "peak_rss_mb": round(peak),
-                "rss_after_read_mb": round(rss_read),
-                "removed": counts,
-                "planted": planted,
-                "kept": kept.height,
-                "docs": docs.height,
-                "tokens": manifest["tokens_total"],
-            }
-        ),
-        flush=True,
-    )
+    return {
+        "mode": "in-memory",
+        "rows": pool.height,
+        "read_s": round(t_read, 1),
+        "index_s": round(t_index, 1),
+        "gates_s": round(t_gates, 1),
+        "mixture_s": round(t_mix, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
+        "peak_rss_mb": peak_mb(),
+        "removed": counts,
+        "kept": kept.height,
+        "docs": docs.height,
+        "tokens": manifest["tokens_total"],
+    }
+
+
+def run_out_of_core(data: Path, chars: int, memory_limit: str) -> dict:
+    import logging
+    import shutil
+
+    from boostqa_assets.logic import gates_ooc
+    from boostqa_assets.logic.mixture_ooc import build_mixture_streaming
+    from boostqa_assets.logic.spill import SpillConfig
+    from boostqa_assets.storage import Store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    t0 = time.perf_counter()
+    st = Store(str(data))
+    quality = QualityConfig()
+    index = gates.build_index(quality, DEFAULT_CONFIG_DIR)
+    t_index = time.perf_counter() - t0
+    spill = SpillConfig(work_dir=gates_ooc.work_folder(str(data.parent)), memory_limit=memory_limit)
+    recipe = bench_recipe(chars)
+    try:
+        t1 = time.perf_counter()
+        run = gates_ooc.run_gates(st, st.list_partition_files("refined_qa"), quality, index, [recipe], spill)
+        t_gates = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        mix = build_mixture_streaming(run.pools["bench"], recipe, spill, spill.work_dir / "out")
+        t_mix = time.perf_counter() - t2
+        spill_mb = sum(f.stat().st_size for f in spill.work_dir.rglob("*") if f.is_file()) / 1e6
+    finally:
+        shutil.rmtree(spill.work_dir, ignore_errors=True)
+    phases = {k.removeprefix("seconds_"): v for k, v in run.stats.items() if k.startswith("seconds_")}
+    return {
+        "mode": "out-of-core",
+        "rows": run.refined_rows,
+        "index_s": round(t_index, 1),
+        "gates_s": round(t_gates, 1),
+        "mixture_s": round(t_mix, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
+        "peak_rss_mb": peak_mb(),
+        "removed": run.counts,
+        "kept": mix.manifest["available_rows"],
+        "docs": mix.manifest["rows"],
+        "tokens": mix.manifest["tokens_total"],
+        "keys_reused": run.stats.get("keys_reused", 0),
+        "dedup_phases_s": phases,
+        "pairs": {k: run.stats.get(k) for k in ("lsh_pairs", "screened_pairs", "candidates_checked")},
+        "spill_mb_at_end": round(spill_mb),
+    }
+
+
+def precompute_keys(data: Path) -> float:
+    """Every partition's keys file, 2 processes at a time: what qa_signatures does on Dagster's executors."""
+    from boostqa_assets.logic import gates_ooc
+    from boostqa_assets.storage import Store
+
+    st = Store(str(data))
+    cfg = gates_ooc.dedup_config(QualityConfig(), 50_000)
+    files = st.list_partition_files("refined_qa")
+    t = time.perf_counter()
+    with ProcessPoolExecutor(2) as pool:
+        jobs = [pool.submit(_keys_one, str(data), f, cfg) for f in files]
+        for j in jobs:
+            j.result()
+    return time.perf_counter() - t
+
+
+def _keys_one(data: str, path: str, cfg: object) -> None:
+    from boostqa_assets.logic import gate_keys
+    from boostqa_assets.storage import Store
+
+    st = Store(data)
+    target = gate_keys.keys_path(st, os.path.dirname(path))
+    gate_keys.write_keys_file(st, [path], cfg, target, 50_000)  # type: ignore[arg-type]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="*", default=[100_000, 1_000_000])
-    parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000])
+    parser.add_argument("--ten-million", action="store_true", help="also 10^7 rows, out of core only")
+    parser.add_argument("--modes", default="in-memory,out-of-core", help="in-memory runs only up to --in-memory-max")
+    parser.add_argument("--in-memory-max", type=int, default=2_000_000)
+    parser.add_argument("--memory-limit", default="1GB", help="DuckDB's memory_limit in the out-of-core run")
+    parser.add_argument("--signatures", action="store_true", help="precompute the keys per partition first")
+    parser.add_argument("--data-dir", help="keep the generated rows here (reused when present)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.generate:
-        generate_child(int(args.generate[0]), args.generate[1])
-        return
     if args.child:
-        run_child(args.child)
+        mode, data, chars, limit = args.child
+        run = run_in_memory if mode == "in-memory" else None
+        out = run(Path(data), int(chars)) if run else run_out_of_core(Path(data), int(chars), limit)
+        print("RESULT " + json.dumps(out), flush=True)
         return
+    sizes = list(args.rows) + ([10_000_000] if args.ten_million else [])
+    modes = args.modes.split(",")
+    base = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="boostqa-gates-bench-"))
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for rows in args.rows:
-            path = str(Path(tmp) / f"pool-{rows}.parquet")
-            subprocess.run([sys.executable, __file__, "--generate", str(rows), path], check=True)
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", path], capture_output=True, text=True, check=True
+    print(f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}", flush=True)
+    for rows in sizes:
+        data = base / f"rows-{rows}"
+        planted = generate(data, rows)
+        for mode in modes:
+            if mode == "in-memory" and rows > args.in_memory_max:
+                continue
+            extra = {}
+            if mode == "out-of-core" and args.signatures:
+                extra["signatures_s"] = round(precompute_keys(data), 1)
+            started = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", mode, str(data), str(planted["chars"]), args.memory_limit],
+                capture_output=True,
+                text=True,
             )
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
-            results.append(json.loads(line))
-            print(line, flush=True)
-    print("\nrows       gates+mixture  (index / gates / mixture)    peak RSS   removed (exact/near/contaminated)")
+            if proc.returncode:
+                print(proc.stdout[-3000:], proc.stderr[-5000:])
+                raise SystemExit(proc.returncode)
+            line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+            res = {**json.loads(line[len("RESULT ") :]), **extra, "wall_s": round(time.perf_counter() - started, 1)}
+            res["planted"] = planted
+            res["load"] = round(os.getloadavg()[0], 1)
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    print(
+        "\nrows        mode          wall (index / gates / mixture)        peak RSS   removed exact/near/contaminated"
+    )
     for r in results:
-        rm = r["removed"]
+        rm, pl_ = r["removed"], r["planted"]
         print(
-            f"{r['rows']:>9,}  {r['gates_plus_mixture_s']:>8.1f} s    ({r['index_s']} / {r['gates_s']} / "
-            f"{r['mixture_s']} s)   {r['peak_rss_mb']:>6} MB   {rm['exact_duplicate']}/{rm['near_duplicate']}/"
-            f"{rm['contaminated']} (planted {r['planted']['exact']}/{r['planted']['near']}/{r['planted']['mmlu']})"
+            f"{r['rows']:>10,}  {r['mode']:<12}  {r['total_s']:>7.1f} s ({r['index_s']} / {r['gates_s']} / "
+            f"{r['mixture_s']} s)  {r['peak_rss_mb']:>6} MB   {rm['exact_duplicate']}/{rm['near_duplicate']}/"
+            f"{rm['contaminated']} (planted {pl_['exact']}/{pl_['near']}/{pl_['mmlu']}), {r['docs']:,} docs, "
+            f"{r['tokens']:,} tokens"
         )
 
 

@@ -90,18 +90,29 @@ def _recorded(instance: dg.DagsterInstance | None) -> dict[str, tuple[bool, floa
     }
     if not current:
         return {}
-    ids = [i.latest_check_event_storage_id for i in current.values()]
-    records = instance.get_event_records(
-        dg.EventRecordsFilter(dg.DagsterEventType.ASSET_CHECK_EVALUATION, storage_ids=ids), limit=len(ids)
-    )
-    when = {r.storage_id: r.timestamp for r in records}
+    # Evaluation times from the runs that recorded them (a handful of runs hold every partition's evaluation;
+    # storage ids are per shard in SQLite instances, so the events are matched by run and partition).
+    when: dict[tuple[str, str], float] = {}
+    for run_id in {i.latest_planned_run_id for i in current.values()}:
+        cursor = None
+        while True:
+            page = instance.get_records_for_run(
+                run_id, cursor=cursor, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION, limit=1000
+            )
+            for record in page.records:
+                event = record.event_log_entry.dagster_event
+                evaluation = event.event_specific_data if event is not None else None
+                if isinstance(evaluation, dg.AssetCheckEvaluation) and evaluation.asset_check_key == CHECK:
+                    key = (run_id, str(evaluation.partition))
+                    when[key] = max(when.get(key, 0.0), record.timestamp)
+            if not page.has_more:
+                break
+            cursor = page.cursor
+    passed = AssetCheckExecutionRecordStatus.SUCCEEDED
     return {
-        key: (
-            i.latest_execution_status == AssetCheckExecutionRecordStatus.SUCCEEDED,
-            when[i.latest_check_event_storage_id],
-        )
+        key: (i.latest_execution_status == passed, when[(i.latest_planned_run_id, key)])
         for key, i in current.items()
-        if i.latest_check_event_storage_id in when
+        if (i.latest_planned_run_id, key) in when
     }
 
 
