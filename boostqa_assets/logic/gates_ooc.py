@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from boostqa_assets.logic.gate_keys import (
 from boostqa_assets.logic.gates import STAGE, decontam_config
 from boostqa_assets.logic.minhash import DedupConfig
 from boostqa_assets.logic.mixture import POOL_SCHEMA, pool_rows
-from boostqa_assets.logic.spill import Progress, SpillConfig, iter_parquet, publish_file
+from boostqa_assets.logic.spill import Progress, SpillConfig, iter_parquet, parquet_rows, publish_file
 from boostqa_assets.records import REFINED_SCHEMA, REJECT_SCHEMA, to_json
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def prepare_keys(
     counts = {"keys_reused": 0, "keys_computed": 0}
     out = spill.work_dir / "keys"
     out.mkdir(parents=True, exist_ok=True)
+    stale: list[tuple[list[str], Path]] = []
     for i, (folder, group) in enumerate(groups.items()):
         stored = keys_path(store, folder)
         sources = [SourceFile(relative(store, p), fingerprint(store, p), 0) for p in group]
@@ -79,9 +80,17 @@ def prepare_keys(
             counts["keys_reused"] += 1
             continue
         local = out / f"{i:05d}.parquet"
-        write_keys_file(store, group, cfg, local, spill.chunk_rows)
+        stale.append((group, local))
         keys.append(KeysSource(str(local)))
         counts["keys_computed"] += 1
+    stale_rows = sum(parquet_rows(p, store.fs) for group, _ in stale for p in group) if len(stale) > 1 else 0
+    if spill.workers > 1 and stale_rows >= spill.parallel_min_rows:
+        from boostqa_assets.logic.gates_parallel import keys_parallel
+
+        keys_parallel(store, stale, cfg, spill)
+    else:
+        for group, local in stale:
+            write_keys_file(store, group, cfg, local, spill.chunk_rows)
     logger.info(
         "dedup keys: %d partitions, %d from qa_signatures, %d computed here",
         len(groups),
@@ -145,7 +154,7 @@ def _arrow_schema(schema: pl.Schema) -> pa.Schema:
 @dataclass
 class StreamResult:
     counts: dict[str, int]  # pool, exact_duplicate, near_duplicate, contaminated (as gates.apply_gates)
-    pools: dict[str, Path]  # recipe name -> its pool spill (mixture_ooc.POOL_SCHEMA)
+    pools: dict[str, list[Path]]  # recipe name -> its pool spill files (mixture.POOL_SCHEMA)
     refined_rows: int
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -189,45 +198,81 @@ def stream_gates(
     spill: SpillConfig,
     sinks: dict[str, RejectSink],
 ) -> StreamResult:
-    """Step 3 of the module docstring over ``files`` (the order the dedup merge saw them in)."""
+    """Step 3 of the module docstring over ``files`` (the order the dedup merge saw them in): in this process,
+    or over ``spill.workers`` processes (``gates_parallel``) when the pool is large enough to pay for them."""
+    if dedup is not None:
+        for fid, path in enumerate(files):
+            if dedup.files[fid] != relative(store, path):
+                raise RuntimeError(f"refined files changed during the gates: {path} is not {dedup.files[fid]}")
+    rows = int(dedup.stats["rows_in"]) if dedup is not None else None
+    if spill.workers > 1 and len(files) > 1 and (rows or 0) >= spill.parallel_min_rows:
+        from boostqa_assets.logic.gates_parallel import stream_parallel
+
+        return stream_parallel(store, files, dedup, quality, index, recipes, spill, sinks)
     counts = {"pool": 0, "exact_duplicate": 0, "near_duplicate": 0, "contaminated": 0}
-    decontam_cfg = decontam_config(quality)
     pools = {r.name: spill.work_dir / f"pool-{r.name}.parquet" for r in recipes}
     writers = {name: pq.ParquetWriter(str(path), POOL_SCHEMA, compression="zstd") for name, path in pools.items()}
-    progress = Progress("gates: stream refined rows", dedup.stats.get("rows_in") if dedup else None)  # type: ignore[arg-type]
-    refined_rows = 0
+    progress = Progress("gates: stream refined rows", rows)
     try:
         for fid, path in enumerate(files):
-            if dedup is not None and dedup.files[fid] != relative(store, path):
-                raise RuntimeError(f"refined files changed during the gates: {path} is not {dedup.files[fid]}")
-            removed = dedup.removed_in(fid) if dedup is not None else _no_removals()
-            offset = 0
-            for chunk in iter_parquet(path, None, spill.chunk_rows, store.fs):
-                chunk = chunk.select([pl.col(c).cast(t) for c, t in REFINED_SCHEMA.items()])
-                n = chunk.height
-                counts["pool"] += n
-                refined_rows += n
-                kept = _dedup_rejects(chunk, offset, removed, counts, sinks)
-                offset += n
-                if index is not None and kept.height:
-                    keep, matches = decontaminate(kept, index, decontam_cfg)
-                    contaminated = reject_rows(kept, matches, STAGE, "", request_hash_col="refine_request_hash")
-                    counts["contaminated"] += contaminated.height
-                    _to_sinks(contaminated, sinks)
-                    kept = kept.filter(keep)
-                kept = kept.filter(pl.col("status") == "kept")
-                for recipe in recipes:
-                    if kept.height:
-                        writers[recipe.name].write_table(pool_rows(kept, recipe))
-                progress.add(n)
+            removed = dedup.removed_in(fid) if dedup is not None else no_removals()
+            stream_file(
+                store,
+                path,
+                removed,
+                index,
+                quality,
+                recipes,
+                spill.chunk_rows,
+                lambda df: _to_sinks(df, sinks),
+                writers,
+                counts,
+                progress,
+            )
     finally:
         for w in writers.values():
             w.close()
     progress.finish()
-    return StreamResult(counts, pools, refined_rows)
+    return StreamResult(counts, {k: [v] for k, v in pools.items()}, counts["pool"])
 
 
-def _no_removals() -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
+def stream_file(
+    store: Any,
+    path: str,
+    removed: tuple[np.ndarray, list[str], list[str], np.ndarray],
+    index: BenchmarkIndex | None,
+    quality: QualityConfig,
+    recipes: Sequence[Recipe],
+    chunk_rows: int,
+    emit: Callable[[pl.DataFrame], None],
+    writers: dict[str, Any],
+    counts: dict[str, int],
+    progress: Progress,
+) -> None:
+    """One refined file, chunk by chunk: dedup rejects, decontamination, the recipes' pool rows."""
+    decontam_cfg = decontam_config(quality)
+    offset = 0
+    for chunk in iter_parquet(path, None, chunk_rows, store.fs):
+        chunk = chunk.select([pl.col(c).cast(t) for c, t in REFINED_SCHEMA.items()])
+        n = chunk.height
+        counts["pool"] += n
+        kept = _dedup_rejects(chunk, offset, removed, counts, emit)
+        offset += n
+        if index is not None and kept.height:
+            keep, matches = decontaminate(kept, index, decontam_cfg)
+            contaminated = reject_rows(kept, matches, STAGE, "", request_hash_col="refine_request_hash")
+            counts["contaminated"] += contaminated.height
+            if contaminated.height:
+                emit(contaminated)
+            kept = kept.filter(keep)
+        kept = kept.filter(pl.col("status") == "kept")
+        for recipe in recipes:
+            if kept.height:
+                writers[recipe.name].write_table(pool_rows(kept, recipe))
+        progress.add(n)
+
+
+def no_removals() -> tuple[np.ndarray, list[str], list[str], np.ndarray]:
     return np.empty(0, np.int64), [], [], np.empty(0)
 
 
@@ -236,7 +281,7 @@ def _dedup_rejects(
     offset: int,
     removed: tuple[np.ndarray, list[str], list[str], np.ndarray],
     counts: dict[str, int],
-    sinks: dict[str, RejectSink],
+    emit: Callable[[pl.DataFrame], None],
 ) -> pl.DataFrame:
     """Reject rows of ``chunk`` (rows ``offset``.. of its file) that the dedup removed; return the others."""
     rows, reasons, dup_of, sims = removed
@@ -265,7 +310,7 @@ def _dedup_rejects(
                 "record": to_json(row),
             }
         )
-    _to_sinks(pl.DataFrame(out, schema=REJECT_SCHEMA, orient="row"), sinks)
+    emit(pl.DataFrame(out, schema=REJECT_SCHEMA, orient="row"))
     return chunk.filter(pl.Series(mask))
 
 

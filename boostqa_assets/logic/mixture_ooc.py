@@ -39,15 +39,18 @@ class MixtureOutput:
     coverage: pl.DataFrame  # discipline, grade, n_tokens (summed): the asset's coverage table
 
 
-def build_mixture_streaming(pool: Path, recipe: Recipe, spill: SpillConfig, out_dir: Path) -> MixtureOutput:
-    """Write the shards of ``recipe``'s mixture into ``out_dir`` from the pool spill ``pool``."""
+def build_mixture_streaming(
+    pool: Path | list[Path], recipe: Recipe, spill: SpillConfig, out_dir: Path
+) -> MixtureOutput:
+    """Write the shards of ``recipe``'s mixture into ``out_dir`` from the pool spill file(s) ``pool``."""
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"mixture-{recipe.name}.duckdb"
     (spill.work_dir / name).unlink(missing_ok=True)
     con = duckdb_connect(spill, name)
     try:
-        src = f"read_parquet('{pool}')"
+        paths = ", ".join(f"'{p}'" for p in (pool if isinstance(pool, list) else [pool]))
+        src = f"read_parquet([{paths}])"
         available_rows, available_tokens = con.execute(f"SELECT count(*), sum(n_tokens) FROM {src}").fetchall()[0]
         cols = ", ".join([*POOL_COLUMNS, "text", "n_tokens"])
         reader = con.sql(f"SELECT {cols} FROM {src} WHERE isfinite(key) ORDER BY key, qa_id").to_arrow_reader(

@@ -39,6 +39,8 @@ class SpillConfig:
     threads: int = 2
     chunk_rows: int = 50_000  # rows read, hashed, scanned and tokenized at a time
     block_rows: int = 1_000_000  # signature rows per block in the pair screen (x 4 x num_perm bytes, two blocks)
+    workers: int = min(2, os.cpu_count() or 1)  # processes for the per-file work (keys, the streaming pass)
+    parallel_min_rows: int = 200_000  # below this, processes cost more to start than they save
 
 
 def iter_parquet(path: str, columns: list[str] | None, rows: int, fs: Any | None = None) -> Iterator[pl.DataFrame]:

@@ -73,7 +73,8 @@ def write_partitions(store: Store, df: pl.DataFrame, parts: int, row_group: int 
 def spill_cfg(tmp_path: Path, **kw: Any) -> SpillConfig:
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    return SpillConfig(work_dir=work, memory_limit="256MB", threads=1, **{"chunk_rows": 150, "block_rows": 170, **kw})
+    defaults = {"chunk_rows": 150, "block_rows": 170, "workers": 1}
+    return SpillConfig(work_dir=work, memory_limit="256MB", threads=1, **{**defaults, **kw})
 
 
 def ooc_removals(store: Store, files: list[str], cfg: DedupConfig, spill: SpillConfig) -> dict[str, tuple]:
@@ -175,7 +176,8 @@ def refined_pool(n: int) -> pl.DataFrame:
     return frame(rows, REFINED_SCHEMA)
 
 
-def test_gates_and_mixture_out_of_core_equal_the_in_memory_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["one-process", "two-processes"])
+def test_gates_and_mixture_out_of_core_equal_the_in_memory_path(tmp_path: Path, workers: int) -> None:
     pool = refined_pool(700)
     store = Store(str(tmp_path / "data"))
     files = write_partitions(store, pool, parts=4, row_group=61)
@@ -185,8 +187,9 @@ def test_gates_and_mixture_out_of_core_equal_the_in_memory_path(tmp_path: Path) 
         Recipe(name="a", token_budget=9_000, seed=3, category_weights={"stem": 3.0}, shard_rows=40),
         Recipe(name="b", token_budget=10**9, seed=4, grade_weights={"primary": 0.0}),
     ]
-    spill = spill_cfg(tmp_path, chunk_rows=50)
+    spill = spill_cfg(tmp_path, chunk_rows=50, workers=workers, parallel_min_rows=0)
     run = gates_ooc.run_gates(store, files, quality, index, recipes, spill)
+    assert (spill.work_dir / "parts").exists() == (workers > 1)  # the per-file work really ran in processes
 
     kept, rejects, counts = gates.apply_gates(pool, quality, index, "a")
     assert run.counts == counts and counts["contaminated"] >= 1 and counts["near_duplicate"] > 10
