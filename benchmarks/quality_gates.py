@@ -218,6 +218,9 @@ def run_out_of_core(data: Path, chars: int, memory_limit: str) -> dict:
         "mixture_s": round(t_mix, 1),
         "total_s": round(time.perf_counter() - t0, 1),
         "peak_rss_mb": peak_mb(),
+        # worker processes (the per-file work) are separate: the largest one's peak, and the bound on the total
+        "peak_rss_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        "workers": spill.workers,
         "removed": run.counts,
         "kept": mix.manifest["available_rows"],
         "docs": mix.manifest["rows"],
@@ -307,10 +310,18 @@ def main() -> None:
         rm, pl_ = r["removed"], r["planted"]
         print(
             f"{r['rows']:>10,}  {r['mode']:<12}  {r['total_s']:>7.1f} s ({r['index_s']} / {r['gates_s']} / "
-            f"{r['mixture_s']} s)  {r['peak_rss_mb']:>6} MB   {rm['exact_duplicate']}/{rm['near_duplicate']}/"
+            f"{r['mixture_s']} s)  {r['peak_rss_mb']:>6} MB{_workers(r)}   "
+            f"{rm['exact_duplicate']}/{rm['near_duplicate']}/"
             f"{rm['contaminated']} (planted {pl_['exact']}/{pl_['near']}/{pl_['mmlu']}), {r['docs']:,} docs, "
             f"{r['tokens']:,} tokens"
         )
+
+
+def _workers(r: dict) -> str:
+    if not r.get("peak_rss_worker_mb"):
+        return ""
+    bound = r["peak_rss_mb"] + r["workers"] * r["peak_rss_worker_mb"]
+    return f" (+ {r['workers']} workers <= {r['peak_rss_worker_mb']} MB each: <= {bound} MB together)"
 
 
 if __name__ == "__main__":
