@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW_S = 60.0
 RESERVE_AHEAD_S = 0.5  # a request takes its place in the shared schedule at most this long before it leaves
-LATE_S = 0.003  # a request that leaves later than this after its time pushes the schedule on (pacing.left_late)
 PAUSE_ALL_AFTER_S = 5.0  # a 429 that asks for at least this long pauses every process, paced or not
 _SLOT_POLL_S = (0.002, 0.025)  # first and longest wait between tries for a slot held by another process
 
@@ -408,16 +407,14 @@ class EndpointLimiter:
                     if reserved:
                         break
                     await asyncio.sleep(max(0.0, leave - RESERVE_AHEAD_S - time.time()))
-            target = max(leave, now)
-            delay = target - time.time()
+            delay = leave - time.time()
             while delay > 0:
                 await asyncio.sleep(delay)
                 # A pause set while this request waited delays it too (its place in the schedule is kept).
-                target = max(target, float(store.update(lambda s: s["pause"])))
-                delay = target - time.time()
-            late = time.time() - target
-            if self.rule.rates and late > LATE_S:
-                store.update(lambda s: pacing.left_late(s, late))
+                delay = float(store.update(lambda s: s["pause"])) - time.time()
+            if REQUESTS in self.rule.rates:
+                while (wait := store.update(lambda s: pacing.depart(s, time.time(), self.rule))) > 0:
+                    await asyncio.sleep(wait)
         except BaseException:
             if slot is not None:
                 self._slots.release(slot)  # type: ignore[union-attr]

@@ -19,10 +19,11 @@ Adapting to the server (AIMD): a 429 multiplies the pace by ``decrease`` (at mos
 turns the burst off, and remembers a ceiling a little under the pace that drew it (``margin``). The pace
 recovers quickly (``recover_per_s``) up to that ceiling, then probes above it slowly (``probe_per_s``) back to
 the configured rate; the burst recovers over ``burst_recover_s``. A fresh state starts with no burst: it is
-earned by running without 429s. So an endpoint whose limit is exactly what is configured, counted over a
-minute, is used at its full rate with no 429; one that quantizes it into 1 s windows (where any jitter of
-the network or of a busy machine draws a 429 at the full rate) costs a 429 now and then and runs a few
-percent under the limit.
+earned by running without 429s. From its first 429 an endpoint also counts as quantized: the actual departures
+of the last second are counted (``depart``) and none leaves while a second's quota has, so requests that a busy
+process sends late do not crowd the ones a second before them at the server. So an endpoint whose limit is
+exactly what is configured, counted over a minute, is used at its full rate with no 429; one that quantizes it
+into 1 s windows costs a 429 now and then and runs a few percent under the limit.
 
 The state of one endpoint is a small JSON object (``new_state``); the functions below are pure over it, and a
 store (``FileStore``, ``PostgresStore``, ``RedisStore``) applies one of them atomically.
@@ -68,6 +69,7 @@ class PacingRule:
     burst_recover_s: float = 600.0
     cooldown_s: float = 2.0
     floor: float = 0.05
+    quantum_slack: float = 0.03  # the window ``depart`` keeps is this much longer than the server's
 
     def __post_init__(self) -> None:
         for name, rate in self.rates.items():
@@ -143,17 +145,36 @@ def settle(state: dict[str, Any], now: float, corrections: Mapping[str, float], 
         tat[name] = max(now, tat[name] + delta / (rate * f)) if delta < 0 else tat[name] + delta / (rate * f)
 
 
-def left_late(state: dict[str, Any], late_s: float) -> bool:
-    """A request left ``late_s`` after its reserved time (its process was busy or descheduled). On an endpoint
-    that has answered 429s (its ceiling is under 1: it counts over short windows), the schedule after it moves
-    on by as much, so the requests one window later do not crowd it at the server. Elsewhere a late request
-    costs nothing and the schedule keeps its pace. True if it moved."""
-    if state["ceil"] >= 1.0:
-        return False
-    tat = state["tat"]
-    for name in tat:
-        tat[name] += late_s
-    return True
+QUANTUM_S = 1.0  # the short window providers count a per-minute limit over (OpenAI: per second)
+BIN_S = 0.01  # departures are counted in bins of 10 ms
+
+
+def depart(state: dict[str, Any], now: float, rule: PacingRule) -> float:
+    """On an endpoint that has answered 429s (it counts its limit over short windows), record this request's
+    actual departure if fewer than a window's quota left in the last ``QUANTUM_S`` (plus ``quantum_slack``), and
+    return 0; otherwise return how long to wait. The schedule (``reserve``) spaces requests evenly; this catches
+    what a busy machine does to it: requests of a process that woke late leave together, and at the server's
+    1 s window they would crowd the requests that left on time a second earlier. Elsewhere: always 0."""
+    rate = rule.rates.get(REQUESTS)
+    if rate is None or not state.get("quantized"):
+        return 0.0
+    quota = max(1, math.floor(rate * QUANTUM_S))
+    span = QUANTUM_S * (1.0 + rule.quantum_slack)
+    bins: dict[str, int] = state.setdefault("bins", {})
+    oldest = math.floor((now - span) / BIN_S)  # bins up to this one have left the window
+    for k in [k for k in bins if int(k) <= oldest]:
+        del bins[k]
+    total = sum(bins.values())
+    if total < quota:
+        current = str(math.floor(now / BIN_S))
+        bins[current] = bins.get(current, 0) + 1
+        return 0.0
+    excess = total - quota + 1
+    for k in sorted(bins, key=int):  # the window must lose `excess` departures: wait for the bins holding them
+        excess -= bins[k]
+        if excess <= 0:
+            return max(BIN_S / 2, (int(k) + 1) * BIN_S + span - now)
+    return BIN_S
 
 
 def slow_down(state: dict[str, Any], now: float, rule: PacingRule) -> bool:
@@ -171,6 +192,7 @@ def slow_down(state: dict[str, Any], now: float, rule: PacingRule) -> bool:
     state["f0"] = max(rule.floor, current * rule.decrease)
     state["g0"] = 0.0
     state["t0"] = state["cut"] = now
+    state["quantized"] = True
     return True
 
 
