@@ -219,7 +219,7 @@ def run_out_of_core(data: Path, chars: int, memory_limit: str) -> dict:
         "total_s": round(time.perf_counter() - t0, 1),
         "peak_rss_mb": peak_mb(),
         # worker processes (the per-file work) are separate: the largest one's peak, and the bound on the total
-        "peak_rss_worker_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+        "peak_rss_worker_mb": run.stats.get("peak_rss_worker_mb", 0),
         "workers": spill.workers,
         "removed": run.counts,
         "kept": mix.manifest["available_rows"],

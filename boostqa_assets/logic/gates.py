@@ -5,6 +5,10 @@ the row with the smallest `qa_id` (a stable hash), so the same input keeps the s
 others become rejects (`exact_duplicate` / `near_duplicate`, with the kept row and the similarity). Then every
 row whose question or answer shares a word n-gram (default 13) with a benchmark item becomes a
 `contaminated` reject naming the benchmark, the item and the n-gram.
+
+``apply_gates`` holds the pool in memory (tests, small frames; ~3.7 GB at 10^6 rows). ``qa_mixture`` runs the
+same rule out of core at every size (``gates_ooc.run_gates``: keys per partition, a DuckDB merge, one streaming
+pass), with the same kept rows, rejects and counts.
 """
 
 from __future__ import annotations

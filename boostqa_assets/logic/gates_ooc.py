@@ -87,7 +87,7 @@ def prepare_keys(
     if spill.workers > 1 and stale_rows >= spill.parallel_min_rows:
         from boostqa_assets.logic.gates_parallel import keys_parallel
 
-        keys_parallel(store, stale, cfg, spill)
+        counts["peak_rss_worker_mb"] = keys_parallel(store, stale, cfg, spill)
     else:
         for group, local in stale:
             write_keys_file(store, group, cfg, local, spill.chunk_rows)
@@ -184,7 +184,8 @@ def run_gates(
             dedup.con.close()
     for sink in sinks.values():
         sink.commit()
-    result.stats = {**stats, "seconds_gates": round(time.perf_counter() - t0, 3)}
+    worker_peak = max(int(stats.get("peak_rss_worker_mb", 0)), int(result.stats.get("peak_rss_worker_mb", 0)))
+    result.stats = {**stats, "peak_rss_worker_mb": worker_peak, "seconds_gates": round(time.perf_counter() - t0, 3)}
     return result
 
 

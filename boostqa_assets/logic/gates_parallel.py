@@ -53,14 +53,29 @@ def _store(root: str, storage_options: dict[str, Any]) -> Any:
 # --- keys ------------------------------------------------------------------------------------------------
 
 
+def peak_rss_mb() -> int:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it starts afresh at exec, so a spawned worker does not
+    report the parent's peak as its own)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _keys_job(root: str, options: dict[str, Any], files: list[str], cfg: DedupConfig, out: str, rows: int) -> int:
     from boostqa_assets.logic.gate_keys import write_keys_file
 
-    return write_keys_file(_store(root, options), files, cfg, Path(out), rows)[0]
+    write_keys_file(_store(root, options), files, cfg, Path(out), rows)
+    return peak_rss_mb()
 
 
-def keys_parallel(store: Any, jobs: Sequence[tuple[list[str], Path]], cfg: DedupConfig, spill: SpillConfig) -> None:
-    """Write the keys file of each (files, local path) job, ``spill.workers`` at a time."""
+def keys_parallel(store: Any, jobs: Sequence[tuple[list[str], Path]], cfg: DedupConfig, spill: SpillConfig) -> int:
+    """Write the keys file of each (files, local path) job, ``spill.workers`` at a time; the workers' peak RSS."""
+    peak = 0
     progress = Progress("dedup keys (processes)", len(jobs), "partitions")
     with _pool(spill) as pool:
         futures = [
@@ -68,9 +83,10 @@ def keys_parallel(store: Any, jobs: Sequence[tuple[list[str], Path]], cfg: Dedup
             for files, out in jobs
         ]
         for f in futures:
-            f.result()
+            peak = max(peak, f.result())
             progress.add(1)
     progress.finish()
+    return peak
 
 
 # --- the streaming pass ----------------------------------------------------------------------------------
@@ -118,7 +134,7 @@ def _file_job(fid: int, path: str, removed_path: str, out: str, chunk_rows: int)
         finally:
             for w in writers.values():
                 w.close()
-    return counts
+    return {**counts, "peak_rss_mb": peak_rss_mb()}
 
 
 def _arrow(schema: Any) -> pa.Schema:
@@ -153,6 +169,7 @@ def stream_parallel(
     rows = int(dedup.stats["rows_in"]) if dedup is not None else None
     progress = Progress(f"gates: stream refined rows ({spill.workers} processes)", rows)
     initargs = (index, quality, list(recipes), store.root, store.storage_options)
+    worker_peak = 0
     with _pool(spill, _init, initargs) as pool:
         futures: list[tuple[Future, str]] = []
         for fid, path in enumerate(files):
@@ -160,6 +177,7 @@ def stream_parallel(
             futures.append((pool.submit(_file_job, fid, path, str(removed_path), out, spill.chunk_rows), out))
         for future, out in futures:  # in file order: the rejects go to the sinks in the order a single process writes
             found = future.result()
+            worker_peak = max(worker_peak, found.pop("peak_rss_mb"))
             for k, v in found.items():
                 counts[k] += v
             for chunk in iter_parquet(f"{out}-rejects.parquet", None, spill.chunk_rows):
@@ -170,4 +188,4 @@ def stream_parallel(
             progress.add(found["pool"])
     progress.finish()
     logger.info("gates: streaming pass over %d files in %.1f s", len(files), time.perf_counter() - t0)
-    return StreamResult(counts, pools, counts["pool"])
+    return StreamResult(counts, pools, counts["pool"], {"peak_rss_worker_mb": worker_peak})
