@@ -7,6 +7,7 @@ from boostqa_assets.defs.seeds import source_name
 from boostqa_assets.defs.support import (
     backfill_policy,
     counts_by,
+    eager_when_upstream_passed,
     endpoint_pool,
     llm_metadata,
     md_table,
@@ -27,7 +28,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         partitions_def=parts.source_partitions,
         deps=["seeds"],
         # A refreshed or new seeds partition is annotated automatically (the same source partition only).
-        automation_condition=dg.AutomationCondition.eager(),
+        automation_condition=eager_when_upstream_passed(),
         backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},

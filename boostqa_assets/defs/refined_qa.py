@@ -8,6 +8,7 @@ import polars as pl
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
     backfill_policy,
+    eager_when_upstream_passed,
     endpoint_pool,
     llm_metadata,
     md_table,
@@ -29,7 +30,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         partitions_def=parts.qa_partitions,
         deps=["synthesized_qa"],
         # Re-synthesized cells are refined automatically (the same discipline x grade partition only).
-        automation_condition=dg.AutomationCondition.eager(),
+        automation_condition=eager_when_upstream_passed(),
         backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},

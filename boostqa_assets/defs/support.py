@@ -155,3 +155,10 @@ def backfill_policy() -> dg.BackfillPolicy:
 
     n = project_config().pipeline.orchestration.max_partitions_per_run
     return dg.BackfillPolicy.single_run() if n is None else dg.BackfillPolicy.multi_run(max_partitions_per_run=n)
+
+
+def eager_when_upstream_passed() -> dg.AutomationCondition:
+    """Eager automation that waits for its upstream partitions' blocking checks: a source partition that failed in a
+    multi-partition run still gets a materialization event (Dagster cannot fail one partition of a run), and its
+    failed check is what keeps the LLM stage from spending calls on it."""
+    return dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()

@@ -6,6 +6,7 @@ import polars as pl
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.support import (
     backfill_policy,
+    eager_when_upstream_passed,
     endpoint_pool,
     llm_metadata,
     md_table,
@@ -28,7 +29,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         # The plan names each cell's budget and seeds (it reads annotated_seeds), so a cell is stale exactly when
         # its plan changed; eager automation re-synthesizes those cells only.
         deps=[dg.AssetDep("synthesis_plan")],
-        automation_condition=dg.AutomationCondition.eager(),
+        automation_condition=eager_when_upstream_passed(),
         backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet", "llm"},
