@@ -20,6 +20,7 @@ import pytest
 
 from boostqa_assets.llm.cache import ResponseCache
 from boostqa_assets.llm.cache.compaction import compact_tail, merge_files, merge_tiers
+from boostqa_assets.llm.cache.files import REPLY_FIELDS
 
 if TYPE_CHECKING:
     import duckdb
@@ -117,7 +118,7 @@ def test_prefetch_answers_get_from_memory(tmp_path: Path, monkeypatch: pytest.Mo
     assert cache.prefetch([h(i) for i in range(25)]) == 20
     loads: list[int] = []
     monkeypatch.setattr(cache, "_load", _counting(cache._load, loads))
-    reply = {k: v for k, v in entry(3).items() if k != "request"}  # a prefetch keeps the reply, not the request
+    reply = {k: entry(3)[k] for k in REPLY_FIELDS}  # a prefetch keeps what a client re-reads
     assert cache.get(h(3)) == reply
     assert all(cache.get(h(i))["content"] == f"answer {i}" for i in (*range(3), *range(4, 20)))  # type: ignore[index]
     assert cache.get(h(21)) is None

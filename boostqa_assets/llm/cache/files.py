@@ -61,7 +61,10 @@ SCHEMA = pa.schema(
         ("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-REPLY_COLUMNS = [c for c in SCHEMA.names if c != "request"]  # what a client re-reads: no request body
+# What a client re-reads of an entry (``Reply.from_cache``): reading 7 of 13 columns, without the request body
+# (the largest), makes a bulk lookup's row groups about twice as cheap to decode.
+REPLY_FIELDS = ("request_hash", "content", "reasoning", "finish_reason", "tokens_in", "tokens_out")
+REPLY_COLUMNS = [*REPLY_FIELDS, "created_at"]
 SORT = [("key", "ascending"), ("request_hash", "ascending"), ("created_at", "ascending")]
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _LEGACY_DIR = re.compile(r"[0-9a-f]{2}")
@@ -99,12 +102,12 @@ def entry_row(rhash: str, entry: dict[str, Any], created_us: int) -> Row:
     )
 
 
-def row_entry(row: Row, with_request: bool = True) -> dict[str, Any]:
-    """The entry dict a caller put, back from a row (``request`` parsed again, or left out)."""
+def row_entry(row: Row, reply_only: bool = False) -> dict[str, Any]:
+    """The entry dict a caller put, back from a row (``request`` parsed again), or its ``REPLY_FIELDS``."""
     entry = dict(zip(FIELDS, row[1:11], strict=True))
-    if not with_request:
-        del entry["request"]
-    elif entry["request"] is not None:
+    if reply_only:
+        return {k: entry[k] for k in REPLY_FIELDS}
+    if entry["request"] is not None:
         entry["request"] = json.loads(entry["request"])
     if row[11]:
         entry.update(json.loads(row[11]))
@@ -198,14 +201,21 @@ class Storage:
     def shards(self) -> str:
         return self.root + "/shards"
 
-    def list_parquet(self, base: str) -> list[str]:
-        """Every published ``*.parquet`` under ``base``, sorted by path; never a cached listing."""
+    def listing(self, base: str) -> dict[str, int]:
+        """Every published ``*.parquet`` under ``base`` and its size, by path; never a cached listing."""
         self.fs.invalidate_cache(base)  # s3fs keeps listings: another process's new files would stay unseen
         try:
-            found = self.fs.find(base)
+            found = self.fs.find(base, detail=True)
         except FileNotFoundError:
-            return []
-        return sorted(p for p in found if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
+            return {}
+        return {
+            p: int(info.get("size") or 0)
+            for p, info in sorted(found.items())
+            if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
+        }
+
+    def list_parquet(self, base: str) -> list[str]:
+        return list(self.listing(base))
 
     def has_legacy(self) -> bool:
         """Whether one-file-per-entry dirs (``<root>/<hh>/``) exist: one listing of the root, not of the files."""
@@ -274,13 +284,16 @@ class Storage:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(p)
 
-    def open_parquet(self, path: str) -> pq.ParquetFile:
-        """A Parquet file for row-group reads; raises FileNotFoundError when it is gone."""
+    def open_parquet(
+        self, path: str, size: int | None = None, metadata: pq.FileMetaData | None = None
+    ) -> pq.ParquetFile:
+        """A Parquet file for row-group reads; raises FileNotFoundError when it is gone. With its ``size`` and
+        parsed ``metadata`` known, opening it on S3 costs no request (no HEAD, no footer read)."""
         if self.is_local:
-            return pq.ParquetFile(path)
-        # No read-ahead cache (kept files would each hold a block); pyarrow coalesces a row group's columns
-        # into one ranged GET instead.
-        return pq.ParquetFile(self.fs.open(path, "rb", cache_type="none"), pre_buffer=True)
+            return pq.ParquetFile(path, metadata=metadata)
+        # No read-ahead cache: pyarrow coalesces a row group's column chunks into one ranged GET.
+        handle = self.fs.open(path, "rb", cache_type="none", size=size or None)
+        return pq.ParquetFile(handle, metadata=metadata, pre_buffer=True)
 
     def read_bytes(self, paths: list[str]) -> dict[str, bytes]:
         """Whole files (small ones: segments), fetched concurrently on S3; missing files are left out."""

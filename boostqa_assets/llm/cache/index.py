@@ -3,10 +3,13 @@
 - The tail (segments not compacted yet): the key column of each segment, in memory, merged into one sorted
   array (key -> segment, row) so a lookup is a binary search whatever the number of segments. The tail is
   small (compaction folds it into shards past ``compact_rows``), and any key may be in any segment.
-- Shards (``shards/p=<prefix>/``): only the footer's per-row-group key ranges of the files in the prefixes a
-  lookup touched, plus recently read key chunks in a byte-bounded LRU. A key is looked for in the row group
-  of each file of its prefix whose range holds it; then the matching rows are read. The prefix comes from the
-  folder name, so readers follow whatever prefix length compaction used (even a mix of two).
+- Shards (``shards/p=<prefix>/``): the per-row-group key ranges of the files in the prefixes a lookup touched,
+  their parsed footers and recently read key chunks in byte-bounded LRUs. A key is looked for in the row group
+  of each file of its prefix whose range holds it; then only the row groups with matches are read. The prefix
+  comes from the folder name, so readers follow whatever prefix length compaction used (even a mix of two).
+- On S3 the files of one lookup are read by ``REMOTE_READERS`` threads at once, a small file (a segment, a
+  young shard) in one GET, a big one in a few ranged GETs (footer once, key chunks, matching row groups):
+  waiting for them one after the other would cost more than the old one GET per entry.
 
 Listings are taken segments first, then shards: a compactor writes its shards before it deletes the
 segments, so an entry is always in one of the two listings. A file deleted after the listing (compacted
@@ -20,9 +23,11 @@ import logging
 import math
 import posixpath
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -34,7 +39,11 @@ from boostqa_assets.llm.cache.files import Row, Storage, key_ranges, table_rows
 logger = logging.getLogger(__name__)
 
 _PREFIX_DIR = re.compile(r"p=[0-9a-f]{1,16}")
-OPEN_FILES = 64  # open Parquet files kept per reader (their parsed footers)
+REMOTE_READERS = 16  # files read at once from a remote filesystem
+FOOTER_CACHE_BYTES = 64 << 20  # parsed footers kept per reader
+FOOTER_MEMORY_FACTOR = 13  # a parsed footer takes ~13x its size in the file (measured: 8.6 MB -> 111 MB)
+RANGES_CACHE_BYTES = 64 << 20  # row-group key ranges kept per reader (24 bytes a row group)
+WHOLE_FILE_BYTES = 2 << 20  # remote files up to this size are read whole (segments, young shards)
 
 
 class Stale(Exception):
@@ -51,50 +60,48 @@ def _matches(file_keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 class _Lru:
-    """Least recently used values up to ``limit`` (in ``size`` units: bytes, or 1 per value); evicted values
-    go to ``on_evict``."""
+    """Least recently used values up to ``limit`` bytes; thread-safe."""
 
-    def __init__(self, limit: int, on_evict: Callable[[Any], None] | None = None) -> None:
-        self.limit, self.used, self.on_evict = limit, 0, on_evict
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
         self.items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, key: Any) -> Any:
-        item = self.items.get(key)
-        if item is None:
-            return None
-        self.items.move_to_end(key)
-        return item[0]
+        with self.lock:
+            item = self.items.get(key)
+            if item is None:
+                return None
+            self.items.move_to_end(key)
+            return item[0]
 
-    def put(self, key: Any, value: Any, size: int = 1) -> None:
-        self.pop(key)
-        self.items[key] = (value, size)
-        self.used += size
-        while self.used > self.limit and len(self.items) > 1:
-            self.pop(next(iter(self.items)))
-
-    def pop(self, key: Any) -> None:
-        item = self.items.pop(key, None)
-        if item is not None:
-            self.used -= item[1]
-            if self.on_evict is not None:
-                self.on_evict(item[0])
+    def put(self, key: Any, value: Any, size: int) -> None:
+        with self.lock:
+            old = self.items.pop(key, None)
+            self.used += size - (old[1] if old else 0)
+            self.items[key] = (value, size)
+            while self.used > self.limit and len(self.items) > 1:
+                _, (_, dropped) = self.items.popitem(last=False)
+                self.used -= dropped
 
     def drop(self, pred: Callable[[Any], bool]) -> None:
-        for key in [k for k in self.items if pred(k)]:
-            self.pop(key)
+        with self.lock:
+            for key in [k for k in self.items if pred(k)]:
+                self.used -= self.items.pop(key)[1]
 
 
 class Index:
-    """The tail's keys and the shards' footers, refreshed by listing."""
+    """The tail's keys and the shards' footers, refreshed by listing. One lookup at a time (the caller locks)."""
 
     def __init__(self, storage: Storage, chunk_cache_bytes: int) -> None:
         self.storage = storage
         self.tail: dict[str, np.ndarray] = {}  # segment path -> its keys (sorted)
         self._merged: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] | None = None
         self.shards: dict[str, list[str]] = {}  # prefix -> shard paths
-        self.footers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # path -> mins, maxs, row offsets
+        self.sizes: dict[str, int] = {}  # path -> bytes, from the listing
+        self.ranges = _Lru(RANGES_CACHE_BYTES)  # path -> its row groups' key mins, maxs and row offsets
+        self.footers = _Lru(FOOTER_CACHE_BYTES)  # path -> parsed FileMetaData
         self.chunks = _Lru(chunk_cache_bytes)  # (path, row group) -> its keys
-        self.files = _Lru(OPEN_FILES, on_evict=lambda pf: pf.close(force=True))  # path -> open ParquetFile
         self.listed_at = -math.inf  # never listed
 
     def tail_rows(self) -> int:
@@ -102,34 +109,34 @@ class Index:
 
     def refresh(self) -> None:
         """List segments, then shards (in that order: see the module docstring); load new segments' keys."""
-        segments = self.storage.list_parquet(self.storage.segments)
-        shard_paths = self.storage.list_parquet(self.storage.shards)
+        segments = self.storage.listing(self.storage.segments)
+        shard_sizes = self.storage.listing(self.storage.shards)
         new = [p for p in segments if p not in self.tail]
         tail = {p: self.tail[p] for p in segments if p in self.tail}
-        if self.storage.is_local:  # only the key column: a segment gone since the listing was compacted
+        if self.storage.is_local:  # only the key column; a segment gone since the listing was compacted
             for path in new:
                 with contextlib.suppress(FileNotFoundError):
-                    tail[path] = pq.read_table(path, columns=["key"]).column("key").to_numpy()
-        else:  # whole small objects, fetched concurrently: one round trip each instead of footer + column
+                    tail[path] = _keys(pq.ParquetFile(path))
+        else:  # small objects, fetched whole and concurrently: one round trip each, not footer then column
             for path, data in self.storage.read_bytes(new).items():
-                tail[path] = pq.read_table(pa.BufferReader(data), columns=["key"]).column("key").to_numpy()
+                tail[path] = _keys(pq.ParquetFile(pa.BufferReader(data)))
         shards: dict[str, list[str]] = {}
-        for p in shard_paths:
+        for p in shard_sizes:
             folder = posixpath.basename(posixpath.dirname(p))
             if _PREFIX_DIR.fullmatch(folder):
                 shards.setdefault(folder.removeprefix("p="), []).append(p)
-        listed = set(segments) | set(shard_paths)
-        for p in set(self.footers) - listed:
-            del self.footers[p]
-        self.chunks.drop(lambda k: k[0] not in listed)
-        self.files.drop(lambda k: k not in listed)
+        self.sizes = {**segments, **shard_sizes}
+        self.ranges.drop(lambda k: k not in self.sizes)
+        self.footers.drop(lambda k: k not in self.sizes)
+        self.chunks.drop(lambda k: k[0] not in self.sizes)
         if list(tail) != list(self.tail):
             self._merged = None
         self.tail, self.shards, self.listed_at = tail, shards, time.monotonic()
 
-    def add_segment(self, path: str, keys: np.ndarray) -> None:
+    def add_segment(self, path: str, keys: np.ndarray, size: int) -> None:
         """A segment this process just wrote: visible to its own lookups without listing again."""
         self.tail[path] = keys
+        self.sizes[path] = size
         self._merged = None
 
     def _merged_tail(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -152,7 +159,7 @@ class Index:
         if not wanted:
             return {}
         keys = np.unique(np.fromiter(wanted.values(), dtype=np.uint64, count=len(wanted)))
-        found: dict[str, Row] = {}
+        tasks: list[Callable[[], pa.Table | None]] = []
         tail_keys, segment, row, paths = self._merged_tail()
         lo = np.searchsorted(tail_keys, keys, side="left")
         hi = np.searchsorted(tail_keys, keys, side="right")
@@ -160,51 +167,73 @@ class Index:
         at = np.repeat(lo, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         for seg in np.unique(segment[at]).tolist():
             rows = np.sort(row[at][segment[at] == seg])
-            try:
-                _keep(self._read_rows(paths[seg], rows, columns), wanted, found)
-            except FileNotFoundError as exc:
-                raise Stale(paths[seg]) from exc
+            tasks.append(lambda p=paths[seg], r=rows: self._read_rows(p, r, columns))
         for length in {len(p) for p in self.shards}:  # one length unless compaction's prefix_len changed
             prefixes = keys >> np.uint64(64 - 4 * length)
             starts = np.flatnonzero(np.r_[True, prefixes[1:] != prefixes[:-1]])
             for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(keys)], strict=True):
                 for path in self.shards.get(f"{int(prefixes[start]):0{length}x}", ()):
-                    self._lookup_shard(path, keys[start:end], wanted, found, columns)
+                    tasks.append(lambda p=path, k=keys[start:end]: self._probe_shard(p, k, columns))
+        found: dict[str, Row] = {}
+        try:
+            if self.storage.is_local or len(tasks) < 2:
+                tables = [task() for task in tasks]
+            else:
+                with ThreadPoolExecutor(REMOTE_READERS, thread_name_prefix="cache-read") as pool:
+                    tables = list(pool.map(lambda task: task(), tasks))
+        except FileNotFoundError as exc:
+            raise Stale(str(exc)) from exc
+        for table in tables:
+            if table is not None:
+                _keep(table, wanted, found)
         return found
 
-    def _file(self, path: str) -> pq.ParquetFile:
-        """An open file (kept: its footer is parsed once) and its row-group key ranges and row offsets."""
-        pf = self.files.get(path)
-        if pf is None:
-            pf = self.storage.open_parquet(path)
-            self.files.put(path, pf)
-        if path not in self.footers:
-            mins, maxs = key_ranges(pf.metadata)
-            sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
-            self.footers[path] = (mins, maxs, np.cumsum([0, *sizes]))
-        return pf
+    def _open(self, path: str) -> tuple[pq.ParquetFile, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The file (its footer parsed once per reader) and its row groups' key ranges and row offsets."""
+        size, md = self.sizes.get(path), self.footers.get(path)
+        if not self.storage.is_local and size is not None and size <= WHOLE_FILE_BYTES:
+            # One GET for the whole (small) object beats ranged GETs for its footer, keys and rows.
+            pf = pq.ParquetFile(pa.BufferReader(self.storage.fs.cat_file(path)), metadata=md)
+        else:
+            pf = self.storage.open_parquet(path, size, md)
+        md = pf.metadata
+        self.footers.put(path, md, FOOTER_MEMORY_FACTOR * md.serialized_size)
+        ranges = self.ranges.get(path)
+        if ranges is None:
+            mins, maxs = key_ranges(md)
+            ranges = (mins, maxs, np.cumsum([0, *(md.row_group(i).num_rows for i in range(md.num_row_groups))]))
+            self.ranges.put(path, ranges, sum(a.nbytes for a in ranges))
+        return pf, ranges
 
-    def _read_rows(self, path: str, rows: np.ndarray, columns: list[str] | None) -> pa.Table:
+    def _read_rows(
+        self,
+        path: str,
+        rows: np.ndarray,
+        columns: list[str] | None,
+        opened: tuple[pq.ParquetFile, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    ) -> pa.Table:
         """The rows at ``rows`` (sorted file positions): only the row groups that hold them are read."""
-        pf = self._file(path)
-        offsets = self.footers[path][2]
-        groups = np.searchsorted(offsets, rows, side="right") - 1
-        read = np.unique(groups)
-        # Small reads: threads would cost more than they give.
-        table = pf.read_row_groups(read.tolist(), columns=columns, use_threads=False)
+        pf, (_, _, offsets) = opened or self._open(path)
+        try:
+            groups = np.searchsorted(offsets, rows, side="right") - 1
+            read = np.unique(groups)
+            # Small reads: decoding threads would cost more than they give.
+            table = pf.read_row_groups(read.tolist(), columns=columns, use_threads=False)
+        finally:
+            if opened is None:
+                pf.close(force=True)
         sizes = offsets[read + 1] - offsets[read]
         base = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # where each read row group starts in ``table``
         return table.take(rows - offsets[groups] + base[np.searchsorted(read, groups)])
 
-    def _lookup_shard(
-        self, path: str, keys: np.ndarray, wanted: dict[str, int], found: dict[str, Row], columns: list[str] | None
-    ) -> None:
+    def _probe_shard(self, path: str, keys: np.ndarray, columns: list[str] | None) -> pa.Table | None:
+        """The rows of ``path`` whose key is one of ``keys`` (sorted), or None."""
+        pf: pq.ParquetFile | None = None
         try:
-            footer = self.footers.get(path)
-            if footer is None:
-                self._file(path)
-                footer = self.footers[path]
-            mins, maxs, offsets = footer
+            ranges = self.ranges.get(path)
+            if ranges is None:
+                pf, ranges = self._open(path)
+            mins, maxs, offsets = ranges
             # Row groups of one file hold disjoint, ascending key ranges: two binary searches per group.
             lo = np.searchsorted(keys, mins, side="left")
             hi = np.searchsorted(keys, maxs, side="right")
@@ -212,20 +241,33 @@ class Index:
             chunks = {g: self.chunks.get((path, g)) for g in groups}
             missing = [g for g, c in chunks.items() if c is None]
             if missing:  # one read for every key chunk not in memory
-                col = self._file(path).read_row_groups(missing, columns=["key"], use_threads=False)
-                keys_read = col.column("key").to_numpy()
+                if pf is None:
+                    pf, _ = self._open(path)
+                col = pf.read_row_groups(missing, columns=["key"], use_threads=False).column("key").to_numpy()
                 at = 0
                 for g in missing:
                     n = int(offsets[g + 1] - offsets[g])
-                    chunks[g] = keys_read[at : at + n].copy()
+                    chunks[g] = col[at : at + n].copy()
                     self.chunks.put((path, g), chunks[g], chunks[g].nbytes)
                     at += n
-            rows = [_matches(chunks[g], keys[lo[g] : hi[g]]) + offsets[g] for g in groups]
+            rows = [_matches(chunks[g], keys[lo[g] : hi[g]]) + offsets[g] for g in groups]  # type: ignore[arg-type]
             hits = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
-            if len(hits):
-                _keep(self._read_rows(path, hits, columns), wanted, found)
-        except FileNotFoundError as exc:
-            raise Stale(path) from exc
+            if not len(hits):
+                return None
+            if pf is None:
+                pf, ranges = self._open(path)
+            return self._read_rows(path, hits, columns, (pf, ranges))
+        finally:
+            if pf is not None:
+                pf.close(force=True)
+
+
+def _keys(pf: pq.ParquetFile) -> np.ndarray:
+    """A file's key column (ParquetFile, not read_table: that loads pyarrow.dataset, ~80 MB, for nothing)."""
+    try:
+        return pf.read(columns=["key"], use_threads=False).column("key").to_numpy()
+    finally:
+        pf.close(force=True)
 
 
 def _keep(table: pa.Table, wanted: dict[str, int], found: dict[str, Row]) -> None:
