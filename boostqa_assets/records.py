@@ -19,6 +19,9 @@ from pydantic import BaseModel
 
 Kind = Literal["qa", "problem", "passage"]
 Track = Literal["multi_grade", "high_difficulty"]
+# Where a seed's `language` came from: the source's `language:`, the record's own language field, or detection
+# (logic/language.py). Only detection has a confidence; the other two leave `language_confidence` null.
+LanguageOrigin = Literal["source", "record", "detected"]
 
 
 class Seed(BaseModel):
@@ -28,7 +31,9 @@ class Seed(BaseModel):
     source: str
     native_id: str
     kind: Kind
-    language: str
+    language: str  # ISO 639-1 code, or `mixed` (CJK and alphabetic text both substantial) or `und` (undetermined)
+    language_confidence: float | None = None  # the detector's score for `language`; null unless detected
+    language_origin: LanguageOrigin | None = None
     question: str | None
     answer: str | None
     text: str | None
@@ -63,7 +68,9 @@ class SynthesizedQA(BaseModel):
     seed_grade: str
     seed_difficulty: str
     track: Track
-    language: str
+    language: str  # the QA's language: its target language (the language gate rejects rows written in another)
+    seed_language: str | None = None  # the seed's language (differs from `language` in cross-lingual synthesis)
+    target_language: str | None = None  # what the prompt asked for (seed language, cross-lingual pick or fallback)
     question: str
     answer: str
     reasoning: str  # the reasoning model's thinking, never inside `answer`
@@ -100,6 +107,7 @@ class MixtureDoc(BaseModel):
     category: str
     grade: str
     track: str
+    language: str | None = None  # the QA's language
     text: str
     n_tokens: int
     shard: int

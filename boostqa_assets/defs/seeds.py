@@ -27,7 +27,17 @@ from boostqa_assets.settings import get_settings
 
 FINGERPRINT_KEY = "source_fingerprint"
 CURSOR_VERSION = 1
-_SUMMARY_COLUMNS = ["source", "rows_read", "kept", "rejected", "not_sampled", "reject_reasons", "path", "error"]
+_SUMMARY_COLUMNS = [
+    "source",
+    "rows_read",
+    "kept",
+    "languages",
+    "rejected",
+    "not_sampled",
+    "reject_reasons",
+    "path",
+    "error",
+]
 
 
 def _resolver() -> SourceResolver:
@@ -74,7 +84,7 @@ def build(
         backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet"},
-        code_version="seeds-v1",
+        code_version="seeds-v2",  # v2: language detected per seed (language_confidence, language_origin)
     )
     def seeds(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         """One row per seed of the source: a QA item, problem or passage, normalized to the seed record.
@@ -84,8 +94,10 @@ def build(
         source's field mapping; `seed_id` is a stable hash of source + native id (or normalized text). Exact
         duplicates within the source, invalid UTF-8, empty text, oversize rows, missing required fields and
         unparseable lines go to `rejects/stage=seeds` with a reason. `limit` keeps a seeded sample (reported
-        as `rows_not_sampled`). Each partition's materialization records `source_fingerprint` (size + mtime, or
-        ETag + size on S3) for the `seeds_refresh` schedule.
+        as `rows_not_sampled`). A source without `language:` gets each seed's language detected (fastText, batched;
+        `mixed` and `und` where it cannot say; `pipeline.yaml` `languages.detection`); seeds per language are in the
+        metadata. Each partition's materialization records `source_fingerprint` (size + mtime, or ETag + size on
+        S3) for the `seeds_refresh` schedule.
 
         A source that cannot be read (missing, truncated, not the configured layout) or that gives no seed fails
         its own partition only, with a message naming the source, the file and the fix: its previous data is
@@ -97,6 +109,7 @@ def build(
         resolver = SourceResolver(project.sources, project.config_dir, st.storage_options)
         keys = context.partition_keys
         summary, failed = [], {}
+        by_language: dict[str, int] = {}
         for key in keys:
             fingerprint, result, message = None, None, None
             try:
@@ -107,7 +120,13 @@ def build(
                     fingerprint = resolver.fingerprint(key)
                 except SourceError as exc:
                     context.log.warning(f"seeds[{key}]: no source fingerprint recorded: {exc}")
-                result = read_source(cfg, project.config_dir, st.storage_options, shard=resolver.shard(key))
+                result = read_source(
+                    cfg,
+                    project.config_dir,
+                    st.storage_options,
+                    shard=resolver.shard(key),
+                    detection=project.pipeline.languages.detection,
+                )
                 message = empty_source_message(key, result)
             except SourceError as exc:
                 message = " ".join(str(exc).split())  # one line: it goes to tables, checks and the CLI
@@ -133,7 +152,14 @@ def build(
                 f"{result.seeds.height}, rejected {result.rejects.height} {reasons}, "
                 f"not sampled {result.rows_not_sampled}"
             )
-            per_partition: dict[str, object] = {"source_path": result.path, "partition_rows": result.seeds.height}
+            languages = counts_by(result.seeds, "language")
+            for lang, n in languages.items():
+                by_language[lang] = by_language.get(lang, 0) + n
+            per_partition: dict[str, object] = {
+                "source_path": result.path,
+                "partition_rows": result.seeds.height,
+                "rows_by_language": dg.MetadataValue.json(languages),
+            }
             if fingerprint is not None:
                 per_partition[FINGERPRINT_KEY] = fingerprint
             context.add_asset_metadata(per_partition, partition_key=key)
@@ -142,6 +168,7 @@ def build(
                     "source": key,
                     "rows_read": result.rows_read,
                     "kept": result.seeds.height,
+                    "languages": ", ".join(f"{k}: {v}" for k, v in languages.items()) or "-",
                     "rejected": result.rejects.height,
                     "not_sampled": result.rows_not_sampled,
                     "reject_reasons": reasons or "-",
@@ -163,6 +190,7 @@ def build(
                 "partitions_failed": len(failed),
                 "failed_partitions": ", ".join(failed) or "-",
                 "partitions": md_table(summary, _SUMMARY_COLUMNS),
+                "rows_by_language": dg.MetadataValue.json(dict(sorted(by_language.items()))),
                 "dagster/row_count": kept,
             }
         )

@@ -30,7 +30,8 @@ from typing import IO, Any
 import fsspec
 import polars as pl
 
-from boostqa_assets.configs import SourceConfig, SourcesConfig, WatchConfig, shard_key
+from boostqa_assets.configs import LanguageDetectionSettings, SourceConfig, SourcesConfig, WatchConfig, shard_key
+from boostqa_assets.logic.language import label_seeds
 from boostqa_assets.records import (
     REJECT_SCHEMA,
     SEED_SCHEMA,
@@ -110,6 +111,7 @@ def read_source(
     config_dir: Path,
     storage_options: dict[str, Any] | None = None,
     shard: tuple[int, int] | None = None,
+    detection: LanguageDetectionSettings | None = None,
 ) -> SourceReadResult:
     """Read, validate, dedup and sample one source, or one shard of it. Raises ``SourceError`` if the file cannot
     be read.
@@ -118,7 +120,8 @@ def read_source(
     kept (so every seed_id lives in exactly one shard, and duplicate ids are caught within it), and only the
     rejects of the records whose position falls in that bucket (every reject is reported once). Memory holds the
     shard only; each shard reads the whole file. ``limit`` applies per shard (``limit / count``). Duplicate
-    content across shards is left to the dedup gate before the mixture."""
+    content across shards is left to the dedup gate before the mixture. Seeds with no language (neither the
+    record's language field nor the source's `language:`) get one from ``language.label_seeds`` (``detection``)."""
     path = resolve_path(cfg, config_dir)
     fmt = cfg.resolved_format()
     collector = _Collector(cfg, shard)
@@ -147,13 +150,15 @@ def read_source(
         kept = sorted(kept, key=lambda s: stable_hash(str(cfg.sample_seed), s["seed_id"]))
         not_sampled, kept = len(kept) - limit, kept[:limit]
     kept = sorted(kept, key=lambda s: s["seed_id"])
+    languages = label_seeds(kept, detection)
     reasons = Counter(r["reason"] for r in collector.rejects)
     logger.info(
-        "source %s: %d rows read from %s -> %d seeds, %d rejects %s, %d not sampled (limit %s)",
+        "source %s: %d rows read from %s -> %d seeds %s, %d rejects %s, %d not sampled (limit %s)",
         cfg.name,
         collector.rows_read,
         path,
         len(kept),
+        languages,
         len(collector.rejects),
         dict(reasons),
         not_sampled,
@@ -754,7 +759,10 @@ class _Collector:
                 "source": cfg.name,
                 "native_id": native_id,
                 "kind": cfg.kind,
+                # None: detected in one batch once the sample is drawn (read_source), so only kept seeds pay for it.
                 "language": values.get("language") or cfg.language,
+                "language_confidence": None,
+                "language_origin": "record" if values.get("language") else ("source" if cfg.language else None),
                 "question": question,
                 "answer": answer,
                 "text": text,

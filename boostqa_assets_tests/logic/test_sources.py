@@ -85,8 +85,11 @@ def test_jsonl_field_mapping_nested_and_normalization(tmp_path: Path) -> None:
     seeds = {r["native_id"]: r for r in res.seeds.to_dicts()}
     assert seeds["7"]["question"] == "Name two primes." and seeds["7"]["answer"] == "2, 3"
     assert seeds["7"]["language"] == "de" and seeds["7"]["license"] == "MIT"
+    assert (seeds["7"]["language_origin"], seeds["7"]["language_confidence"]) == ("record", None)
     assert json.loads(seeds["7"]["meta"]) == {"topic": "math", "n": 1.5}
-    assert seeds["x"]["answer"] == '{"k":[1,{"z":2}]}' and seeds["x"]["language"] == "en"
+    # No language field and no `language:`: detected; two words and a JSON object tell too little to say.
+    assert seeds["x"]["answer"] == '{"k":[1,{"z":2}]}' and seeds["x"]["language"] == "und"
+    assert seeds["x"]["language_origin"] == "detected"
     assert json.loads(seeds["x"]["meta"]) == {"tags": ["a", "b"]}
 
 
