@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ KEYWORDS = [
     ("poem", "literature"),
     ("market", "economics"),
     ("acid", "chemistry"),
+    ("光合", "biology"),
+    ("细胞", "biology"),
+    ("加速度", "physics"),
+    ("三角形", "mathematics"),
+    ("朝代", "history"),
 ]
 
 
@@ -56,6 +62,18 @@ HARDER = {
     "undergraduate": "Combine two advanced university techniques in a long multi-step argument to generalise",
     "graduate": "At research level, construct a counterexample or a full proof, with edge cases, that extends",
 }
+# The same leads in Chinese, for prompts that ask for Chinese QA (`Language: Chinese`).
+LEVEL_LEADS_ZH = {
+    "primary": "用小朋友听得懂的日常话语解释",
+    "middle": "举一个例题并定义每个基本术语，说明",
+    "high": "用标准的中学符号和几个严谨的步骤推导",
+    "undergraduate": "运用大学的形式化方法和严格的推导分析",
+    "graduate": "在研究水平上给出证明并作多方面的批判性分析，评价",
+}
+HARDER_ZH = {
+    "undergraduate": "综合两种高等大学技巧，用较长的多步论证推广",
+    "graduate": "在研究水平上构造反例或完整证明，并讨论边界情形，推广",
+}
 
 
 def _last(pattern: str, text: str) -> str:
@@ -63,13 +81,22 @@ def _last(pattern: str, text: str) -> str:
     return found[-1].strip() if found else ""
 
 
-def pipeline_responder(body: dict[str, Any]) -> ResponderReply:
+def _chinese(seed: str, n: int) -> str:
+    """The seed's Chinese characters (Latin letters dropped), or a Chinese stand-in when it has none."""
+    kept = re.sub(r"[A-Za-z]", "", seed).strip()
+    return kept[:n] if re.search(r"[\u4e00-\u9fff]", kept) else "这条事实" + str(zlib.crc32(seed.encode()) % 10_000)
+
+
+def pipeline_responder(body: dict[str, Any], follow_language: bool = True) -> ResponderReply:
     """Answers the annotate / synthesize / refine prompts the way a good model would, deterministically.
 
     Planted behaviour: an item containing ``UNLABELLABLE`` gets a label outside the taxonomy; a draft
-    answer containing ``REFUSE`` gets a refusal from the refiner.
+    answer containing ``REFUSE`` gets a refusal from the refiner. QA comes back in the language the prompt names
+    after ``Language:`` (Chinese or English); ``follow_language=False`` answers in English whatever it asks
+    (``english_only_responder``: a model that ignores the language).
     """
     text = prompt_text(body)
+    chinese = follow_language and _last(r"\nLanguage: (\w+)", text) == "Chinese"
     if "Label each study item" in text:
         item = _last(r"\nItem: (.*)", text).lower()
         discipline = next((d for k, d in KEYWORDS if k in item), "general_knowledge")
@@ -85,7 +112,18 @@ def pipeline_responder(body: dict[str, Any]) -> ResponderReply:
         level = _last(r"\nLevel: (\w+)", text)
         # Questions at different levels and tracks are worded differently, as a real model's would be, so
         # the near-duplicate gate keeps them; the shared seed text is kept short.
+        if chinese:
+            lead = (HARDER_ZH if "harder variant" in text else LEVEL_LEADS_ZH)[level]
+            return ResponderReply(
+                json.dumps(
+                    {"question": f"{lead}：{_chinese(seed, 30)}？", "answer": f"由此可知，{_chinese(seed, 120)}"},
+                    ensure_ascii=False,
+                ),
+                reasoning=f"thinking about {level}",
+            )
         lead = (HARDER if "harder variant" in text else LEVEL_LEADS)[level]
+        if re.search(r"[\u4e00-\u9fff]", seed):  # an English-only model: English QA whatever the seed
+            seed = f"fact number {zlib.crc32(seed.encode()) % 10_000} of the seed"
         return ResponderReply(
             json.dumps({"question": f"{lead} this fact: {seed[:30]}?", "answer": f"It follows that {seed[:120]}"}),
             reasoning=f"thinking about {level}",
@@ -96,12 +134,21 @@ def pipeline_responder(body: dict[str, Any]) -> ResponderReply:
             return ResponderReply(json.dumps({"answer": "I'm sorry, I cannot help with that request."}))
         if "TRUNCATE" in draft:  # a reply that hit max_tokens
             return ResponderReply(json.dumps({"answer": "The answer begins with"}), finish_reason="length")
+        if chinese:
+            return ResponderReply(json.dumps({"answer": "改进后的答案：" + draft}, ensure_ascii=False))
+        if re.search(r"[\u4e00-\u9fff]", draft):
+            return ResponderReply(json.dumps({"answer": "Refined: the answer to this question, in English."}))
         return ResponderReply(json.dumps({"answer": "Refined: " + draft}))
     if "Answer each question correctly and briefly" in text:  # the probe: this target knows nothing
         return ResponderReply("I am not sure.")
     if "Decide whether the reply answers the question" in text:  # the judge
         return ResponderReply(json.dumps({"verdict": "incorrect"}))
     return ResponderReply("unrecognised prompt")
+
+
+def english_only_responder(body: dict[str, Any]) -> ResponderReply:
+    """``pipeline_responder`` for a model that writes English whatever language the prompt asks for."""
+    return pipeline_responder(body, follow_language=False)
 
 
 @pytest.fixture

@@ -27,6 +27,14 @@ from boostqa_assets.settings import DEFAULT_CONFIG_DIR, PROMPTS_DIR
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("BOOSTQA_UPDATE_GOLDEN", "").lower() in ("1", "true", "yes")
 PROMPT_IDS = ["annotate", "refine", "synthesize_high_difficulty", "synthesize_multi_grade"]
+# Every released version of each prompt has a golden file; v2 of the QA prompts names the QA's language.
+SHIPPED = {
+    "annotate": ["v1"],
+    "refine": ["v1", "v2"],
+    "synthesize_high_difficulty": ["v1", "v2"],
+    "synthesize_multi_grade": ["v1", "v2"],
+}
+GOLDEN_CASES = [(pid, v) for pid, versions in SHIPPED.items() for v in versions]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +60,7 @@ def _golden_inputs(prompt_id: str) -> dict[str, Any]:
             "grade_hint": synthesize.GRADE_HINTS["middle"],
             "seed": "Plate tectonics moves continents a few centimetres a year.",
             "variant": 0,
+            "language": "English",
         },
         "synthesize_high_difficulty": {
             "discipline": "computer_science",
@@ -59,20 +68,22 @@ def _golden_inputs(prompt_id: str) -> dict[str, Any]:
             "grade_hint": synthesize.GRADE_HINTS["graduate"],
             "seed": "Sort a list of integers. Answer: use merge sort.",
             "variant": 2,
+            "language": "Chinese",  # cross-lingual: an English seed, Chinese QA
         },
         "refine": {
             "grade": "high",
             "question": "What causes the seasons on Earth?",
             "answer": "the tilt i guess",
+            "language": "English",
         },
     }[prompt_id]
 
 
-@pytest.mark.parametrize("prompt_id", PROMPT_IDS)
-def test_golden_rendering(prompt_id: str) -> None:
-    prompt = prompting.render(prompt_id, "v1", **_golden_inputs(prompt_id))
-    assert (prompt.prompt_id, prompt.version) == (prompt_id, "v1")
-    golden = GOLDEN_DIR / f"{prompt_id}_v1.txt"
+@pytest.mark.parametrize(("prompt_id", "version"), GOLDEN_CASES)
+def test_golden_rendering(prompt_id: str, version: str) -> None:
+    prompt = prompting.render(prompt_id, version, **_golden_inputs(prompt_id))
+    assert (prompt.prompt_id, prompt.version) == (prompt_id, version)
+    golden = GOLDEN_DIR / f"{prompt_id}_{version}.txt"
     if UPDATE:
         GOLDEN_DIR.mkdir(exist_ok=True)
         golden.write_text(prompt.text, encoding="utf-8")
@@ -83,7 +94,7 @@ def test_golden_rendering(prompt_id: str) -> None:
     )
     assert golden.is_file(), f"missing golden file {golden}; {how}"
     expected = golden.read_text(encoding="utf-8")
-    assert prompt.text == expected, f"{prompt_id} v1 no longer renders as {golden}; {how}"
+    assert prompt.text == expected, f"{prompt_id} {version} no longer renders as {golden}; {how}"
 
 
 def test_rendering_is_stripped_and_ends_with_the_json_cue() -> None:
@@ -99,7 +110,7 @@ def test_variant_marker_only_after_the_first_variant() -> None:
     first = prompting.render("synthesize_multi_grade", **{**base, "variant": 0}).text
     third = prompting.render("synthesize_multi_grade", **{**base, "variant": 2}).text
     assert "(variant" not in first
-    assert third.endswith("Level: middle (variant 3)\nJSON:")
+    assert third.endswith("Level: middle (variant 3)\nLanguage: English\nJSON:")
 
 
 def test_discipline_underscores_become_spaces() -> None:
@@ -122,9 +133,26 @@ def test_unknown_prompt_id() -> None:
 
 @pytest.mark.parametrize("prompt_id", PROMPT_IDS)
 def test_shipped_versions(prompt_id: str) -> None:
-    assert prompting.versions(prompt_id) == ["v1"]
-    assert prompting.latest_version(prompt_id) == "v1"
-    assert prompting.render(prompt_id, **_golden_inputs(prompt_id)).version == "v1"
+    assert prompting.versions(prompt_id) == SHIPPED[prompt_id]
+    assert prompting.latest_version(prompt_id) == SHIPPED[prompt_id][-1]
+    assert prompting.render(prompt_id, **_golden_inputs(prompt_id)).version == SHIPPED[prompt_id][-1]
+
+
+@pytest.mark.parametrize("prompt_id", ["refine", "synthesize_high_difficulty", "synthesize_multi_grade"])
+def test_v2_asks_for_the_language_with_examples_in_both(prompt_id: str) -> None:
+    inputs = {**_golden_inputs(prompt_id), "language": "Chinese"}
+    text = prompting.render(prompt_id, "v2", **inputs).text
+    assert text.endswith("Language: Chinese\nJSON:") or "\nLanguage: Chinese\nDraft answer:" in text
+    examples = text.split("\n\n")[1:-1]  # the few-shot examples between the instructions and the item
+    assert {"Language: English", "Language: Chinese"} <= {ln for ex in examples for ln in ex.splitlines()}
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in text)  # a Chinese example, in Chinese
+    # Short: the embedded model reads ~650 prompt tokens/s, so each prompt stays well under 2,000 characters.
+    assert len(text) < 2000
+
+
+def test_v2_without_a_language_is_an_error() -> None:
+    with pytest.raises(jinja2.UndefinedError):
+        prompting.render("refine", "v2", grade="high", question="q?", answer="a")
 
 
 def test_fingerprint_is_stable_and_depends_on_the_prompt_ids() -> None:
@@ -156,7 +184,7 @@ def prompts_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 def test_fingerprint_changes_when_a_template_changes(prompts_copy: Path) -> None:
     before = prompting.prompt_fingerprint("annotate", "refine")
     assert before == prompting.prompt_fingerprint("annotate", "refine")
-    path = prompts_copy / "refine" / "v1.j2"
+    path = prompts_copy / "refine" / f"{prompting.latest_version('refine')}.j2"  # the fingerprint reads the latest
     path.write_text(path.read_text(encoding="utf-8") + "\n", encoding="utf-8")
     after = prompting.prompt_fingerprint("annotate", "refine")
     assert after != before

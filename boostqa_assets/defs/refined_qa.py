@@ -15,7 +15,7 @@ from boostqa_assets.defs.support import (
     progress_logger,
     report_partition_checks,
 )
-from boostqa_assets.logic import refine
+from boostqa_assets.logic import language, refine
 from boostqa_assets.manifests import stream_parquet
 from boostqa_assets.partitions import Partitions, qa_key, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
@@ -43,7 +43,10 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
 
         Rejected (to `rejects/stage=refined_qa`, reason = the first blocking flag): refusals, empty or
         truncated answers, answers shorter/longer than the configured bounds, length outliers beyond
-        Q3 + k*IQR of the partition, and answers whose script differs from the question's.
+        Q3 + k*IQR of the partition, and `language_mismatch`: the answer's script differs from the question's, or
+        the question or refined answer is detected in another language than the row's `language` (its target;
+        `refinement.check_language`). Checked rows and the mismatch rate per language are in `language_fidelity`,
+        kept rows per language in `rows_by_language`.
 
         Streams in two passes, a chunk (`streaming.chunk_rows`) at a time: the refiner's answers are staged
         under `_work/`, then the partition's length fence is computed and the rules applied; the partition is
@@ -56,6 +59,9 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         cfg = project.pipeline.refinement
         chunk_rows = project.pipeline.streaming.chunk_rows
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
+        detection = project.pipeline.languages.detection
+        lang_stats: list[list[dict[str, object]]] = []
+        by_language: dict[str, int] = {}
         # Pass 1, the LLM: the run's partitions stream through in pooled chunks; answered rows are staged (the
         # length rule needs the whole partition), the rows the refiner did not answer are rejects already.
         staged: dict[str, PartitionOutput] = {}
@@ -63,7 +69,11 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         for key in context.partition_keys:
             part = _part(key)
             fingerprint = resume_key(
-                input_generation(st, "synthesized_qa", part), code_version, client.cfg.model_dump(), cfg.model_dump()
+                input_generation(st, "synthesized_qa", part),
+                code_version,
+                client.cfg.model_dump(),
+                cfg.model_dump(),
+                detection.model_dump(),
             )
             out = open_output(
                 st, WORK_ASSET, part, key, refine.STAGED_SCHEMA, fingerprint, "refined_qa", resume_committed=True
@@ -81,7 +91,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             results = client.run(refine.build_requests(qa), refine.validate_answer, progress)
             by_key = {r.key: r for r in results}
             for key, df in batch:
-                rows, rejects = refine.stage(df, [by_key[q] for q in df["qa_id"]], cfg, key)
+                rows, rejects = refine.stage(df, [by_key[q] for q in df["qa_id"]], cfg, key, detection, lang_stats)
                 staged[key].write(rows, rejects, df.height)
             sent += qa.height
         for out in staged.values():
@@ -101,6 +111,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             for i, chunk in enumerate(stream_parquet(st, work_files, chunk_rows, refine.STAGED_SCHEMA)):
                 rows, rejects = refine.finish(chunk, fence, cfg, key)
                 final.write(rows)
+                for lang, n in rows.group_by("language").len().iter_rows():
+                    by_language[lang] = by_language.get(lang, 0) + n
                 out.rejects.write(rejects, progress=out.done + i + 1)  # beyond pass 1: a resume drops these
                 out.count(rejects)
                 kept += rows.height
@@ -126,6 +138,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "dagster/row_count": rows,
                 "partitions_with_rows": len(summary),
                 "partitions": md_table(summary),
+                "rows_by_language": dg.MetadataValue.json(dict(sorted(by_language.items()))),
+                "language_fidelity": md_table(language.merge_tables(lang_stats)),
                 **llm_metadata(client.stats),
             }
         )

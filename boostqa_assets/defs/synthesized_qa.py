@@ -14,7 +14,7 @@ from boostqa_assets.defs.support import (
     report_partition_checks,
 )
 from boostqa_assets.failures import read_good_sources
-from boostqa_assets.logic import annotate, fidelity, synthesize
+from boostqa_assets.logic import annotate, fidelity, language, synthesize
 from boostqa_assets.logic import plan as plan_logic
 from boostqa_assets.partitions import Partitions, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
@@ -52,6 +52,12 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         partition per chunk) are re-annotated; the grade match rate per discipline goes to the metadata, and
         high-difficulty rows that came back easier than their seed are rejected as `difficulty_degraded`.
 
+        Language: each QA is written in its target language (the seed's; `languages.cross_lingual` picks, by a
+        hash of qa_id, tasks that write another; `mixed`/`und` seeds use `languages.fallback`), recorded as
+        `language` and `target_language` beside `seed_language`. A row whose question or answer is detected in
+        another language is rejected as `language_mismatch` (`synthesis.check_language`); checked rows and the
+        mismatch rate per language are in `language_fidelity`, kept rows per language in `rows_by_language`.
+
         Streams one discipline at a time (only its annotated seeds in memory), tasks in pooled chunks of
         `streaming.chunk_rows`, each partition's rows written as part files and committed at the end; a run
         killed half way resumes after its last chunk.
@@ -69,6 +75,9 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             by_discipline.setdefault(qa_key_parts(key)[0], []).append(key)
         outs: dict[str, PartitionOutput] = {}
         budgets, checked, n_tasks = [], [], 0
+        languages = project.pipeline.languages
+        lang_stats: list[list[dict[str, object]]] = []
+        by_language: dict[str, int] = {}
         progress = progress_logger(context.log, "synthesized_qa")
         # One discipline at a time: only its annotated seeds are in memory; its cells' tasks stream through
         # in pooled chunks, so small cells share an LLM batch and the endpoint stays busy.
@@ -92,6 +101,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                     client.cfg.model_dump(),
                     checker.cfg.model_dump(),
                     fidelity_cfg.model_dump(),
+                    languages.model_dump(),
+                    project.pipeline.synthesis.check_language,
                 )
                 outs[key] = out = open_output(st, "synthesized_qa", part, key, SYNTHESIZED_SCHEMA, fingerprint)
                 if out.done:
@@ -101,11 +112,25 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             del annotated
             for batch in pooled_lists(pending, chunk_rows):
                 tasks = [t for _, ts in batch for t in ts]
-                requests = synthesize.build_requests(tasks, project.pipeline.synthesis.max_chars_in_prompt)
+                requests = synthesize.build_requests(
+                    tasks, project.pipeline.synthesis.max_chars_in_prompt, languages=languages
+                )
                 results = client.run(requests, synthesize.validate_qa, progress)
                 by_key = {r.key: r for r in results}
                 pieces = [
-                    (key, *synthesize.assemble(ts, [by_key[t.qa_id] for t in ts], project.taxonomy, key, top))
+                    (
+                        key,
+                        *synthesize.assemble(
+                            ts,
+                            [by_key[t.qa_id] for t in ts],
+                            project.taxonomy,
+                            key,
+                            top,
+                            languages,
+                            project.pipeline.synthesis.check_language,
+                            lang_stats,
+                        ),
+                    )
                     for key, ts in batch
                 ]
                 # Grade fidelity / difficulty degradation: re-annotate each piece's sample (all its high-difficulty
@@ -124,6 +149,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                         kept, check_results, project.taxonomy, key, fidelity_cfg.drop_degraded
                     )
                     checked += part_checked
+                    for lang, n in kept.group_by("language").len().iter_rows():
+                        by_language[lang] = by_language.get(lang, 0) + n
                     outs[key].write(kept, pl.concat([rejects, degraded]), len(ts))
             for key in keys:
                 outs[key].commit()
@@ -157,6 +184,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "grade_fidelity_rate": round(matches / sampled, 3) if sampled else "no rows sampled",
                 "grade_fidelity_sampled": sampled,
                 "difficulty_degraded": sum(t["degraded"] for t in table),
+                "rows_by_language": dg.MetadataValue.json(dict(sorted(by_language.items()))),
+                "language_fidelity": md_table(language.merge_tables(lang_stats)),
                 "fidelity_check_tokens_in": checker.stats.tokens_in,
                 "fidelity_llm": llm_metadata(checker.stats)["llm"],  # the annotator's figures for the demo summary
                 **llm_metadata(client.stats),

@@ -4,7 +4,9 @@ Flags (``pipeline.yaml`` ``refinement``): ``refusal`` (refusal phrases), ``empty
 hit max_tokens, or the answer ends inside an open code block or bracket), ``too_short`` / ``too_long``
 (absolute character bounds), ``length_outlier`` (beyond Q3 + k*IQR of the partition's answer lengths, only
 with at least ``min_rows_for_outliers`` rows), ``language_mismatch`` (the answer's script differs from the
-question's). Flags listed in ``reject_flags`` send the row to rejects; other flags are kept on the row.
+question's, or the question or refined answer is detected in another language than the row's ``language``, its
+target: ``language.mismatches``, batched per chunk). Flags listed in ``reject_flags`` send the row to rejects;
+other flags are kept on the row.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
-from boostqa_assets.configs import RefinementConfig
+from boostqa_assets.configs import LanguageDetectionSettings, RefinementConfig
 from boostqa_assets.llm.types import LLMRequest, LLMResult
+from boostqa_assets.logic import language
 from boostqa_assets.prompting import render
 from boostqa_assets.records import REFINED_SCHEMA, REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame, to_json
 
@@ -50,6 +53,7 @@ def build_requests(qa: pl.DataFrame, version: str | None = None, max_chars: int 
             PROMPT_ID,
             version,
             grade=row["grade"],
+            language=language.language_name(row["language"]),  # v2+ (v1 ignores it)
             question=" ".join(row["question"].split()),
             answer=" ".join(row["answer"].split())[:max_chars],
         )
@@ -138,14 +142,21 @@ STAGED_SCHEMA = pl.Schema({**REFINED_SCHEMA, "raw_output": pl.Utf8()})
 
 
 def stage(
-    qa: pl.DataFrame, results: list[LLMResult], cfg: RefinementConfig, partition: str
+    qa: pl.DataFrame,
+    results: list[LLMResult],
+    cfg: RefinementConfig,
+    partition: str,
+    detection: LanguageDetectionSettings | None = None,
+    language_stats: list[list[dict[str, Any]]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """First pass over a chunk: the rows the refiner answered (with their rule flags, not yet the length rule,
-    which needs the whole partition) and the rejects of the rows it did not answer."""
+    which needs the whole partition) and the rejects of the rows it did not answer. The language check of the
+    whole chunk runs in one batch; its per-language table is appended to ``language_stats``."""
     by_key = {r.key: r for r in results}
     refusal_res = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     staged: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
+    answered: list[tuple[dict[str, Any], LLMResult]] = []
     for row in qa.iter_rows(named=True):
         res = by_key.get(row["qa_id"])
         if res is None or not res.ok:
@@ -159,12 +170,25 @@ def stage(
                 )
             )
             continue
+        answered.append((row, res))
+    lang_details: list[str | None] = [None] * len(answered)
+    if cfg.check_language and answered:
+        targets = [row["language"] for row, _ in answered]
+        lang_details = language.mismatches(
+            [row["question"] for row, _ in answered], [res.value.answer for _, res in answered], targets, detection
+        )
+        if language_stats is not None:
+            language_stats.append(language.mismatch_table(targets, lang_details))
+    for (row, res), lang_detail in zip(answered, lang_details, strict=True):
         answer = res.value.answer
+        flags = rule_flags(row["question"], answer, res.finish_reason, cfg, refusal_res)
+        if lang_detail is not None and language.REASON not in flags:
+            flags.append(language.REASON)
         staged.append(
             {
                 **row,
                 "refined_answer": answer,
-                "flags": rule_flags(row["question"], answer, res.finish_reason, cfg, refusal_res),
+                "flags": flags,
                 "status": "kept",
                 "refine_model": res.model,
                 "refine_prompt_id": res.prompt_id,

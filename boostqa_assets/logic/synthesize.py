@@ -9,6 +9,10 @@ Rules (all from ``pipeline.yaml``):
 - ``qa_per_seed`` variants per (seed, track); ``max_seeds_per_partition`` caps seeds per track with a
   seeded, order-independent choice.
 The model's thinking (``reasoning_content`` or ``<think>`` blocks) goes to ``reasoning``, never ``answer``.
+
+Language: each task writes its QA in a target language (``language.target_language``: the seed's language, a
+cross-lingual pick, or the fallback for ``mixed``/``und`` seeds), named in the prompt; with ``check_language`` a
+reply whose question or answer is detected in another language is rejected as ``language_mismatch``.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from boostqa_assets.configs import SynthesisConfig, TaxonomyConfig
+from boostqa_assets.configs import LanguagesConfig, SynthesisConfig, TaxonomyConfig
 from boostqa_assets.llm.types import LLMRequest, LLMResult
+from boostqa_assets.logic import language
 from boostqa_assets.logic.annotate import seed_item_text
 from boostqa_assets.prompting import render
 from boostqa_assets.records import REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame, stable_hash, to_json
@@ -140,7 +145,18 @@ def plan_tasks(
     return tasks_for(candidates(annotated, discipline, grade, tax, cfg), discipline, grade, None, cfg.qa_per_seed)
 
 
-def build_requests(tasks: list[SynthTask], max_chars: int, versions: dict[str, str] | None = None) -> list[LLMRequest]:
+def task_language(t: SynthTask, languages: LanguagesConfig | None) -> str:
+    """The target language of a task (``language.target_language``; the seed's language without a config)."""
+    seed_language = t.seed.get("language") or language.UNDETERMINED
+    return language.target_language(seed_language, t.qa_id, languages) if languages is not None else seed_language
+
+
+def build_requests(
+    tasks: list[SynthTask],
+    max_chars: int,
+    versions: dict[str, str] | None = None,
+    languages: LanguagesConfig | None = None,
+) -> list[LLMRequest]:
     versions = versions or {}
     requests = []
     for t in tasks:
@@ -156,6 +172,7 @@ def build_requests(tasks: list[SynthTask], max_chars: int, versions: dict[str, s
             grade_hint=GRADE_HINTS.get(t.grade, ""),
             seed=seed,
             variant=t.variant,
+            language=language.language_name(task_language(t, languages)),  # v2+ (v1 ignores it)
         )
         requests.append(
             LLMRequest(
@@ -172,9 +189,20 @@ def build_requests(tasks: list[SynthTask], max_chars: int, versions: dict[str, s
 
 
 def assemble(
-    tasks: list[SynthTask], results: list[LLMResult], tax: TaxonomyConfig, partition: str, top_difficulty: str
+    tasks: list[SynthTask],
+    results: list[LLMResult],
+    tax: TaxonomyConfig,
+    partition: str,
+    top_difficulty: str,
+    languages: LanguagesConfig | None = None,
+    check_language: bool = False,
+    language_stats: list[list[dict[str, Any]]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Rows for the answered tasks and rejects for the others; with ``check_language``, rows whose question or
+    answer is not in the target language become ``language_mismatch`` rejects (their per-language table is
+    appended to ``language_stats``)."""
     by_key = {r.key: r for r in results}
+    raw: dict[str, LLMResult] = {}
     kept: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     for t in tasks:
@@ -197,6 +225,8 @@ def assemble(
             )
             continue
         reply: QAReply = res.value
+        target = task_language(t, languages)
+        raw[t.qa_id] = res
         kept.append(
             {
                 "qa_id": t.qa_id,
@@ -209,7 +239,9 @@ def assemble(
                 "seed_grade": seed["grade"],
                 "seed_difficulty": seed["difficulty"],
                 "track": t.track,
-                "language": seed["language"],
+                "language": target,
+                "seed_language": seed["language"],
+                "target_language": target,
                 "question": reply.question,
                 "answer": reply.answer,
                 "reasoning": res.reasoning,
@@ -220,4 +252,43 @@ def assemble(
                 "synth_request_hash": res.request_hash,
             }
         )
+    if check_language and kept:
+        kept = _language_gate(kept, raw, partition, languages, rejects, language_stats)
     return frame(kept, SYNTHESIZED_SCHEMA), frame(rejects, REJECT_SCHEMA)
+
+
+def _language_gate(
+    kept: list[dict[str, Any]],
+    raw: dict[str, LLMResult],
+    partition: str,
+    languages: LanguagesConfig | None,
+    rejects: list[dict[str, Any]],
+    language_stats: list[list[dict[str, Any]]] | None,
+) -> list[dict[str, Any]]:
+    """The rows in their target language; the others appended to ``rejects`` as ``language_mismatch``."""
+    detection = languages.detection if languages is not None else None
+    targets = [r["target_language"] for r in kept]
+    details = language.mismatches([r["question"] for r in kept], [r["answer"] for r in kept], targets, detection)
+    if language_stats is not None:
+        language_stats.append(language.mismatch_table(targets, details))
+    out = []
+    for row, detail in zip(kept, details, strict=True):
+        if detail is None:
+            out.append(row)
+            continue
+        res = raw[row["qa_id"]]
+        rejects.append(
+            {
+                "stage": "synthesized_qa",
+                "partition": partition,
+                "source": row["source"],
+                "seed_id": row["seed_id"],
+                "qa_id": row["qa_id"],
+                "reason": language.REASON,
+                "detail": detail,
+                "raw_output": res.raw_output,
+                "request_hash": res.request_hash,
+                "record": to_json(row),
+            }
+        )
+    return out

@@ -157,7 +157,8 @@ def result(qa_id: str, answer: str, finish_reason: str = "stop") -> LLMResult:
 def test_build_requests() -> None:
     qa = frame([qa_row(1, question="What  is\nheat?", answer="energy   in\ttransit " * 5)], SYNTHESIZED_SCHEMA)
     [req] = build_requests(qa, max_chars=30)
-    assert (req.key, req.prompt_id, req.prompt_version) == ("q001", "refine", "v1")
+    assert (req.key, req.prompt_id, req.prompt_version) == ("q001", "refine", "v2")
+    assert "\nLanguage: English\n" in req.prompt  # the row's language, named for the model
     assert req.prefill == '{"answer": "'
     assert req.schema == ANSWER_SCHEMA
     assert "\nQuestion: What is heat?\n" in req.prompt

@@ -215,7 +215,7 @@ def test_build_requests_uses_the_track_prompt_and_prefill(tax: TaxonomyConfig) -
     requests = build_requests(tasks, max_chars=500)
     assert [r.key for r in requests] == [t.qa_id for t in tasks]
     assert [r.prompt_id for r in requests] == ["synthesize_multi_grade"] * 2 + ["synthesize_high_difficulty"] * 2
-    assert {r.prompt_version for r in requests} == {"v1"}
+    assert {r.prompt_version for r in requests} == {"v2"}
     assert [r.seed_offset for r in requests] == [0, 1, 0, 1]
     for r in requests:
         assert r.prefill == '{"question": "'
@@ -223,7 +223,7 @@ def test_build_requests_uses_the_track_prompt_and_prefill(tax: TaxonomyConfig) -
         assert "Seed: Question of s1 about physics? Answer: Answer of s1." in r.prompt
         assert "\nLevel: graduate" in r.prompt
     assert "research level" in requests[0].prompt  # the grade hint of the multi-grade prompt
-    assert requests[1].prompt.endswith("Level: graduate (variant 2)\nJSON:")
+    assert requests[1].prompt.endswith("Level: graduate (variant 2)\nLanguage: English\nJSON:")
 
 
 def test_build_requests_truncates_the_seed(tax: TaxonomyConfig) -> None:
