@@ -39,7 +39,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         automation_condition=dg.AutomationCondition.eager(),
         group_name="boostqa",
         kinds={"parquet", "jsonl"},
-        code_version="mixture-v1",
+        code_version="mixture-v2",  # v2: a `language` column, language weights and totals
     )
     def qa_mixture(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         """One row per training document of the recipe: `template` applied to a kept QA pair.
@@ -48,9 +48,10 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         `quality.dedup.threshold`; the smallest qa_id of a cluster stays) and rows sharing a 13-word n-gram
         with a benchmark (MMLU by default) go to `rejects/stage=qa_mixture` with the reason.
 
-        Seeded weighted sampling without replacement (weights per category, grade and track) fills the
+        Seeded weighted sampling without replacement (weights per category, grade, track and language) fills the
         recipe's token budget, counted with tiktoken. Written as Parquet and JSONL shards plus
-        `manifest.json` (token totals by discipline, grade, track and source; the recipe and its hash; the
+        `manifest.json` (token totals by discipline, grade, track, source and language, rows and token share per
+        language; the recipe and its hash; the
         sampling seed) and `DATASET_CARD.md` (sources and licences, tokens, what every filter removed),
         replacing the recipe's folder as a whole.
         """
@@ -77,7 +78,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             run = gates_ooc.run_gates(st, st.list_partition_files("refined_qa"), quality, index, recipes, spill)
             gate_counts = run.counts
             # The card needs counts only: two columns of seeds and rejects, never their records.
-            seeds = read_columns(st, st.list_partition_files("seeds"), ["source", "license"])
+            seeds = read_columns(st, st.list_partition_files("seeds"), ["source", "license", "language"])
             rejects = read_columns(st, st.list_partition_files("rejects"), ["stage", "reason"])
             results = {}
             for recipe in recipes:
@@ -123,6 +124,9 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "dedup_keys_from_qa_signatures": run.stats.get("keys_reused", 0),
                 "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),
                 "tokens_by_source": dg.MetadataValue.json(manifest["tokens_by_source"]),
+                "tokens_by_language": dg.MetadataValue.json(manifest["tokens_by_language"]),
+                "rows_by_language": dg.MetadataValue.json(manifest["rows_by_language"]),
+                "language_share": dg.MetadataValue.json(manifest["language_share"]),
             }
         )
 

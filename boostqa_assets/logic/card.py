@@ -16,6 +16,28 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _languages(manifest: dict[str, Any], seeds: pl.DataFrame) -> list[dict[str, Any]]:
+    """Seeds, mixture documents, tokens and token share per language (seed languages with no QA included)."""
+    tokens = manifest.get("tokens_by_language", {})
+    rows = manifest.get("rows_by_language", {})
+    share = manifest.get("language_share", {})
+    by_seed = (
+        {str(k): int(v) for k, v in seeds.group_by("language").len().iter_rows()}
+        if "language" in seeds.columns and seeds.height
+        else {}
+    )
+    return [
+        {
+            "language": lang,
+            "seeds": by_seed.get(lang, 0),
+            "documents": rows.get(lang, 0),
+            "tokens": tokens.get(lang, 0),
+            "token share": f"{share.get(lang, 0.0):.1%}",
+        }
+        for lang in sorted({*tokens, *rows, *by_seed})
+    ]
+
+
 def dataset_card(manifest: dict[str, Any], seeds: pl.DataFrame, rejects: pl.DataFrame, refined_rows: int) -> str:
     """Markdown: sources and licences, token counts, every filter with what it removed, the mixture recipe."""
     recipe = manifest["recipe"]
@@ -39,7 +61,8 @@ def dataset_card(manifest: dict[str, Any], seeds: pl.DataFrame, rejects: pl.Data
         removed = [{"stage": st, "filter / reason": reason, "rows removed": n} for st, reason, n in grouped.iter_rows()]
     tokens = [
         {"dimension": dim, **{"values": ", ".join(f"{k}: {v}" for k, v in manifest[f"tokens_by_{dim}"].items())}}
-        for dim in ("track", "grade", "category", "discipline")
+        for dim in ("language", "track", "grade", "category", "discipline")
+        if f"tokens_by_{dim}" in manifest
     ]
     return "\n".join(
         [
@@ -76,6 +99,10 @@ def dataset_card(manifest: dict[str, Any], seeds: pl.DataFrame, rejects: pl.Data
             "## Sources and licences",
             _table(sources, ["source", "licence", "seeds", "tokens in mixture", "in mixture"]),
             "Generated text inherits the terms of its seeds and of the models that wrote it.",
+            "",
+            "## Languages",
+            _table(_languages(manifest, seeds), ["language", "seeds", "documents", "tokens", "token share"]),
+            "`mixed`: CJK and alphabetic text both substantial; `und`: too little text to tell (README, Languages).",
             "",
             "## Filters: what each removed",
             _table(removed, ["stage", "filter / reason", "rows removed"]),

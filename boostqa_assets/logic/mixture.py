@@ -1,9 +1,9 @@
 """The training mixture of one recipe: seeded, weighted sampling of kept QA up to a token budget.
 
-Rule: each row's weight is ``category_weights[category] * grade_weights[grade] * track_weights[track]``
-(a missing key weighs 1.0; weight 0 excludes). Each row draws a key ``-ln(u) / weight`` with ``u`` from a
-hash of (recipe seed, qa_id): an exponential race, i.e. weighted sampling without replacement
-(Efraimidis-Spirakis). Rows are taken in key order while the running token total stays within the budget.
+Rule: each row's weight is ``category_weights[category] * grade_weights[grade] * track_weights[track] *
+language_weights[language]`` (a missing key weighs 1.0; weight 0 excludes). Each row draws a key ``-ln(u) /
+weight`` with ``u`` from a hash of (recipe seed, qa_id): an exponential race, i.e. weighted sampling without
+replacement (Efraimidis-Spirakis). Rows are taken in key order while the running token total stays within the budget.
 The hash makes the draw independent of input order and stable when rows are added elsewhere.
 
 Two implementations of the same rule: ``build_mixture`` over a frame (small runs, tests), and ``mixture_ooc``
@@ -27,7 +27,9 @@ from boostqa_assets.logic.tokens import get_encoding
 from boostqa_assets.records import MIXTURE_SCHEMA, stable_hash, to_json
 
 # One row of a recipe's pool spill: the MIXTURE_SCHEMA columns known before sampling, plus the sampling key.
-POOL_COLUMNS = ["qa_id", "seed_id", "source", "discipline", "category", "grade", "track"]
+POOL_COLUMNS = ["qa_id", "seed_id", "source", "discipline", "category", "grade", "track", "language"]
+# Token totals the manifest reports, one ``tokens_by_<label>`` each; languages also get ``rows_by_language``.
+LABELS = ("discipline", "grade", "track", "source", "category", "language")
 POOL_SCHEMA = pa.schema(
     [
         *(pa.field(c, pa.string()) for c in POOL_COLUMNS),
@@ -59,6 +61,7 @@ def row_weights(df: pl.DataFrame, recipe: Recipe) -> pl.Series:
             mapped("category", recipe.category_weights)
             * mapped("grade", recipe.grade_weights)
             * mapped("track", recipe.track_weights)
+            * mapped("language", recipe.language_weights)
         ).alias("_w")
     )["_w"].alias("w")
 
@@ -129,6 +132,7 @@ def build_mixture(refined: pl.DataFrame, recipe: Recipe) -> tuple[pl.DataFrame, 
             "category",
             "grade",
             "track",
+            "language",
             "text",
             "n_tokens",
             (pl.col("_i") // recipe.shard_rows).cast(pl.Int64).alias("shard"),
@@ -147,7 +151,10 @@ def _totals(docs: pl.DataFrame, col: str) -> dict[str, int]:
 
 
 def _manifest(docs: pl.DataFrame, recipe: Recipe, available_rows: int, available_tokens: int) -> dict[str, Any]:
-    totals = {f"tokens_by_{c}": _totals(docs, c) for c in ("discipline", "grade", "track", "source", "category")}
+    totals = {f"tokens_by_{c}": _totals(docs, c) for c in LABELS}
+    rows_by_language = (
+        {k: int(v) for k, v in docs.group_by("language").len().sort("language").iter_rows()} if docs.height else {}
+    )
     shards = int(docs["shard"].max()) + 1 if docs.height else 0
     return manifest_of(
         recipe,
@@ -156,14 +163,23 @@ def _manifest(docs: pl.DataFrame, recipe: Recipe, available_rows: int, available
         shards,
         totals,
         (available_rows, available_tokens),
+        rows_by_language,
     )
 
 
 def manifest_of(
-    recipe: Recipe, rows: int, total: int, shards: int, totals: dict[str, dict[str, int]], available: tuple[int, int]
+    recipe: Recipe,
+    rows: int,
+    total: int,
+    shards: int,
+    totals: dict[str, dict[str, int]],
+    available: tuple[int, int],
+    rows_by_language: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of a mixture from its figures (both implementations build it here)."""
+    """The manifest of a mixture from its figures (both implementations build it here). ``language_share`` is each
+    language's share of the mixture's tokens (what ``language_weights`` steer)."""
     available_rows, available_tokens = available
+    by_language = totals.get("tokens_by_language", {})
     return {
         "recipe": recipe.model_dump(),
         "recipe_hash": recipe_hash(recipe),
@@ -176,7 +192,9 @@ def manifest_of(
         "available_rows": available_rows,
         "available_tokens": available_tokens,
         "shards": shards,
-        **{f"tokens_by_{c}": totals[f"tokens_by_{c}"] for c in ("discipline", "grade", "track", "source", "category")},
+        **{f"tokens_by_{c}": totals.get(f"tokens_by_{c}", {}) for c in LABELS},
+        "rows_by_language": dict(sorted((rows_by_language or {}).items())),
+        "language_share": {k: round(v / total, 4) for k, v in sorted(by_language.items())} if total else {},
     }
 
 

@@ -23,13 +23,13 @@ from typing import Any
 import polars as pl
 
 from boostqa_assets.configs import Recipe
-from boostqa_assets.logic.mixture import POOL_COLUMNS, doc_id, manifest_of
+from boostqa_assets.logic.mixture import LABELS, POOL_COLUMNS, doc_id, manifest_of
 from boostqa_assets.logic.spill import Progress, SpillConfig, duckdb_connect
 from boostqa_assets.records import MIXTURE_SCHEMA
 
 logger = logging.getLogger(__name__)
 
-_LABELS = ("discipline", "grade", "track", "source", "category")
+_LABELS = LABELS
 
 
 @dataclass
@@ -84,6 +84,7 @@ def build_mixture_streaming(
         writer.shards,
         {f"tokens_by_{c}": dict(sorted(writer.totals[c].items())) for c in _LABELS},
         (int(available_rows or 0), int(available_tokens or 0)),
+        dict(writer.rows_by_language),
     )
     coverage = pl.DataFrame(
         [(d, g, t) for (d, g), t in writer.coverage.items()],
@@ -116,11 +117,14 @@ class _ShardWriter:
         self.pending_rows = 0
         self.totals: dict[str, dict[str, int]] = {c: defaultdict(int) for c in _LABELS}
         self.coverage: dict[tuple[str, str], int] = defaultdict(int)
+        self.rows_by_language: dict[str, int] = defaultdict(int)
 
     def add(self, taken: pl.DataFrame) -> None:
         for c in _LABELS:
             for label, tokens in taken.group_by(c).agg(pl.col("n_tokens").sum()).iter_rows():
                 self.totals[c][label] += int(tokens)
+        for label, n in taken.group_by("language").len().iter_rows():
+            self.rows_by_language[label] += int(n)
         for d, g, tokens in taken.group_by("discipline", "grade").agg(pl.col("n_tokens").sum()).iter_rows():
             self.coverage[(d, g)] += int(tokens)
         start = 0
