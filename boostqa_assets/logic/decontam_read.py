@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+import fsspec
 
 from boostqa_assets.configs import BenchmarkRef, SourceConfig
 from boostqa_assets.logic.sources import _MISSING, _READ_ERRORS, SourceError, _items, _lookup, _open, resolve_path
@@ -48,7 +50,58 @@ def _read_benchmark(
         fmt = view.resolved_format()
     except (SourceError, ValueError) as exc:
         raise BenchmarkError(str(exc).replace(f"source {ref.name!r}", where_bench, 1)) from exc
+    files = _expand(path, storage_options, where_bench)
     seen_fields: set[str] = set()
+    skipped = unreadable = records = 0
+    for file in files:
+        # One file of several (CMMLU, C-Eval: one CSV per subject): ids are `<subject>:<id or record number>`.
+        prefix = f"{PurePosixPath(file).stem}:" if len(files) > 1 else ""
+        s, u, r = _read_file(
+            ref, view, fmt, file, prefix, storage_options, items, seg_item, seg_field, seg_text, seen_fields
+        )
+        skipped, unreadable, records = skipped + s, unreadable + u, records + r
+    absent = [c for c in ref.text_fields if c not in seen_fields]
+    if records and absent:
+        raise BenchmarkError(
+            f"{where_bench}: {path}: no record has the text field(s) {absent}; fix: `text_fields` must name "
+            "columns of the file"
+        )
+    if unreadable:
+        logger.warning("%s: %d unreadable records skipped", where_bench, unreadable)
+    return path, skipped + unreadable
+
+
+def _expand(path: str, storage_options: dict[str, Any] | None, where_bench: str) -> list[str]:
+    """The files a benchmark path names: itself, or every file a glob (``*``, ``?``, ``[``) matches, sorted."""
+    if not any(c in path for c in "*?[") or path.startswith(("http://", "https://")):
+        return [path]
+    protocol = path.split("://", 1)[0] if "://" in path else "file"
+    opts = dict(storage_options or {}) if protocol in ("s3", "s3a") else {}
+    endpoint = opts.pop("endpoint_url", None)
+    if endpoint:
+        opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": endpoint}
+    fs = fsspec.filesystem(protocol, **opts)
+    found = sorted(fs.glob(path))
+    if not found:
+        raise BenchmarkError(f"{where_bench}: no file matches {path}; fix: correct the benchmark's `path`")
+    return [f"{protocol}://{f}" if protocol != "file" else f for f in found]
+
+
+def _read_file(
+    ref: BenchmarkRef,
+    view: SourceConfig,
+    fmt: str,
+    path: str,
+    prefix: str,
+    storage_options: dict[str, Any] | None,
+    items: list[tuple[str, str]],
+    seg_item: list[int],
+    seg_field: list[str],
+    seg_text: list[str],
+    seen_fields: set[str],
+) -> tuple[int, int, int]:
+    """Append the items and segments of one benchmark file; returns (skipped, unreadable, records)."""
+    where_bench = f"benchmark {ref.name!r}"
     skipped = unreadable = records = 0
     try:
         with _open(view, path, storage_options) as f:
@@ -73,7 +126,7 @@ def _read_benchmark(
                     skipped += 1
                     continue
                 item_id = _text(_lookup(value, ref.id_field)) if ref.id_field else None
-                items.append((ref.name, item_id or str(records)))
+                items.append((ref.name, prefix + (item_id or str(records))))
                 for col, text in segments:
                     seg_item.append(len(items) - 1)
                     seg_field.append(col)
@@ -84,15 +137,7 @@ def _read_benchmark(
         raise BenchmarkError(f"{where_bench}: file {path} not found") from exc
     except _READ_ERRORS as exc:
         raise BenchmarkError(f"{where_bench}: cannot read {path}: {type(exc).__name__}: {exc}") from exc
-    absent = [c for c in ref.text_fields if c not in seen_fields]
-    if records and absent:
-        raise BenchmarkError(
-            f"{where_bench}: {path}: no record has the text field(s) {absent}; fix: `text_fields` must name "
-            "columns of the file"
-        )
-    if unreadable:
-        logger.warning("%s: %d unreadable records skipped", where_bench, unreadable)
-    return path, skipped + unreadable
+    return skipped, unreadable, records
 
 
 def _text(value: Any) -> str:

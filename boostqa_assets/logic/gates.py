@@ -27,7 +27,8 @@ STAGE = "qa_mixture"
 
 
 def decontam_config(quality: QualityConfig) -> DecontamConfig:
-    return DecontamConfig(n=quality.decontamination.n, min_words=quality.decontamination.min_words)
+    d = quality.decontamination
+    return DecontamConfig(n=d.n, min_words=d.min_words, cjk_n=d.cjk_n, cjk_min_chars=d.cjk_min_chars)
 
 
 def build_index(
