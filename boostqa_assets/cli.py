@@ -1,7 +1,8 @@
 """``boostqa``: run the pipeline end to end, inspect the data with DuckDB, validate configuration.
 
 - ``boostqa demo``: materialize every asset, every partition, on the configured endpoints (the embedded
-  local model by default), then print where the data is, rows per asset, rejects and tokens per role.
+  local model by default), with a live progress bar per LLM stage in a terminal; then print where the data is,
+  rows per asset, rejects and requests, tokens and cost per LLM role.
 - ``boostqa duckdb``: a DuckDB shell with one view per asset and the reports (coverage, rejects, lineage).
 - ``boostqa sql "SELECT ..."``: run one query over the same views and print the result.
 - ``boostqa check-config``: validate the configuration files and print a summary.
@@ -23,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from boostqa_assets.cli_summary import STAGE_ROLES, base_role, stage_line, summary_lines
 from boostqa_assets.configs import ConfigError
 from boostqa_assets.settings import Settings, SettingsError, get_settings
 
@@ -157,15 +159,6 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
-# The LLM roles each stage calls (synthesized_qa re-annotates a sample with the annotator for grade fidelity).
-STAGE_ROLES = {
-    "annotated_seeds": ("annotator",),
-    "deficiency_probe": ("probe", "judge"),
-    "synthesized_qa": ("synthesizer", "annotator"),
-    "refined_qa": ("refiner",),
-}
-
-
 class UsageError(Exception):
     """A mistake in the command line; the message says what was meant and what is possible."""
 
@@ -185,6 +178,8 @@ def _check_stages(requested: list[str] | None, known: tuple[str, ...]) -> list[s
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from boostqa_assets.progress import live_progress
+
     settings = get_settings()
     store = _store()  # a data root that cannot be used fails here, in one line, before anything starts
     store.require_writable()
@@ -194,26 +189,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # A SIGTERM (a CI timeout, `kill`) stops the demo like Ctrl-C: turn it into SystemExit, handled below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     servers: list[Any] = []  # the embedded model server, once started: stopped however the demo ends
-    try:
-        return _demo(stages, settings, store, servers)
-    except (KeyboardInterrupt, SystemExit) as exc:
-        code = 130 if isinstance(exc, KeyboardInterrupt) else int(exc.code or 143)
-        for server in servers:
-            server.stop()
-        _print(
-            f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}): a run in progress is marked failed and its pool "
-            "slots freed; run `boostqa demo` again to go on (every LLM reply already received comes from the cache)"
-        )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # A stage's run may still execute in its worker thread (runner.py): do not wait for it.
-        os._exit(code)
-    finally:
-        for server in servers:
-            server.stop()
+    with live_progress(enabled=not args.no_progress) as display:
+        try:
+            return _demo(stages, settings, store, servers, display)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            code = 130 if isinstance(exc, KeyboardInterrupt) else int(exc.code or 143)
+            if display is not None:
+                display.stop()  # the terminal gets its cursor back before the process ends below
+            for server in servers:
+                server.stop()
+            _print(
+                f"stopped ({'Ctrl-C' if code == 130 else 'SIGTERM'}): a run in progress is marked failed and its "
+                "pool slots freed; run `boostqa demo` again to go on (every LLM reply already received comes from "
+                "the cache)"
+            )
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # A stage's run may still execute in its worker thread (runner.py): do not wait for it.
+            os._exit(code)
+        finally:
+            for server in servers:
+                server.stop()
 
 
-def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any]) -> int:
+def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any], display: Any) -> int:
     import dagster as dg
 
     from boostqa_assets.definitions import build_definitions
@@ -225,10 +224,10 @@ def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any
     project = project_config()
     _print(f"BoostQA: data root {settings.data_root}, Dagster instance {home}")
     needs_embedded = any(
-        project.llm.roles[role].is_embedded  # type: ignore[index]
+        project.llm.roles[base_role(label)].is_embedded  # type: ignore[index]
         for s in stages
-        for role in STAGE_ROLES.get(s, ())
-        if role in project.llm.roles
+        for label in STAGE_ROLES.get(s, ())
+        if base_role(label) in project.llm.roles
     )
     started = time.perf_counter()
     if needs_embedded and not settings.embedded_base_url:
@@ -239,6 +238,8 @@ def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any
         _print(f"embedded model (llama.cpp, Gemma 3 270M) serving at {server.base_url}")
 
     def on_stage(res: StageResult) -> None:
+        if display is not None:
+            display.finish_stage(res.asset)
         _print(stage_line(res))
         for key, why in res.failed_partitions.items():
             _print(f"      {res.asset}[{key}] FAILED: {why}")
@@ -253,109 +254,22 @@ def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any
     pipeline_s = time.perf_counter() - started
     ok = len(results) == len(stages) and all(r.status == "ok" and not r.skipped_partitions for r in results)
     _print(f"pipeline {'finished' if ok else 'FAILED'} in {pipeline_s:.1f}s")
-    _summary(results, store)
+    for line in summary_lines(results, store, None):
+        _print(line)
     return 0 if ok else 1
 
 
-def stage_line(res: StageResult) -> str:
-    """One line per stage: status, time, partitions, rows and rejects over all of its runs, LLM tokens, checks."""
-    status = {"ok": "ok", "partial": "PARTIAL", "failed": "FAILED"}[res.status]
-    stats = res.stats
-    extra = ""
-    if stats.llm:
-        t_in = sum(int(v["tokens_in"]) for v in stats.llm.values())
-        t_out = sum(int(v["tokens_out"]) for v in stats.llm.values())
-        hits = sum(int(v["cache_hits"]) for v in stats.llm.values())
-        extra = f", tokens in/out {t_in}/{t_out}, cache hits {hits}"
-    failed = f", {len(res.failed_partitions)} failed" if res.failed_partitions else ""
-    skipped = f", {len(res.skipped_partitions)} skipped" if res.skipped_partitions else ""
-    runs = [r for r in res.run_id.split(",") if r]
-    run_ids = ", ".join(r[:8] for r in runs[:3]) + (" ..." if len(runs) > 3 else "")
-    return (
-        f"  {res.asset:<16} {status:<7} {res.seconds:7.1f}s  {res.partitions:>3} partitions{failed}{skipped}  "
-        f"rows {stats.rows}, rejected {stats.rows_rejected}{extra}  "
-        f"checks {res.checks_passed} passed / {res.checks_failed} failed  (runs: {run_ids or '-'})"
-    )
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (the progress display prints it above the bars; a handler
+    holding the original stream would write into Dagster's capture of descriptor 2 instead)."""
 
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
 
-def rejects_by_reason(results: list[StageResult], store: Store) -> list[tuple[str, str, int]]:
-    """(stage, reason, rows) over the rejects of the partitions this run materialized, and only those: files that
-    other (or failed) runs left behind are not counted."""
-    import polars as pl
-
-    from boostqa_assets.logic.probe import REJECTS_PARTITION
-    from boostqa_assets.storage import partition_slug
-
-    wanted = {
-        f"/stage={res.asset}/partition={partition_slug(key or REJECTS_PARTITION)}/"
-        for res in results
-        for key in res.materialized
-    }
-    files = [f for f in store.list_partition_files("rejects") if any(w in f for w in wanted)]
-    counts: dict[tuple[str, str], int] = {}
-    for path in files:
-        stage = path.split("/stage=", 1)[1].split("/", 1)[0]
-        for reason, n in store.read_parquet(path).group_by("reason").agg(pl.len()).iter_rows():
-            counts[(stage, str(reason))] = counts.get((stage, str(reason)), 0) + int(n)
-    return sorted(((s, r, n) for (s, r), n in counts.items()), key=lambda t: (t[0], -t[2], t[1]))
-
-
-def llm_by_role(results: list[StageResult]) -> dict[str, dict[str, float]]:
-    """Every LLM role's figures over the whole run (a role used by several stages is added up)."""
-    totals: dict[str, dict[str, float]] = {}
-    for res in results:
-        for role, stats in res.stats.llm.items():
-            total = totals.setdefault(role, {k: 0 for k in stats})
-            for k, v in stats.items():
-                total[k] = total.get(k, 0) + v
-    return totals
-
-
-def _summary(results: list[StageResult], store: Store) -> None:
-    _print("")
-    _print(f"data: {store.root}")
-    _print("materialized by this run (from the runs' metadata):")
-    for res in results:
-        _print(
-            f"  {res.asset:<16} {len(set(res.materialized)):>4} partitions  {res.stats.rows:>7} rows  "
-            f"{res.stats.rows_rejected:>6} rejected"
-        )
-    rejects = rejects_by_reason(results, store)
-    if rejects:
-        _print("rejected rows by reason:")
-        for stage, reason, n in rejects:
-            _print(f"  {stage:<16} {reason:<24} {n}")
-    roles = llm_by_role(results)
-    if roles:
-        _print("LLM requests, tokens and estimated cost per role:")
-        for role, t in roles.items():
-            _print(
-                f"  {role:<12} requests {int(t['requests']):>5}  http {int(t['http_requests']):>5}  "
-                f"cache hits {int(t['cache_hits']):>5}  in {int(t['tokens_in']):>8}  out {int(t['tokens_out']):>7}  "
-                f"cost ${t['est_cost_usd']:.4f}"
-            )
-        total = sum(t["est_cost_usd"] for t in roles.values())
-        _print(f"  {'total':<12} requests {sum(int(t['requests']) for t in roles.values()):>5}  cost ${total:.4f}")
-    failed_here = {k for r in results for k in r.failed_partitions}
-    problems = [
-        *(f"{r.asset}[{k}]: {why}" for r in results for k, why in r.failed_partitions.items()),
-        # A partition left out because it failed upstream in an earlier demo (this run's failures are listed above).
-        *(
-            f"{r.asset}[{k}] not run: {why}"
-            for r in results
-            for k, why in r.skipped_partitions.items()
-            if k not in failed_here
-        ),
-        *(f"{r.asset}: {r.error}" for r in results if r.error),
-    ]
-    if problems:
-        _print("")
-        _print(f"FAILED ({len(problems)}):")
-        for line in problems:
-            _print(f"  {line}")
-    _print("")
-    _print("inspect: .venv/bin/boostqa duckdb    (or: make duckdb)")
-    _print('e.g.:    .venv/bin/boostqa sql "SELECT * FROM coverage"')
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the whole pipeline, every partition")
     demo.add_argument("--stages", nargs="*", help="only these assets, in order")
+    demo.add_argument("--no-progress", action="store_true", help="no live progress bars, even in a terminal")
     demo.set_defaults(fn=cmd_demo)
     sub.add_parser("duckdb", help="open a DuckDB shell with the views loaded").set_defaults(fn=cmd_duckdb)
     sql = sub.add_parser("sql", help="run one SQL query over the views")
@@ -376,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     lineage.add_argument("id", help="a qa_id, a mixture doc_id or a seed_id")
     lineage.set_defaults(fn=cmd_lineage)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = _CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         return int(args.fn(args))
     except ConfigError as exc:

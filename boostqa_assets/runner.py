@@ -72,11 +72,17 @@ def _int(value: Any) -> int:
 
 def llm_stats_by_role(metadata: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every LLM client's figures in one run's metadata: each JSON entry with a ``role`` and ``requests`` (``llm``,
-    ``judge_llm``, ``fidelity_llm``, ...), by role; two clients of one role in a run are added up."""
+    ``judge_llm``, ``fidelity_llm``, ...), by role; two clients of one role in a run are added up.
+
+    A client whose entry is named for a purpose rather than its role is kept apart, so the summary shows what each
+    use cost: ``fidelity_llm`` of role ``annotator`` is ``annotator (fidelity)``."""
     found: dict[str, dict[str, Any]] = {}
-    for value in metadata.values():
+    for name, value in metadata.items():
         if isinstance(value, dict) and "role" in value and "requests" in value:
             role = str(value["role"])
+            purpose = name.removesuffix("_llm")
+            if name != "llm" and purpose != role:
+                role = f"{role} ({purpose})"
             if role in found:
                 merged = dict(found[role])
                 for k in (*LLM_STAT_FIELDS, "est_cost_usd"):

@@ -10,7 +10,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from boostqa_assets.cli import llm_by_role, rejects_by_reason, stage_line
+from boostqa_assets.cli_summary import llm_by_role, llm_lines, rejects_by_reason, stage_line
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.records import REJECT_SCHEMA
@@ -56,7 +56,7 @@ def test_stage_stats_add_every_run_and_every_client() -> None:
     assert (stats.rows, stats.rows_rejected) == (34, 7)
     assert stats.llm["synthesizer"]["requests"] == 18 and stats.llm["synthesizer"]["tokens_in"] == 180
     assert stats.llm["synthesizer"]["est_cost_usd"] == 0.75
-    assert stats.llm["annotator"]["requests"] == 6
+    assert stats.llm["annotator (fidelity)"]["requests"] == 6  # the fidelity re-annotation, kept apart
     # The probe's run: the target and the judge.
     probe = llm_stats_by_role({"rows": 3, "llm": _llm("probe", 6, 60), "judge_llm": _llm("judge", 2, 20), "x": {}})
     assert set(probe) == {"probe", "judge"}
@@ -68,9 +68,24 @@ def test_llm_by_role_adds_a_role_used_by_two_stages() -> None:
     synth = StageResult("synthesized_qa", "r2", True, 1.0, 110)
     synth.stats.add_run({"rows": 34, "llm": _llm("synthesizer", 34, 340), "fidelity_llm": _llm("annotator", 5, 50)})
     roles = llm_by_role([annotate, synth])
-    assert roles["annotator"]["requests"] == 14 and roles["synthesizer"]["requests"] == 34
+    assert roles["annotator"]["requests"] == 9 and roles["synthesizer"]["requests"] == 34
+    assert roles["annotator (fidelity)"]["requests"] == 5
     line = stage_line(synth)
-    assert "rows 34" in line and "tokens in/out 390/2" in line
+    assert "rows 34" in line and "tokens in/out 390/2" in line and "$0.0000" in line
+
+
+def test_the_summary_shows_every_role_of_the_stages_run_with_requests_tokens_and_cost() -> None:
+    probe = StageResult("deficiency_probe", "r1", True, 1.0, 1)
+    probe.stats.add_run({"rows": 7, "llm": _llm("probe", 7, 70, 0.01)})  # the judge graded nothing: no entry
+    synth = StageResult("synthesized_qa", "r2", True, 1.0, 110)
+    synth.stats.add_run({"llm": _llm("synthesizer", 30, 300, 0.5), "fidelity_llm": _llm("annotator", 5, 50, 0.02)})
+    lines = llm_lines([probe, synth])
+    rows = {line.split("  ")[1].strip(): line for line in lines[2:]}
+    assert list(rows) == ["probe", "judge", "synthesizer", "annotator (fidelity)", "total"]
+    assert rows["judge"].split()[1:6] == ["0", "0", "0", "0", "0"] and rows["judge"].endswith("$0.0000")
+    assert rows["annotator (fidelity)"].split()[2] == "5" and rows["annotator (fidelity)"].endswith("$0.0200")
+    assert rows["total"].split()[1] == "42" and rows["total"].endswith("$0.5300")
+    assert all(len(line) <= 80 for line in lines)  # fits a standard terminal
 
 
 def test_rejects_counted_only_for_partitions_this_run_materialized(tmp_path: Path) -> None:

@@ -15,30 +15,35 @@ from boostqa_assets.llm.types import LLMStats
 
 
 def progress_logger(log: Any, label: str, every_s: float = 10.0) -> ProgressFn:
-    """Log counts and rates every ``every_s`` seconds and at the end of an LLM batch; in a terminal (the
-    ``boostqa demo`` CLI) also draw a progress bar on stderr (tqdm turns itself off when stderr is not a TTY)."""
-    from tqdm import tqdm
+    """Report an LLM batch's progress: a live bar in the ``boostqa demo`` terminal (``progress.active()``), and
+    log lines with counts and rates (every ``every_s`` seconds and at the end of each call when there is no
+    bar; at the end of each call only when there is one, so the event log keeps the record).
 
+    The callback may serve several ``LLMClient.run`` calls (a stage that streams chunks): the bar counts
+    requests over all of them; a call starts when the previous one reported ``done == total``."""
+    from boostqa_assets import progress
+
+    display = progress.active()
     started = time.monotonic()
     last = [started]
-    bar: list[Any] = []
+    calls = [0, 0]  # requests of the calls already finished; (done, total) of the current call below
+    current = [0, 0]
 
     def report(done: int, total: int, stats: LLMStats) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, desc=label, unit="req", disable=None, leave=False))
-        bar[0].update(done - bar[0].n)
-        bar[0].set_postfix(cache_hits=stats.cache_hits, failed=stats.failed, refresh=False)
+        if current[0] and current[0] == current[1]:  # the previous call had finished: this is a new one
+            calls[0] += current[1]
+        current[:] = [done, total]
+        if display is not None:
+            display.update(label, id(report), calls[0] + done, calls[0] + total, stats)
         now = time.monotonic()
-        if done == total:
-            bar[0].close()
-        elif now - last[0] < every_s:
+        if done != total and (display is not None or now - last[0] < every_s):
             return
         last[0] = now
-        rate = done / max(now - started, 1e-9)
+        rate = (calls[0] + done) / max(now - started, 1e-9)
         log.info(
             f"{label}: {done}/{total} requests ({100 * done / total:.0f}%), {rate:.2f}/s, "
             f"{stats.cache_hits} cache hits, {stats.failed} failed, {stats.retries} retries, "
-            f"{stats.tokens_in} in / {stats.tokens_out} out tokens"
+            f"{stats.tokens_in} in / {stats.tokens_out} out tokens, ${stats.cost_usd:.4f}"
         )
 
     return report
