@@ -10,7 +10,7 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -402,6 +402,43 @@ OPTIONAL_ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The role fields ``BOOSTQA_LLM_<FIELD>`` / ``BOOSTQA_<ROLE>_<FIELD>`` override (``LLMConfig.with_env_overrides``).
+ENV_OVERRIDE_FIELDS: tuple[str, ...] = (
+    "batch",
+    "batch_poll_s",
+    "base_url",
+    "model",
+    "api",
+    "structured_output",
+    "api_key_env",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "timeout_s",
+    "max_concurrency",
+    "max_retries",
+    "max_parse_retries",
+    "price_per_mtok_in",
+    "price_per_mtok_out",
+    "rpm",
+    "tpm_in",
+    "tpm_out",
+    "limits_window_s",
+    "limits_burst_s",
+    "limits_backend_url",
+    "rate_limit_max_wait_s",
+    "budget_tokens",
+    "budget_usd",
+)
+
+
+def env_override_names() -> list[str]:
+    """Every variable ``LLMConfig.with_env_overrides`` reads: each field for all roles (``BOOSTQA_LLM_``) and per
+    role, and ``..._API_KEY``; the CLI warns about any other ``BOOSTQA_*`` name."""
+    prefixes = ["BOOSTQA_LLM_", *(f"BOOSTQA_{role.upper()}_" for role in get_args(Role))]
+    return [p + f.upper() for p in prefixes for f in (*ENV_OVERRIDE_FIELDS, "api_key")]
+
+
 class LLMConfig(_Strict):
     roles: dict[Role, RoleConfig]
     embedded: EmbeddedConfig = EmbeddedConfig()
@@ -423,42 +460,15 @@ class LLMConfig(_Strict):
     def with_env_overrides(self, env: dict[str, str] | None = None) -> LLMConfig:
         """Apply ``BOOSTQA_<ROLE>_<FIELD>`` (or ``BOOSTQA_LLM_<FIELD>`` for every role) from the environment.
 
-        Fields: BASE_URL, MODEL, API, STRUCTURED_OUTPUT, API_KEY_ENV, TEMPERATURE, MAX_TOKENS, TIMEOUT_S,
-        MAX_CONCURRENCY. ``BOOSTQA_<ROLE>_API_KEY`` set directly makes API_KEY_ENV point at it.
+        Fields: ``ENV_OVERRIDE_FIELDS`` (upper case). ``BOOSTQA_<ROLE>_API_KEY`` set directly makes API_KEY_ENV
+        point at it.
         """
         env = dict(os.environ) if env is None else env
-        overridable = (
-            "batch",
-            "batch_poll_s",
-            "base_url",
-            "model",
-            "api",
-            "structured_output",
-            "api_key_env",
-            "temperature",
-            "top_p",
-            "max_tokens",
-            "timeout_s",
-            "max_concurrency",
-            "max_retries",
-            "max_parse_retries",
-            "price_per_mtok_in",
-            "price_per_mtok_out",
-            "rpm",
-            "tpm_in",
-            "tpm_out",
-            "limits_window_s",
-            "limits_burst_s",
-            "limits_backend_url",
-            "rate_limit_max_wait_s",
-            "budget_tokens",
-            "budget_usd",
-        )
         roles: dict[str, RoleConfig] = {}
         for role, cfg in self.roles.items():
             updates: dict[str, Any] = {}
             for prefix in ("BOOSTQA_LLM_", f"BOOSTQA_{role.upper()}_"):
-                for field in overridable:
+                for field in ENV_OVERRIDE_FIELDS:
                     value = env.get(prefix + field.upper())
                     if value not in (None, ""):
                         updates[field] = value
