@@ -5,37 +5,53 @@
   rows per asset, rejects and requests, tokens and cost per LLM role.
 - ``boostqa duckdb``: a DuckDB shell with one view per asset and the reports (coverage, rejects, lineage).
 - ``boostqa sql "SELECT ..."``: run one query over the same views and print the result.
-- ``boostqa check-config``: validate the configuration files and print a summary.
+- ``boostqa catalog``: refresh the DuckDB catalog file that any DuckDB shell can open, and print its path.
+- ``boostqa check-config``: validate the configuration files (and that local source files exist).
 - ``boostqa lineage ID``: a row's seed and each LLM step (model, prompt version, request hash, raw output).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from boostqa_assets.cli_summary import STAGE_ROLES, base_role, stage_line, summary_lines
 from boostqa_assets.configs import ConfigError
-from boostqa_assets.settings import Settings, SettingsError, get_settings
+from boostqa_assets.settings import Settings, SettingsError, get_settings, unknown_env_vars
 
 if TYPE_CHECKING:
+    import duckdb
+
+    from boostqa_assets.configs import ProjectConfig
     from boostqa_assets.runner import StageResult
     from boostqa_assets.storage import Store
+
+logger = logging.getLogger(__name__)
 
 
 def _print(msg: str = "") -> None:
     sys.stdout.write(msg + "\n")
     sys.stdout.flush()
+
+
+class UsageError(Exception):
+    """A mistake in the command line; the message says what was meant and what is possible."""
+
+
+class QueryError(Exception):
+    """A query DuckDB refused; the message is DuckDB's, on one line."""
 
 
 def _store() -> Store:
@@ -45,10 +61,57 @@ def _store() -> Store:
     return Store(settings.data_root, settings.storage_options)
 
 
+def _duckdb_message(exc: Exception) -> str:
+    """DuckDB's message on one line: the error and its hint ("Did you mean ..."), without the caret drawing."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"}]
+    return " ".join(kept)
+
+
+def _connect() -> duckdb.DuckDBPyConnection:
+    import duckdb
+
+    from boostqa_assets.inspect import connect
+
+    try:
+        return connect(_store())
+    except duckdb.Error as exc:  # a view over a file DuckDB cannot read
+        raise QueryError(f"the views could not be created: {_duckdb_message(exc)}") from None
+
+
+# --- check-config --------------------------------------------------------------------------------------
+
+
+def missing_sources(project: ProjectConfig) -> list[str]:
+    """One line per configured source whose local (or ``pkg://``) file does not exist: the source and the path."""
+    from boostqa_assets.logic.sources import SourceError, resolve_path
+
+    problems = []
+    for source in project.sources.sources:
+        if "://" in source.path and not source.path.startswith("pkg://"):
+            continue  # s3:// and https:// are checked when read: no network here
+        try:
+            path = resolve_path(source, project.config_dir)
+        except SourceError as exc:
+            problems.append(str(exc))
+            continue
+        if not Path(path).exists():
+            problems.append(
+                f"source {source.name!r}: file {path} does not exist (sources.yaml path {source.path!r}); fix: "
+                "correct the path (relative paths are under the config folder) or remove the source"
+            )
+    return problems
+
+
 def cmd_check_config(_: argparse.Namespace) -> int:
     from boostqa_assets.resources import project_config
 
     project = project_config()
+    problems = missing_sources(project)
+    if problems:
+        for line in problems:
+            sys.stderr.write(f"configuration error: {line}\n")
+        return 2
     _print(f"configuration in {project.config_dir} is valid:")
     _print(f"  taxonomy: {len(project.taxonomy.disciplines)} disciplines x {len(project.taxonomy.grades)} grades")
     _print(
@@ -62,30 +125,58 @@ def cmd_check_config(_: argparse.Namespace) -> int:
     return 0
 
 
+# --- DuckDB --------------------------------------------------------------------------------------------
+
+
 def _duckdb_cli() -> str | None:
-    found = shutil.which("duckdb")
-    if found:
-        return found
-    local = Path(sys.executable).parent / "duckdb"
-    return str(local) if local.exists() else None
+    local = Path(sys.executable).parent / "duckdb"  # the venv's (duckdb-cli), which the catalog is tested with
+    return str(local) if local.exists() else shutil.which("duckdb")
+
+
+def _refresh_catalog() -> tuple[Path, list[str]]:
+    import duckdb
+
+    from boostqa_assets.inspect import refresh_catalog
+
+    path = get_settings().catalog_path
+    try:
+        return path, refresh_catalog(_store(), path)
+    except duckdb.Error as exc:
+        raise QueryError(f"the catalog {path} could not be written: {_duckdb_message(exc)}") from None
+    except OSError as exc:
+        raise SettingsError(
+            f"the DuckDB catalog {path} cannot be written: {exc.strerror or exc}; fix: point BOOSTQA_HOME at a "
+            "folder you can write"
+        ) from None
+
+
+def cmd_catalog(_: argparse.Namespace) -> int:
+    path, views = _refresh_catalog()
+    _print(f"DuckDB catalog {path}: {len(views)} views over {get_settings().data_root}")
+    _print(f"  views: {', '.join(views)}")
+    _print(f"open it with any DuckDB 1.0+ shell:  duckdb -readonly {path}")
+    if get_settings().is_s3:
+        _print("  (s3:// data: the shell needs its httpfs extension and an S3 secret; or use boostqa duckdb)")
+    return 0
 
 
 def cmd_duckdb(_: argparse.Namespace) -> int:
-    from boostqa_assets.inspect import connect, init_script
-
     store = _store()
     cli = _duckdb_cli()
     if store.is_local and cli:
-        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-            f.write(init_script(store))
-        _print(
-            f"DuckDB over {store.root}: views seeds, annotated_seeds, synthesized_qa, refined_qa, qa_mixture, "
-            "rejects, coverage, rejects_summary, lineage"
-        )
-        return subprocess.call([cli, "-init", f.name])
-    # S3 roots (and machines without the CLI): a small shell on the Python API with s3fs registered.
-    con = connect(store)
+        path, views = _refresh_catalog()
+        _print(f"DuckDB over {store.root}, catalog {path} (read-only); {len(views)} views: {', '.join(views)}")
+        return subprocess.call([cli, "-readonly", str(path)])
+    # S3 roots (DuckDB's httpfs cannot be installed offline) and machines without the shell: a small shell on the
+    # Python API, with s3fs registered.
+    import duckdb
+
+    from boostqa_assets.inspect import view_names, view_statements
+
+    con = _connect()
+    views = view_names(view_statements(store))
     _print(f"DuckDB over {store.root} (Python shell; end statements with ';', quit with .quit)")
+    _print(f"{len(views)} views: {', '.join(views)}")
     buffer = ""
     while True:
         try:
@@ -98,75 +189,53 @@ def cmd_duckdb(_: argparse.Namespace) -> int:
         if buffer.strip().endswith(";"):
             try:
                 _print(str(con.sql(buffer)))
-            except Exception as exc:  # a shell reports the error and goes on
-                _print(f"Error: {exc}")
+            except duckdb.Error as exc:  # a shell reports the error and goes on
+                _print(f"Error: {_duckdb_message(exc)}")
             buffer = ""
     return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from boostqa_assets.inspect import connect
+    import duckdb
 
-    con = connect(_store())
-    rel = con.sql(args.query)
-    if rel is not None:
-        _print(str(rel.pl()) if args.polars else str(rel))
+    con = _connect()
+    try:
+        rel = con.sql(args.query)
+        text = (str(rel.pl()) if args.polars else str(rel)) if rel is not None else None
+    except duckdb.Error as exc:
+        raise QueryError(_duckdb_message(exc)) from None
+    if text is not None:
+        _print(text)
     return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    """Everything that made one row: its seed, then each LLM step with model, prompt version, request hash and
-    the raw reply (from the request cache). Accepts a `qa_id`, a mixture `doc_id` or a `seed_id`."""
-    from boostqa_assets.inspect import connect
+    """Everything that made one row (``inspect.lineage_lines``)."""
+    import duckdb
 
-    con = connect(_store())
+    from boostqa_assets.inspect import lineage_lines
+
     key = args.id
-    qa_ids = [
-        r[0]
-        for r in con.execute(
-            "SELECT DISTINCT qa_id FROM refined_qa WHERE qa_id = $1 OR seed_id = $1 "
-            "UNION SELECT qa_id FROM qa_mixture WHERE doc_id = $1 ORDER BY 1",
-            [key],
-        ).fetchall()
-    ]
-    if not qa_ids:
+    try:
+        lines = lineage_lines(_connect(), key)
+    except duckdb.Error as exc:
+        raise QueryError(_duckdb_message(exc)) from None
+    if lines is None:
         sys.stderr.write(
             f"no kept QA row, mixture document or seed with id {key!r} (rejects: "
             f"boostqa sql \"SELECT * FROM rejects WHERE qa_id = '{key}' OR seed_id = '{key}'\")\n"
         )
         return 1
-    for qa_id in qa_ids:
-        row = con.execute("SELECT * FROM lineage_qa WHERE qa_id = $1", [qa_id]).fetchall()
-        cols = [d[0] for d in con.description]
-        info = dict(zip(cols, row[0], strict=True))
-        _print(f"== {qa_id}  ({info['discipline']}, grade {info['grade']}, track {info['track']})")
-        docs = con.execute("SELECT doc_id, recipe FROM qa_mixture WHERE qa_id = $1", [qa_id]).fetchall()
-        _print("mixture: " + (", ".join(f"{d} in {r}" for d, r in docs) or "not sampled into any recipe"))
-        _print(f"seed {info['seed_id']} from {info['source']} ({info['seed_kind']}, native id {info['native_id']}):")
-        _print("  " + (info["seed_content"] or "")[:500].replace("\n", "\n  "))
-        steps = con.execute(
-            "SELECT step, model, prompt_id, prompt_version, request_hash, raw_output, raw_reasoning "
-            "FROM lineage_steps WHERE qa_id = $1 ORDER BY step_no",
-            [qa_id],
-        ).fetchall()
-        for step, model, pid, version, rhash, raw, reasoning in steps:
-            _print(f"{step}: model {model}, prompt {pid}/{version}, request {rhash}")
-            if reasoning:
-                _print("  reasoning: " + reasoning[:300].replace("\n", " "))
-            _print("  raw output: " + ((raw or "<not in the cache>")[:500]).replace("\n", "\n  "))
-        _print(f"question: {info['question']}")
-        _print(f"refined answer: {info['refined_answer']}")
+    for line in lines:
+        _print(line)
     return 0
 
 
-class UsageError(Exception):
-    """A mistake in the command line; the message says what was meant and what is possible."""
+# --- demo ----------------------------------------------------------------------------------------------
 
 
 def _check_stages(requested: list[str] | None, known: tuple[str, ...]) -> list[str]:
     """The stages to run, in the order given; an unknown name is a usage error with the closest match."""
-    import difflib
-
     if not requested:
         return list(known)
     for name in requested:
@@ -212,6 +281,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 server.stop()
 
 
+def _catalog_after(res: StageResult, store: Store) -> str | None:
+    """Refresh the DuckDB catalog once a stage has written: a failure is a warning, never the demo's end."""
+    from boostqa_assets.inspect import refresh_catalog
+
+    if not res.materialized:
+        return None
+    try:
+        refresh_catalog(store, get_settings().catalog_path)
+    except Exception as exc:  # the data is written; only the shell's snapshot is behind
+        logger.warning("DuckDB catalog not refreshed after %s: %s (run `boostqa catalog`)", res.asset, exc)
+        return None
+    return str(get_settings().catalog_path)
+
+
 def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any], display: Any) -> int:
     import dagster as dg
 
@@ -236,6 +319,7 @@ def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any
         server.start()
         os.environ["BOOSTQA_EMBEDDED_BASE_URL"] = server.base_url
         _print(f"embedded model (llama.cpp, Gemma 3 270M) serving at {server.base_url}")
+    catalog: list[str] = []
 
     def on_stage(res: StageResult) -> None:
         if display is not None:
@@ -245,6 +329,7 @@ def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any
             _print(f"      {res.asset}[{key}] FAILED: {why}")
         if res.error:
             _print(f"      {res.asset} FAILED: {res.error}")
+        catalog.extend(p for p in [_catalog_after(res, store)] if p)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -254,9 +339,65 @@ def _demo(stages: list[str], settings: Settings, store: Store, servers: list[Any
     pipeline_s = time.perf_counter() - started
     ok = len(results) == len(stages) and all(r.status == "ok" and not r.skipped_partitions for r in results)
     _print(f"pipeline {'finished' if ok else 'FAILED'} in {pipeline_s:.1f}s")
-    for line in summary_lines(results, store, None):
+    for line in summary_lines(results, store, catalog[-1] if catalog else None):
         _print(line)
     return 0 if ok else 1
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with one line for a mistake: the closest command for a misspelt one (Python 3.11's argparse
+    has no suggestions), and no usage block before it."""
+
+    def error(self, message: str) -> NoReturn:
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            choices = re.findall(r"'([^']*)'", found.group(2))
+            close = difflib.get_close_matches(found.group(1), choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            message = f"unknown command {found.group(1)!r}{hint}; commands: {', '.join(choices)}"
+        self.exit(2, f"{self.prog}: {message} (see {self.prog.split()[0]} --help)\n")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("boostqa-assets")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="boostqa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"boostqa {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = sub.add_parser("demo", help="materialize the whole pipeline, every partition")
+    demo.add_argument("--stages", nargs="*", help="only these assets, in order")
+    demo.add_argument("--no-progress", action="store_true", help="no live progress bars, even in a terminal")
+    demo.set_defaults(fn=cmd_demo)
+    sub.add_parser("duckdb", help="open a DuckDB shell with the views loaded").set_defaults(fn=cmd_duckdb)
+    sql = sub.add_parser("sql", help="run one SQL query over the views")
+    sql.add_argument("query")
+    sql.add_argument("--polars", action="store_true", help="print as a polars frame (all rows)")
+    sql.set_defaults(fn=cmd_sql)
+    sub.add_parser("catalog", help="refresh the DuckDB catalog file and print its path").set_defaults(fn=cmd_catalog)
+    sub.add_parser("check-config", help="validate the configuration files").set_defaults(fn=cmd_check_config)
+    lineage = sub.add_parser("lineage", help="print a row's seed and every LLM call that shaped it")
+    lineage.add_argument("id", help="a qa_id, a mixture doc_id or a seed_id")
+    lineage.set_defaults(fn=cmd_lineage)
+    return parser
+
+
+def _configured_key_vars() -> set[str]:
+    """The variables the roles name for their API keys (``api_key_env``): set on purpose, whatever their names."""
+    try:
+        from boostqa_assets.configs import LLMConfig, load_config
+
+        llm = load_config("llm.yaml", get_settings().config_dir)
+    except Exception:  # a broken llm.yaml is reported by the command itself, not here
+        return set()
+    return {cfg.api_key_env for cfg in llm.roles.values() if cfg.api_key_env} if isinstance(llm, LLMConfig) else set()
 
 
 class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
@@ -273,28 +414,13 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="boostqa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="materialize the whole pipeline, every partition")
-    demo.add_argument("--stages", nargs="*", help="only these assets, in order")
-    demo.add_argument("--no-progress", action="store_true", help="no live progress bars, even in a terminal")
-    demo.set_defaults(fn=cmd_demo)
-    sub.add_parser("duckdb", help="open a DuckDB shell with the views loaded").set_defaults(fn=cmd_duckdb)
-    sql = sub.add_parser("sql", help="run one SQL query over the views")
-    sql.add_argument("query")
-    sql.add_argument("--polars", action="store_true", help="print as a polars frame (all rows)")
-    sql.set_defaults(fn=cmd_sql)
-    sub.add_parser("check-config", help="validate the configuration files").set_defaults(fn=cmd_check_config)
-    lineage = sub.add_parser("lineage", help="print a row's seed and every LLM call that shaped it")
-    lineage.add_argument("id", help="a qa_id, a mixture doc_id or a seed_id")
-    lineage.set_defaults(fn=cmd_lineage)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
+        for warning in unknown_env_vars(also_known=_configured_key_vars()):
+            sys.stderr.write(f"boostqa: warning: {warning}\n")
         return int(args.fn(args))
     except ConfigError as exc:
         sys.stderr.write(f"configuration error: {exc}\n")
@@ -302,6 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, UsageError) as exc:  # a path or a command line that cannot work: one line, no traceback
         sys.stderr.write(f"boostqa: {exc}\n")
         return 2
+    except QueryError as exc:
+        sys.stderr.write(f"boostqa {args.command}: {exc}\n")
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`boostqa lineage X | head`): stop quietly, like any Unix tool, and keep Python from
+        # complaining when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

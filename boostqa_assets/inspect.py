@@ -1,17 +1,27 @@
 """DuckDB over the Parquet assets: a read-only connection with one view per asset plus the reports.
 
 Views come from ``sql/views/<name>.sql`` (``{files}`` is the list of the asset's committed part files, read from
-the partitions' manifests); reports from ``sql/reports``.
+the partitions' manifests); reports from ``sql/reports``; ``taxonomy_cells`` from ``taxonomy.yaml``.
 An asset with no files yet gets an empty view with its record's columns, so every query binds. For
 ``s3://`` roots the s3fs filesystem is registered with DuckDB (its httpfs extension is not installable
 offline).
+
+The same views are kept in a DuckDB file, the catalog (``$BOOSTQA_HOME/boostqa.duckdb``, ``refresh_catalog``),
+so any DuckDB shell opens them: ``duckdb -readonly .boostqa/boostqa.duckdb``. A view lists the files committed
+when it was made, so the catalog is a snapshot: ``boostqa demo`` refreshes it after each stage, ``boostqa duckdb``
+and ``boostqa catalog`` before use, and anything else that materializes can call ``refresh_catalog``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import time
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import polars as pl
@@ -28,10 +38,17 @@ from boostqa_assets.records import (
     SEED_SCHEMA,
     SYNTHESIZED_SCHEMA,
 )
-from boostqa_assets.settings import SQL_DIR
+from boostqa_assets.settings import SQL_DIR, get_settings
 from boostqa_assets.storage import Store
 
+if TYPE_CHECKING:
+    from boostqa_assets.configs import TaxonomyConfig
+
 logger = logging.getLogger(__name__)
+
+# Files older DuckDB shells can open: DuckDB 2.0 writes storage version 69 by default, which the 1.x shells
+# (duckdb-cli 1.5, most system packages) refuse. Views are stored as SQL text, so nothing is lost.
+CATALOG_STORAGE_VERSION = "v1.0.0"
 
 VIEW_SCHEMAS: dict[str, pl.Schema] = {
     "seeds": SEED_SCHEMA,
@@ -100,8 +117,31 @@ def _sql(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.startswith("--")).strip()
 
 
-def view_statements(store: Store, sql_dir: Path = SQL_DIR) -> list[str]:
-    """CREATE VIEW statements for the assets and the reports.
+def _taxonomy_view(taxonomy: TaxonomyConfig) -> str:
+    """Every discipline x grade cell of the taxonomy, in its order, so reports show the empty cells too."""
+    rows = [
+        f"('{d.name}', '{d.category}', '{g}', {i}, {j})"
+        for i, d in enumerate(taxonomy.disciplines)
+        for j, g in enumerate(taxonomy.grades)
+    ]
+    return (
+        "CREATE OR REPLACE VIEW taxonomy_cells AS SELECT * FROM (VALUES "
+        + ", ".join(rows)
+        + ") AS t(discipline, category, grade, discipline_order, grade_order);"
+    )
+
+
+def _load_taxonomy() -> TaxonomyConfig:
+    from boostqa_assets.configs import TaxonomyConfig, load_config
+
+    taxonomy = load_config("taxonomy.yaml", get_settings().config_dir)
+    assert isinstance(taxonomy, TaxonomyConfig)
+    return taxonomy
+
+
+def view_statements(store: Store, sql_dir: Path = SQL_DIR, taxonomy: TaxonomyConfig | None = None) -> list[str]:
+    """CREATE VIEW statements for the assets, the taxonomy's cells (``taxonomy``: default the configured one) and
+    the reports.
 
     A table view reads exactly the committed part files of every partition (``{files}``, from the partitions'
     manifests: never a chunk of a run still writing, never an older generation); an asset with no committed
@@ -127,9 +167,15 @@ def view_statements(store: Store, sql_dir: Path = SQL_DIR) -> list[str]:
             has_files = bool(store.fs.glob(glob.split("://", 1)[-1] if store.protocol == "s3" else glob))
             select = select if has_files else _empty_view(schema)
         statements.append(f"CREATE OR REPLACE VIEW {name} AS {select};")
+    statements.append(_taxonomy_view(taxonomy or _load_taxonomy()))
     for path in sorted((sql_dir / "reports").glob("*.sql")):
         statements.append(path.read_text())
     return statements
+
+
+def view_names(statements: list[str]) -> list[str]:
+    """The views the statements create, in order (the shell's banner lists them all)."""
+    return [m.group(1) for stmt in statements for m in re.finditer(r"CREATE OR REPLACE VIEW (\w+)", stmt)]
 
 
 def connect(store: Store, sql_dir: Path = SQL_DIR) -> duckdb.DuckDBPyConnection:
@@ -141,6 +187,77 @@ def connect(store: Store, sql_dir: Path = SQL_DIR) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def init_script(store: Store, sql_dir: Path = SQL_DIR) -> str:
-    """The same views as one SQL script (for ``duckdb -init``)."""
-    return "\n".join(view_statements(store, sql_dir)) + "\n"
+def refresh_catalog(store: Store, path: Path | None = None, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Write the views into the catalog file ``path`` (default ``$BOOSTQA_HOME/boostqa.duckdb``); returns the view
+    names.
+
+    The file is built beside the catalog and swapped in with ``os.replace``: a shell that has the old catalog open
+    keeps reading its snapshot and never blocks a refresh (DuckDB allows one writer per file), and two refreshes
+    never mix. For an ``s3://`` root the views name ``s3://`` files: the DuckDB shell reads them only with its
+    httpfs extension loaded and an S3 secret; ``boostqa duckdb`` / ``boostqa sql`` register s3fs instead."""
+    path = path or get_settings().catalog_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    statements = view_statements(store, sql_dir)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    started = time.perf_counter()
+    con = duckdb.connect()
+    try:
+        if store.protocol == "s3":  # CREATE VIEW binds its query, which reads the files' footers
+            con.register_filesystem(store.fs)
+        escaped = str(tmp).replace("'", "''")
+        con.execute(f"ATTACH '{escaped}' AS boostqa_catalog (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')")
+        con.execute("USE boostqa_catalog")
+        for stmt in statements:
+            con.execute(stmt)
+        con.execute("USE memory")
+        con.execute("DETACH boostqa_catalog")  # checkpoints: the file is complete, no write-ahead log is left
+        con.close()
+        os.replace(tmp, path)
+    finally:
+        con.close()
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+    logger.debug("catalog %s refreshed in %.2fs", path, time.perf_counter() - started)
+    return view_names(statements)
+
+
+def lineage_lines(con: duckdb.DuckDBPyConnection, key: str) -> list[str] | None:
+    """Everything that made one row: its seed, then each LLM step with model, prompt version, request hash and
+    the raw reply (from the request cache). ``key`` is a ``qa_id``, a mixture ``doc_id`` or a ``seed_id``; None
+    when no kept QA row, mixture document or seed has it."""
+    qa_ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT DISTINCT qa_id FROM refined_qa WHERE qa_id = $1 OR seed_id = $1 "
+            "UNION SELECT qa_id FROM qa_mixture WHERE doc_id = $1 ORDER BY 1",
+            [key],
+        ).fetchall()
+    ]
+    if not qa_ids:
+        return None
+    lines = []
+    for qa_id in qa_ids:
+        row = con.execute("SELECT * FROM lineage_qa WHERE qa_id = $1", [qa_id]).fetchall()
+        cols = [d[0] for d in con.description]
+        info = dict(zip(cols, row[0], strict=True))
+        lines.append(f"== {qa_id}  ({info['discipline']}, grade {info['grade']}, track {info['track']})")
+        docs = con.execute("SELECT doc_id, recipe FROM qa_mixture WHERE qa_id = $1", [qa_id]).fetchall()
+        lines.append("mixture: " + (", ".join(f"{d} in {r}" for d, r in docs) or "not sampled into any recipe"))
+        lines.append(
+            f"seed {info['seed_id']} from {info['source']} ({info['seed_kind']}, native id {info['native_id']}):"
+        )
+        lines.append("  " + (info["seed_content"] or "")[:500].replace("\n", "\n  "))
+        steps = con.execute(
+            "SELECT step, model, prompt_id, prompt_version, request_hash, raw_output, raw_reasoning "
+            "FROM lineage_steps WHERE qa_id = $1 ORDER BY step_no",
+            [qa_id],
+        ).fetchall()
+        for step, model, pid, version, rhash, raw, reasoning in steps:
+            lines.append(f"{step}: model {model}, prompt {pid}/{version}, request {rhash}")
+            if reasoning:
+                lines.append("  reasoning: " + reasoning[:300].replace("\n", " "))
+            lines.append("  raw output: " + ((raw or "<not in the cache>")[:500]).replace("\n", "\n  "))
+        lines.append(f"question: {info['question']}")
+        lines.append(f"refined answer: {info['refined_answer']}")
+    return lines

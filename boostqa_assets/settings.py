@@ -6,6 +6,7 @@ time, inside the LLM client, so they never enter a config object).
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,16 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_DIR = PACKAGE_DIR / "config"
 PROMPTS_DIR = PACKAGE_DIR / "prompts"
 SQL_DIR = PACKAGE_DIR.parent / "sql"
+CATALOG_FILE = "boostqa.duckdb"  # under BOOSTQA_HOME: DuckDB views over the committed Parquet (inspect.py)
+# Every variable ``get_settings`` reads (a test keeps this list and the code below in step).
+SETTINGS_ENV: tuple[str, ...] = (
+    "BOOSTQA_HOME",
+    "BOOSTQA_DATA_ROOT",
+    "BOOSTQA_CONFIG_DIR",
+    "BOOSTQA_EMBEDDED_BASE_URL",
+    "BOOSTQA_REPLAY_ONLY",
+    "BOOSTQA_S3_ENDPOINT_URL",
+)
 
 
 class SettingsError(ValueError):
@@ -36,6 +47,11 @@ class Settings:
     @property
     def is_s3(self) -> bool:
         return self.data_root.startswith("s3://")
+
+    @property
+    def catalog_path(self) -> Path:
+        """The DuckDB catalog file (views over the data root), machine-local like the rest of the home."""
+        return self.home / CATALOG_FILE
 
 
 def get_settings(env: dict[str, str] | None = None) -> Settings:
@@ -66,3 +82,24 @@ def get_settings(env: dict[str, str] | None = None) -> Settings:
         embedded_base_url=env.get("BOOSTQA_EMBEDDED_BASE_URL") or None,
         replay_only=env.get("BOOSTQA_REPLAY_ONLY", "").lower() in ("1", "true", "yes"),
     )
+
+
+def known_env_names() -> set[str]:
+    """Every ``BOOSTQA_*`` variable the package reads: the settings above and the LLM role overrides
+    (``configs.env_override_names``: ``BOOSTQA_LLM_<FIELD>`` and ``BOOSTQA_<ROLE>_<FIELD>``)."""
+    from boostqa_assets.configs import env_override_names
+
+    return set(SETTINGS_ENV) | set(env_override_names())
+
+
+def unknown_env_vars(env: dict[str, str] | None = None, also_known: set[str] | None = None) -> list[str]:
+    """One warning per ``BOOSTQA_*`` variable that nothing reads (a typo is otherwise silently ignored), with the
+    closest known name. ``also_known``: names the configuration itself refers to (a role's ``api_key_env``)."""
+    env = dict(os.environ) if env is None else env
+    known = known_env_names() | (also_known or set())
+    warnings = []
+    for name in sorted(k for k in env if k.startswith("BOOSTQA_") and k not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}?" if close else "no BoostQA setting has a similar name"
+        warnings.append(f"{name} is set but not a BoostQA setting, so it is ignored ({hint})")
+    return warnings

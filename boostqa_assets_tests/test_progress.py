@@ -162,3 +162,21 @@ def test_demo_in_a_pipe_draws_no_bar_and_logs_counts_and_rates(demo_env: dict[st
         assert not any(c in text for c in BAR_CHARS), text[-2000:]
     assert "requests (100%)" in res.stderr and "/s, " in res.stderr  # the log lines: counts and rates
     assert "annotated_seeds  ok" in res.stdout
+    # The demo refreshed the DuckDB catalog after each stage: a plain DuckDB shell sees what it wrote.
+    catalog = Path(demo_env["BOOSTQA_HOME"]) / "boostqa.duckdb"
+    assert f"duckdb -readonly {catalog}" in res.stdout
+    shell = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "duckdb"),
+            "-readonly",
+            "-csv",
+            "-noheader",
+            str(catalog),
+            "-c",
+            "SELECT count(*) FROM annotated_seeds",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shell.stdout.strip() == "9", shell.stderr
