@@ -73,8 +73,8 @@ def test_coverage_lists_every_taxonomy_cell_with_the_empty_ones_as_zero(project_
     assert len(rows) == len(taxonomy.disciplines) * len(taxonomy.grades) == 110
     first = taxonomy.disciplines[0]
     assert rows[0][:3] == (first.name, first.category, taxonomy.grades[0])  # the taxonomy's order
-    assert {r[3:] for r in rows} == {(0, 0, 0, 0, 0)}
-    assert columns == [
+    assert {r[3:8] for r in rows} == {(0, 0, 0, 0, 0)}
+    assert columns[:8] == [  # columns after these may be added (per-language detail)
         "discipline",
         "category",
         "grade",
