@@ -362,3 +362,18 @@ def test_offline_when_tiktoken_cache_is_disabled(
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path / "gym"))
     assert count_tokens(["hello world"]) == [2]
+
+
+def test_language_weights_steer_the_token_share_and_the_manifest_reports_it(refined: pl.DataFrame) -> None:
+    half_zh = refined.with_columns(
+        pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("zh")).otherwise(pl.lit("en")).alias("language")
+    )
+    _, even = build_mixture(half_zh, recipe(token_budget=2000))
+    docs, weighted = build_mixture(half_zh, recipe(token_budget=2000, language_weights={"zh": 4.0}))
+    assert weighted["language_share"]["zh"] > even["language_share"]["zh"] + 0.15
+    assert sum(weighted["tokens_by_language"].values()) == weighted["tokens_total"]
+    assert weighted["rows_by_language"] == {
+        k: int(v) for k, v in docs.group_by("language").len().sort("language").iter_rows()
+    }
+    _, none = build_mixture(half_zh, recipe(token_budget=2000, language_weights={"en": 0.0}))
+    assert set(none["tokens_by_language"]) == {"zh"}  # weight 0 excludes a language
