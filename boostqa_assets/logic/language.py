@@ -14,12 +14,13 @@ lingua-language-detector took 28 s to load all languages (96 MB). fastText has n
    (numbers, formulas, a one-word answer tell nothing).
 2. CJK and other letters both at least ``mixed_min_share`` of the units: ``mixed``. A Chinese sentence that
    names "DNA" stays Chinese (3%); "What is 光合作用?" is mixed.
-3. Otherwise fastText on the first ``max_chars`` characters: its top label and score. Han text without kana
-   that fastText calls Japanese, and the Chinese varieties it separates (``wuu``, ``yue``), become ``zh``, the
-   macro-language QA is written in. A top score under ``min_confidence``: ``und``.
+3. Otherwise fastText on the first ``max_chars`` characters: its top label and score; the Chinese varieties it
+   separates (``wuu``, ``yue``) become ``zh``, the macro-language QA is written in. CJK-dominant text without kana
+   or Hangul is ``zh`` whatever fastText says (it calls kanji-only text Japanese and is unsure of formulas in
+   Chinese). A top score under ``min_confidence``: ``und``.
 
 ``confidence`` is fastText's score for the label it gave (kept for ``und`` by low score, so the reason shows),
-null when the script rule decided (``mixed``, ``und`` by too few letters).
+null when the script rule decided (``mixed``, ``und`` by too few letters, Han text fastText did not call ``zh``).
 
 **Gate** (``mismatches``): a generated question or answer whose detected language is neither its target nor
 ``und`` is a ``language_mismatch`` (``mixed`` is one: a QA in two languages is not in its target language).
@@ -92,6 +93,7 @@ def _model() -> Any:
 class ScriptCounts:
     cjk: list[int]
     kana: list[int]
+    hangul: list[int]
     other: list[int]
 
 
@@ -102,7 +104,7 @@ def script_counts(texts: pl.Series) -> ScriptCounts:
     kana = texts.str.count_matches(r"[\p{Hiragana}\p{Katakana}]").fill_null(0)
     hangul = texts.str.count_matches(r"\p{Hangul}").fill_null(0)
     cjk = han + kana + hangul
-    return ScriptCounts(cjk.to_list(), kana.to_list(), (letters - cjk).to_list())
+    return ScriptCounts(cjk.to_list(), kana.to_list(), hangul.to_list(), (letters - cjk).to_list())
 
 
 def detect(
@@ -115,7 +117,8 @@ def detect(
     languages: list[str] = []
     confidences: list[float | None] = []
     model = None
-    for text, cjk, kana, other in zip(series.to_list(), counts.cjk, counts.kana, counts.other, strict=True):
+    rows = zip(series.to_list(), counts.cjk, counts.kana, counts.hangul, counts.other, strict=True)
+    for text, cjk, kana, hangul, other in rows:
         units_other = other / _LETTERS_PER_UNIT
         units = cjk + units_other
         if units < cfg.min_units:
@@ -130,8 +133,12 @@ def detect(
         best = model.detect(" ".join(text[: cfg.max_chars * 2].split())[: cfg.max_chars], model="lite", k=1)
         label, score = (best[0]["lang"], float(best[0]["score"])) if best else (UNDETERMINED, 0.0)
         label = _CHINESE_VARIETIES.get(label, label)
-        if label == "ja" and kana == 0 and cjk > units_other:
-            label = "zh"  # Japanese text has kana; Han characters alone are Chinese
+        if kana == 0 and hangul == 0 and cjk > units_other and label != "zh":
+            # Han text without kana or Hangul is Chinese whatever fastText says: it calls kanji-only text Japanese,
+            # and is unsure of formulas among Chinese ("解方程：2x + 6 = 14。", 0.15). The script decided: no score.
+            languages.append("zh")
+            confidences.append(None)
+            continue
         languages.append(label if score >= cfg.min_confidence else UNDETERMINED)
         confidences.append(round(score, 4))
     return languages, confidences

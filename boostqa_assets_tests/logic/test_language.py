@@ -26,6 +26,7 @@ LABELLED = [
     ("用Python写一个函数，计算列表中所有元素的和。", "zh"),
     ("細胞膜的主要成分是磷脂和蛋白質。", "zh"),  # traditional characters
     ("光合作用", "zh"),
+    ("解方程：2x + 6 = 14。两边同时减去6得2x = 8，再除以2得x = 4。", "zh"),  # fastText: und (0.15)
     ("Le chat est assis sur la table de la cuisine.", "fr"),
     ("Der Hund läuft schnell über die grüne Wiese.", "de"),
     ("ひらがなと漢字で書かれた日本語の文です。", "ja"),
@@ -46,7 +47,7 @@ def test_labelled_set() -> None:
     for (_, want), conf in zip(LABELLED, confidences, strict=True):
         if want in ("mixed", "und"):
             continue
-        assert conf is not None and 0.5 <= conf <= 1.0
+        assert conf is None or 0.5 <= conf <= 1.0  # None: the script decided (Han text fastText was unsure of)
 
 
 def test_undetermined_by_low_confidence_keeps_the_score() -> None:
