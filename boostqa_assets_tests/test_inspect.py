@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pytest
 
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.inspect import connect, refresh_catalog, view_names, view_statements
 from boostqa_assets.runner import run_stage
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets_tests.conftest import write_project
 
 DUCKDB_SHELL = str(Path(sys.executable).parent / "duckdb")  # duckdb-cli 1.5: older than the Python package
 
@@ -84,3 +87,36 @@ def test_coverage_lists_every_taxonomy_cell_with_the_empty_ones_as_zero(project_
         "mixture_docs",
         "mixture_tokens",
     ]
+
+
+@pytest.mark.s3
+def test_an_s3_catalog_reads_through_s3fs_and_a_plain_shell_only_lists_it(
+    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import s3fs
+
+    bucket = f"boostqa-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint}).mkdir(bucket)
+    for k, v in write_project(tmp_path, None, data_root=f"s3://{bucket}/data").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("BOOSTQA_S3_ENDPOINT_URL", moto_endpoint)
+    assert run_stage(build_definitions(), "seeds", dg.DagsterInstance.ephemeral()).success
+    settings = get_settings()
+    store = Store(settings.data_root, settings.storage_options)
+    views = refresh_catalog(store)
+    con = duckdb.connect(str(settings.catalog_path), read_only=True)
+    con.register_filesystem(store.fs)  # what boostqa duckdb / sql do for S3
+    assert con.sql("SELECT count(*) FROM seeds").fetchall() == [(9,)]
+    con.close()
+    # A plain shell has the views but, without httpfs and an S3 secret, cannot read s3:// files.
+    assert set(_shell(settings.catalog_path, "SELECT view_name FROM duckdb_views() WHERE NOT internal").split()) == set(
+        views
+    )
+    res = subprocess.run(
+        [DUCKDB_SHELL, "-readonly", str(settings.catalog_path), "-c", "SELECT count(*) FROM seeds"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # Offline, DuckDB's autoloader fails to download httpfs; online it would load it and still lack a secret.
+    assert res.returncode != 0 and ("httpfs" in res.stderr or "s3://" in res.stderr), res.stderr
