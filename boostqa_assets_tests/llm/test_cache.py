@@ -383,8 +383,10 @@ def test_client_run_looks_up_once_and_writes_before_returning(tmp_path: Path, mo
 
 
 @pytest.mark.s3
-def test_on_s3_segments_shards_legacy_and_view(moto_endpoint: str) -> None:
+def test_on_s3_segments_shards_legacy_and_view(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import s3fs
+
+    from boostqa_assets.llm.cache import files as cache_files
 
     bucket = f"cache-{uuid.uuid4().hex[:8]}"
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint})
@@ -403,5 +405,10 @@ def test_on_s3_segments_shards_legacy_and_view(moto_endpoint: str) -> None:
     report = ResponseCache(root, fs, **SMALL).compact(force=True)
     assert report.segments_in == len(segments) and not fs.find(f"{bucket}/data/_llm_cache/segments")
     assert reader.get_many(want) == {h(i): entry(i) for i in (*range(120), 999)}
+    # Big objects are read by the byte ranges of the column chunks wanted, not whole.
+    monkeypatch.setattr(cache_files, "WHOLE_FILE_BYTES", 0)
+    ranged = ResponseCache(root, fs, **SMALL)
+    assert ranged.get_many(want) == {h(i): entry(i) for i in (*range(120), 999)}
+    assert ranged.get_many(want, reply_only=True)[h(7)] == {k: entry(7)[k] for k in REPLY_FIELDS}
     con = view(f"s3://{bucket}/data", endpoint_url=moto_endpoint)
     assert con.sql("SELECT count(*), count(DISTINCT request_hash) FROM llm_cache").fetchall() == [(121, 121)]

@@ -319,6 +319,72 @@ def key_ranges(md: pq.FileMetaData) -> tuple[np.ndarray, np.ndarray]:
     return mins, maxs
 
 
+WHOLE_FILE_BYTES = 2 << 20  # remote files up to this size are read whole (segments, young shards)
+MERGE_GAP_BYTES = 64 << 10  # byte ranges closer than this are fetched as one
+
+
+def _chunk_span(col: pq.ColumnChunkMetaData) -> tuple[int, int]:
+    start = col.dictionary_page_offset if col.has_dictionary_page and col.dictionary_page_offset else 0
+    start = start or col.data_page_offset
+    return start, start + col.total_compressed_size
+
+
+class FileReader:
+    """Row groups of one file, read the cheapest way for where it lives: in place (local); the whole object in
+    one GET (remote, small); or only the byte ranges of the wanted column chunks, fetched concurrently (remote,
+    big: pyarrow's own reads do not coalesce chunks with other columns between them, so reading 7 of 13 columns
+    cost one GET per column chunk, one after the other). Raises FileNotFoundError when the file is gone."""
+
+    def __init__(self, storage: Storage, path: str, size: int | None, metadata: pq.FileMetaData | None) -> None:
+        self.storage, self.path, self.size, self._md = storage, path, size, metadata
+        self._pf: pq.ParquetFile | None = None
+        if storage.is_local:
+            self._pf = pq.ParquetFile(path, metadata=metadata)
+        elif size is not None and size <= WHOLE_FILE_BYTES:
+            self._pf = pq.ParquetFile(pa.BufferReader(storage.fs.cat_file(path)), metadata=metadata)
+
+    @property
+    def metadata(self) -> pq.FileMetaData:
+        if self._md is None:
+            if self._pf is not None:
+                self._md = self._pf.metadata
+            else:  # the footer alone: one or two ranged GETs
+                pf = self.storage.open_parquet(self.path, self.size)
+                try:
+                    self._md = pf.metadata
+                finally:
+                    pf.close(force=True)
+        return self._md
+
+    def read(self, groups: list[int], columns: list[str] | None) -> pa.Table:
+        if self._pf is not None:  # small reads: decoding threads would cost more than they give
+            return self._pf.read_row_groups(groups, columns=columns, use_threads=False)
+        md = self.metadata
+        wanted = range(md.num_columns) if columns is None else [md.schema.names.index(c) for c in columns]
+        merged: list[list[int]] = []
+        for start, end in sorted(_chunk_span(md.row_group(g).column(i)) for g in groups for i in wanted):
+            if merged and start - merged[-1][1] <= MERGE_GAP_BYTES:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        fs = self.storage.fs
+        data = fs.cat_ranges([self.path] * len(merged), [m[0] for m in merged], [m[1] for m in merged])
+        for part in data:
+            if isinstance(part, BaseException):
+                raise part
+        parts = {(m[0], m[1]): part for m, part in zip(merged, data, strict=True)}
+        handle = fs.open(self.path, "rb", cache_type="parts", cache_options={"data": parts}, size=self.size)
+        try:
+            pf = pq.ParquetFile(handle, metadata=md, pre_buffer=False)
+            return pf.read_row_groups(groups, columns=columns, use_threads=False)
+        finally:
+            handle.close()
+
+    def close(self) -> None:
+        if self._pf is not None:
+            self._pf.close(force=True)
+
+
 class RangeSource:
     """One Parquet file read by key range: only the row groups whose statistics overlap the range."""
 

@@ -7,9 +7,9 @@
   their parsed footers and recently read key chunks in byte-bounded LRUs. A key is looked for in the row group
   of each file of its prefix whose range holds it; then only the row groups with matches are read. The prefix
   comes from the folder name, so readers follow whatever prefix length compaction used (even a mix of two).
-- On S3 the files of one lookup are read by ``REMOTE_READERS`` threads at once, a small file (a segment, a
-  young shard) in one GET, a big one in a few ranged GETs (footer once, key chunks, matching row groups):
-  waiting for them one after the other would cost more than the old one GET per entry.
+- On S3 the files of one lookup are read by ``REMOTE_READERS`` threads at once (``FileReader``: a small file in
+  one GET, a big one by the byte ranges of the column chunks wanted, fetched together): waiting for them one
+  after the other would cost more than the old one GET per entry.
 
 Listings are taken segments first, then shards: a compactor writes its shards before it deletes the
 segments, so an entry is always in one of the two listings. A file deleted after the listing (compacted
@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from boostqa_assets.llm.cache.files import Row, Storage, key_ranges, table_rows
+from boostqa_assets.llm.cache.files import FileReader, Row, Storage, key_ranges, table_rows
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ REMOTE_READERS = 16  # files read at once from a remote filesystem
 FOOTER_CACHE_BYTES = 64 << 20  # parsed footers kept per reader
 FOOTER_MEMORY_FACTOR = 13  # a parsed footer takes ~13x its size in the file (measured: 8.6 MB -> 111 MB)
 RANGES_CACHE_BYTES = 64 << 20  # row-group key ranges kept per reader (24 bytes a row group)
-WHOLE_FILE_BYTES = 2 << 20  # remote files up to this size are read whole (segments, young shards)
 
 
 class Stale(Exception):
@@ -188,51 +187,45 @@ class Index:
                 _keep(table, wanted, found)
         return found
 
-    def _open(self, path: str) -> tuple[pq.ParquetFile, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The file (its footer parsed once per reader) and its row groups' key ranges and row offsets."""
-        size, md = self.sizes.get(path), self.footers.get(path)
-        if not self.storage.is_local and size is not None and size <= WHOLE_FILE_BYTES:
-            # One GET for the whole (small) object beats ranged GETs for its footer, keys and rows.
-            pf = pq.ParquetFile(pa.BufferReader(self.storage.fs.cat_file(path)), metadata=md)
-        else:
-            pf = self.storage.open_parquet(path, size, md)
-        md = pf.metadata
+    def _open(self, path: str) -> tuple[FileReader, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """A reader of the file (its footer parsed once per index) and its row groups' key ranges and offsets."""
+        reader = FileReader(self.storage, path, self.sizes.get(path), self.footers.get(path))
+        md = reader.metadata
         self.footers.put(path, md, FOOTER_MEMORY_FACTOR * md.serialized_size)
         ranges = self.ranges.get(path)
         if ranges is None:
             mins, maxs = key_ranges(md)
             ranges = (mins, maxs, np.cumsum([0, *(md.row_group(i).num_rows for i in range(md.num_row_groups))]))
             self.ranges.put(path, ranges, sum(a.nbytes for a in ranges))
-        return pf, ranges
+        return reader, ranges
 
     def _read_rows(
         self,
         path: str,
         rows: np.ndarray,
         columns: list[str] | None,
-        opened: tuple[pq.ParquetFile, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+        opened: tuple[FileReader, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     ) -> pa.Table:
         """The rows at ``rows`` (sorted file positions): only the row groups that hold them are read."""
-        pf, (_, _, offsets) = opened or self._open(path)
+        reader, (_, _, offsets) = opened or self._open(path)
         try:
             groups = np.searchsorted(offsets, rows, side="right") - 1
             read = np.unique(groups)
-            # Small reads: decoding threads would cost more than they give.
-            table = pf.read_row_groups(read.tolist(), columns=columns, use_threads=False)
+            table = reader.read(read.tolist(), columns)
         finally:
             if opened is None:
-                pf.close(force=True)
+                reader.close()
         sizes = offsets[read + 1] - offsets[read]
         base = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # where each read row group starts in ``table``
         return table.take(rows - offsets[groups] + base[np.searchsorted(read, groups)])
 
     def _probe_shard(self, path: str, keys: np.ndarray, columns: list[str] | None) -> pa.Table | None:
         """The rows of ``path`` whose key is one of ``keys`` (sorted), or None."""
-        pf: pq.ParquetFile | None = None
+        reader: FileReader | None = None
         try:
             ranges = self.ranges.get(path)
             if ranges is None:
-                pf, ranges = self._open(path)
+                reader, ranges = self._open(path)
             mins, maxs, offsets = ranges
             # Row groups of one file hold disjoint, ascending key ranges: two binary searches per group.
             lo = np.searchsorted(keys, mins, side="left")
@@ -241,9 +234,9 @@ class Index:
             chunks = {g: self.chunks.get((path, g)) for g in groups}
             missing = [g for g, c in chunks.items() if c is None]
             if missing:  # one read for every key chunk not in memory
-                if pf is None:
-                    pf, _ = self._open(path)
-                col = pf.read_row_groups(missing, columns=["key"], use_threads=False).column("key").to_numpy()
+                if reader is None:
+                    reader, _ = self._open(path)
+                col = reader.read(missing, ["key"]).column("key").to_numpy()
                 at = 0
                 for g in missing:
                     n = int(offsets[g + 1] - offsets[g])
@@ -254,12 +247,12 @@ class Index:
             hits = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
             if not len(hits):
                 return None
-            if pf is None:
-                pf, ranges = self._open(path)
-            return self._read_rows(path, hits, columns, (pf, ranges))
+            if reader is None:
+                reader, ranges = self._open(path)
+            return self._read_rows(path, hits, columns, (reader, ranges))
         finally:
-            if pf is not None:
-                pf.close(force=True)
+            if reader is not None:
+                reader.close()
 
 
 def _keys(pf: pq.ParquetFile) -> np.ndarray:
