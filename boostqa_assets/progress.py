@@ -119,7 +119,9 @@ class _LLMColumn(ProgressColumn):
 
 
 def _description(key: str, role: str) -> str:
-    return key if role in key else f"{key} ({role})"
+    """The stage and the client: ``annotated_seeds (annotator)``; a label that names its purpose
+    (``synthesized_qa fidelity check``, ``deficiency_probe judge``) stays as it is, to keep the bars narrow."""
+    return key if role in key or " " in key else f"{key} ({role})"
 
 
 @dataclass
@@ -144,7 +146,7 @@ class LiveProgress:
         # Every column fits 120 characters; an 80-column terminal gets the ones that matter most.
         wide = self.console.width >= 120
         columns = [
-            TextColumn("{task.description}", table_column=cut(None if wide else 22)),
+            TextColumn("{task.description}", table_column=cut(30 if wide else 22)),
             BarColumn(bar_width=20 if wide else 10),
             MofNCompleteColumn(table_column=cut()),
             _RateColumn(table_column=cut()),
