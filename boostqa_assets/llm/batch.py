@@ -100,11 +100,17 @@ class BatchRunner:
         state_path = Path(state_dir) / f"{key}.json"
         self.summary = {"batch": True, "role": client.role, "requests": len(requests), "batch_id": None}
         self.summary.update(submitted=len(pending), resumed=False, batch_errors=0, sync_fallback=0)
+        http_before, retries_before = client.stats.http_requests, client.stats.retries
         try:
             if pending:
                 replies.update(self._batch(client, pending, state_path, poll_s, timeout_s))
             state_path.unlink(missing_ok=True)
-            return self._finish(client, requests, hashes, replies, validator)
+            results = self._finish(client, requests, hashes, replies, validator)
+            # The batch's own calls (upload, create, polls, download) belong to all of its requests: spread them,
+            # so the results' figures still add up to the client's.
+            _spread(results, "http_requests", client.stats.http_requests - http_before)
+            _spread(results, "retries", client.stats.retries - retries_before)
+            return results
         finally:
             cache.close()  # the batch's replies are written before this returns (or raises)
 
@@ -221,6 +227,7 @@ class BatchRunner:
         stats, cfg = client.stats, client.cfg
         results: list[LLMResult | None] = [None] * len(requests)
         redo: list[int] = []
+        paid: set[str] = set()
         for i, (req, h) in enumerate(zip(requests, hashes, strict=True)):
             reply = replies.get(h)
             if reply is None:
@@ -235,6 +242,9 @@ class BatchRunner:
             stats.logical_requests += 1
             stats.ok += 1
             stats.cache_hits += int(reply.cached)
+            # A reply's tokens are paid once (the client counted them when the batch came back), by its first request.
+            fresh_in, fresh_out = (0, 0) if reply.cached or h in paid else (reply.tokens_in, reply.tokens_out)
+            paid.add(h)
             results[i] = LLMResult(
                 key=req.key,
                 prompt_id=req.prompt_id,
@@ -251,6 +261,9 @@ class BatchRunner:
                 tokens_in=reply.tokens_in,
                 tokens_out=reply.tokens_out,
                 cached=reply.cached,
+                cache_hits=int(reply.cached),
+                paid_tokens_in=fresh_in,
+                paid_tokens_out=fresh_out,
             )
         if redo:
             # Bad replies and failed lines: the sync path re-reads a cached bad reply as attempt 1, then re-asks.
@@ -258,10 +271,27 @@ class BatchRunner:
             fresh = sum(1 for i in redo if hashes[i] in replies and not replies[hashes[i]].cached)
             for i, res in zip(redo, client.run([requests[i] for i in redo], validator), strict=True):
                 results[i] = res
+                batch_reply = replies.get(hashes[i])
+                if batch_reply is not None and not batch_reply.cached and res.cache_hits:
+                    # Its first attempt re-read this run's batch reply: paid for here, not a cache hit.
+                    res.cache_hits -= 1
+                    res.paid_tokens_in += batch_reply.tokens_in
+                    res.paid_tokens_out += batch_reply.tokens_out
             stats.cache_hits = max(0, stats.cache_hits - fresh)  # re-reading this run's batch reply is no cache hit
         self.summary.update(ok=sum(1 for r in results if r and r.ok), failed=sum(1 for r in results if r and not r.ok))
         logger.info("role %s: batch run done: %s", client.role, self.summary)
         return [r for r in results if r is not None]
+
+
+def _spread(results: list[LLMResult], name: str, total: int) -> None:
+    """Add to ``results`` what the sync path did not already count of ``total`` (a counter of the client's), as
+    evenly as whole numbers allow, so the results' figures sum to the client's."""
+    extra = total - sum(getattr(r, name) for r in results)
+    if extra <= 0 or not results:
+        return
+    share, rest = divmod(extra, len(results))
+    for i, result in enumerate(results):
+        setattr(result, name, getattr(result, name) + share + (1 if i < rest else 0))
 
 
 class _Api:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
@@ -58,6 +59,17 @@ ProgressFn = Callable[[int, int, LLMStats], None]
 RATE_LIMIT_LOG_EVERY_S = 30.0  # how often a run waiting on 429s says so
 
 __all__ = ["LLMClient", "LLMEndpointError", "ProgressFn", "ReplayMissError"]
+
+# The result of the logical request the current task works for: each request runs in its own task (and a send
+# shared by identical requests in the first one's), so what it costs (HTTP attempts, cache hits, retries) is added
+# to its own result without threading the result through every call.
+_CURRENT: contextvars.ContextVar[LLMResult | None] = contextvars.ContextVar("boostqa_llm_result", default=None)
+
+
+def _tally(name: str, n: int = 1) -> None:
+    current = _CURRENT.get()
+    if current is not None:
+        setattr(current, name, getattr(current, name) + n)
 
 
 def _prompt_chars(req: LLMRequest) -> int:
@@ -218,6 +230,7 @@ class LLMClient:
                     started = time.perf_counter()  # latency counts time on the wire, not time queued
                     try:
                         http = pool.clients[slot // CONNECTIONS_PER_HTTP_CLIENT]
+                        _tally("http_requests")  # post_once counts the client's, once per call
                         payload = await post_once(
                             http, self.cfg, self.role, self.base_url, data, self.stats, limiter, self.redact
                         )
@@ -261,6 +274,7 @@ class LLMClient:
             hit = self.cache.get(rhash)
             if hit is not None:
                 self.stats.cache_hits += 1
+                _tally("cache_hits")
                 return Reply.from_cache(hit)
         if self.replay_only:
             raise ReplayMissError(f"role {self.role!r}: replay-only mode and request {rhash[:16]} is not cached")
@@ -276,6 +290,7 @@ class LLMClient:
                         waiting = False
                     if retries.failures + retries.rate_limits:
                         self.stats.retries += 1
+                        _tally("retries")
                     try:
                         payload, latency = await self._attempt(pool, data, prompt_tokens, max_tokens)
                     except RateLimited:
@@ -316,6 +331,7 @@ class LLMClient:
         if running is not None:
             reply = await asyncio.shield(running)
             self.stats.cache_hits += 1
+            _tally("cache_hits")
             return dataclasses.replace(reply, cached=True)
         task = asyncio.ensure_future(self._send_uncoalesced(pool, body, data, rhash, prompt_tokens))
         self._inflight[rhash] = task
@@ -338,6 +354,7 @@ class LLMClient:
             request_hash="",
             ok=False,
         )
+        _CURRENT.set(result)  # this task's own context: see _tally
         for attempt in range(self.cfg.max_parse_retries + 1):
             body = self.build_body(req, attempt, max_tokens)
             data, result.request_hash = encode(body)
@@ -385,6 +402,8 @@ class LLMClient:
                 self.stats.tokens_in += reply.tokens_in
                 self.stats.tokens_out += reply.tokens_out
                 self.stats.latencies.append(reply.latency_s)
+                result.paid_tokens_in += reply.tokens_in
+                result.paid_tokens_out += reply.tokens_out
             value, error, detail, repaired = parsing.validate(req, reply, validator)
             self.stats.repairs += int(repaired)
             result.content, result.reasoning, result.finish_reason = reply.content, reply.reasoning, reply.finish_reason

@@ -53,6 +53,13 @@ class LLMResult:
     tokens_out: int = 0
     latency_s: float = 0.0
     cached: bool = False
+    # What this request cost the run, so figures can be given per partition: summed over a run's results they are
+    # the client's ``LLMStats`` (a batch's own calls, upload and polls, are spread over its requests).
+    http_requests: int = 0  # HTTP attempts sent for it, retries included (0 when every attempt came from the cache)
+    cache_hits: int = 0  # attempts answered by the cache or by an identical request already in flight
+    retries: int = 0
+    paid_tokens_in: int = 0  # tokens of the replies the endpoint produced for this run (not from the cache)
+    paid_tokens_out: int = 0
 
 
 def canonical_json(obj: Any) -> str:

@@ -26,6 +26,7 @@ from boostqa_assets.llm.fake_server import (
     prompt_text,
 )
 from boostqa_assets.llm.types import LLMRequest, LLMResult
+from boostqa_assets_tests.llm.test_client import assert_results_add_up
 
 SECRET = "sk-test-batch-0a1b2c3d-SECRET-KEY"
 KEY_ENV = "BOOSTQA_TEST_BATCH_API_KEY"
@@ -205,6 +206,7 @@ def test_batch_happy_path_in_order_and_fills_cache(serve: Serve, tmp_path: Path)
     assert (s.logical_requests, s.ok, s.failed, s.cache_hits) == (13, 13, 0, 0)
     assert s.tokens_in > 0 and s.tokens_out > 0 and s.tokens_in == summary["batch_tokens_in"]
     assert summary["batch"] is True and summary["submitted"] == 12 and summary["resumed"] is False
+    assert_results_add_up(s, results)  # the duplicate's reply is paid once
     assert not list((tmp_path / "state").glob("*.json"))  # state is dropped once the replies are cached
     # The same content the synchronous path would produce, and a sync run afterwards sends nothing.
     again = make_client(srv, tmp_path)
@@ -225,6 +227,7 @@ def test_cached_requests_skip_the_batch(serve: Serve, tmp_path: Path) -> None:
     assert srv.stats()["batch_lines"] == 6 and summary["submitted"] == 6
     assert [r.cached for r in results] == [True] * 4 + [False] * 6 and all(r.ok for r in results)
     assert client.stats.cache_hits == 4 and client.stats.logical_requests == 10
+    assert_results_add_up(client.stats, results)
     # everything cached: no batch at all, no HTTP request
     other = make_client(srv, tmp_path)
     assert all(r.ok for r in run_batch(other, reqs, tmp_path)[0])
@@ -294,6 +297,7 @@ def test_bad_batch_replies_are_reasked_synchronously(serve: Serve, tmp_path: Pat
     assert (s.logical_requests, s.ok, s.failed, s.cache_hits) == (4, 3, 1, 0)
     assert s.reasks == 3 and s.failures_by_reason == {"schema_mismatch": 1}
     assert srv.stats()["batch_lines"] == 4 and srv.stats()["requests"] == 3  # 1 + 2 re-asks, all bounded
+    assert_results_add_up(client.stats, results)  # the batch's own calls spread over its requests
 
 
 def test_error_and_malformed_lines(serve: Serve, tmp_path: Path) -> None:

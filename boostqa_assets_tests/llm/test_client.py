@@ -169,6 +169,16 @@ def assert_stats_consistent(stats: LLMStats, results: list[LLMResult]) -> None:
     assert stats.ok == sum(r.ok for r in results)
     assert stats.failed == sum(not r.ok for r in results)
     assert sum(stats.failures_by_reason.values()) == stats.failed
+    assert_results_add_up(stats, results)
+
+
+def assert_results_add_up(stats: LLMStats, results: list[LLMResult]) -> None:
+    """Each result says what its request cost, so a partition's figures are the sum of its rows' results: over a
+    run, they add up to the client's."""
+    for name in ("http_requests", "cache_hits", "retries"):
+        assert sum(getattr(r, name) for r in results) == getattr(stats, name), name
+    assert sum(r.paid_tokens_in for r in results) == stats.tokens_in
+    assert sum(r.paid_tokens_out for r in results) == stats.tokens_out
 
 
 # --- 1. request bodies -----------------------------------------------------------------------------------
@@ -1046,3 +1056,5 @@ def test_identical_requests_in_flight_are_sent_once(serve: Callable[..., FakeOpe
     assert [r.key for r in results] == [q.key for q in same] and all(r.ok for r in results)
     assert srv.stats()["requests"] == 1
     assert client.stats.cache_hits == 9 and client.stats.tokens_in == results[0].tokens_in
+    assert sorted(r.http_requests for r in results) == [0] * 9 + [1]  # the one that sent it
+    assert_results_add_up(client.stats, results)
