@@ -580,6 +580,7 @@ class RefinementConfig(_Strict):
             "too_long",
             "length_outlier",
             "language_mismatch",
+            "fewshot_echo",  # the answer repeats the refine prompt's own example (logic/fewshot.py)
         ]
     )
 

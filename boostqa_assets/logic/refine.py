@@ -5,7 +5,9 @@ hit max_tokens, or the answer ends inside an open code block or bracket), ``too_
 (absolute character bounds), ``length_outlier`` (beyond Q3 + k*IQR of the partition's answer lengths, only
 with at least ``min_rows_for_outliers`` rows), ``language_mismatch`` (the answer's script differs from the
 question's, or the question or refined answer is detected in another language than the row's ``language``, its
-target: ``language.mismatches``, batched per chunk). Flags listed in ``reject_flags`` send the row to rejects;
+target: ``language.mismatches``, batched per chunk), ``fewshot_echo`` (the refined answer repeats an answer of the
+refine prompt's own few-shot examples: ``logic/fewshot.py``; the demo's 270M model answered 3 of 6 questions with
+"... from its Latin name natrium"). Flags listed in ``reject_flags`` send the row to rejects;
 other flags are kept on the row.
 """
 
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from boostqa_assets.configs import LanguageDetectionSettings, RefinementConfig
 from boostqa_assets.llm.types import LLMRequest, LLMResult
-from boostqa_assets.logic import language
+from boostqa_assets.logic import fewshot, language
 from boostqa_assets.prompting import render
 from boostqa_assets.records import REFINED_SCHEMA, REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame, to_json
 
@@ -99,12 +101,18 @@ def rule_flags(
     finish_reason: str | None,
     cfg: RefinementConfig,
     refusal_res: list[re.Pattern[str]] | None = None,
+    prompt: tuple[str, str] | None = None,
+    draft: str | None = None,
 ) -> list[str]:
-    """Flags of one refined answer, independent of the other rows."""
+    """Flags of one refined answer, independent of the other rows. ``prompt`` (prompt id, version): the refine
+    prompt that made it, whose few-shot answers it must not repeat (``fewshot_echo``; not when the question or the
+    ``draft`` answer it was given already carries that example)."""
     flags = []
     text = answer.strip()
     if not text:
         return ["empty"]
+    if prompt is not None and fewshot.find_echo({"answer": text}, *prompt, context=[question, draft]):
+        flags.append(fewshot.REASON)
     patterns = refusal_res if refusal_res is not None else [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     if any(p.search(text) for p in patterns):
         flags.append("refusal")
@@ -181,7 +189,15 @@ def stage(
             language_stats.append(language.mismatch_table(targets, lang_details))
     for (row, res), lang_detail in zip(answered, lang_details, strict=True):
         answer = res.value.answer
-        flags = rule_flags(row["question"], answer, res.finish_reason, cfg, refusal_res)
+        flags = rule_flags(
+            row["question"],
+            answer,
+            res.finish_reason,
+            cfg,
+            refusal_res,
+            (res.prompt_id, res.prompt_version),
+            row["answer"],
+        )
         if lang_detail is not None and language.REASON not in flags:
             flags.append(language.REASON)
         staged.append(

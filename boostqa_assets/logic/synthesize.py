@@ -25,10 +25,13 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from boostqa_assets.configs import LanguagesConfig, SynthesisConfig, TaxonomyConfig
 from boostqa_assets.llm.types import LLMRequest, LLMResult
-from boostqa_assets.logic import language
+from boostqa_assets.logic import fewshot, language
 from boostqa_assets.logic.annotate import seed_item_text
 from boostqa_assets.prompting import render
 from boostqa_assets.records import REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame, stable_hash, to_json
+
+# What a synthesizer is shown of its seed: an example these already repeat is not an echo (logic/fewshot.py).
+SEED_TEXT_FIELDS = ("question", "answer", "text", "title")
 
 TRACK_PROMPTS = {"multi_grade": "synthesize_multi_grade", "high_difficulty": "synthesize_high_difficulty"}
 
@@ -198,9 +201,10 @@ def assemble(
     check_language: bool = False,
     language_stats: list[list[dict[str, Any]]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Rows for the answered tasks and rejects for the others; with ``check_language``, rows whose question or
-    answer is not in the target language become ``language_mismatch`` rejects (their per-language table is
-    appended to ``language_stats``)."""
+    """Rows for the answered tasks and rejects for the others. A reply that repeats a few-shot example of its own
+    prompt (question or answer, ``fewshot.find_echo``; not when the seed itself carries the example) becomes a
+    ``fewshot_echo`` reject. With ``check_language``, rows whose question or answer is not in the target language
+    become ``language_mismatch`` rejects (their per-language table is appended to ``language_stats``)."""
     by_key = {r.key: r for r in results}
     raw: dict[str, LLMResult] = {}
     kept: list[dict[str, Any]] = []
@@ -226,32 +230,53 @@ def assemble(
             continue
         reply: QAReply = res.value
         target = task_language(t, languages)
-        raw[t.qa_id] = res
-        kept.append(
-            {
-                "qa_id": t.qa_id,
-                "seed_id": seed["seed_id"],
-                "source": seed["source"],
-                "discipline": t.discipline,
-                "category": tax.category_of(t.discipline),
-                "grade": t.grade,
-                "difficulty": top_difficulty if t.track == "high_difficulty" else seed["difficulty"],
-                "seed_grade": seed["grade"],
-                "seed_difficulty": seed["difficulty"],
-                "track": t.track,
-                "language": target,
-                "seed_language": seed["language"],
-                "target_language": target,
-                "question": reply.question,
-                "answer": reply.answer,
-                "reasoning": res.reasoning,
-                "annotate_request_hash": seed["annotate_request_hash"],
-                "synth_model": res.model,
-                "synth_prompt_id": res.prompt_id,
-                "synth_prompt_version": res.prompt_version,
-                "synth_request_hash": res.request_hash,
-            }
+        row = {
+            "qa_id": t.qa_id,
+            "seed_id": seed["seed_id"],
+            "source": seed["source"],
+            "discipline": t.discipline,
+            "category": tax.category_of(t.discipline),
+            "grade": t.grade,
+            "difficulty": top_difficulty if t.track == "high_difficulty" else seed["difficulty"],
+            "seed_grade": seed["grade"],
+            "seed_difficulty": seed["difficulty"],
+            "track": t.track,
+            "language": target,
+            "seed_language": seed["language"],
+            "target_language": target,
+            "question": reply.question,
+            "answer": reply.answer,
+            "reasoning": res.reasoning,
+            "annotate_request_hash": seed["annotate_request_hash"],
+            "synth_model": res.model,
+            "synth_prompt_id": res.prompt_id,
+            "synth_prompt_version": res.prompt_version,
+            "synth_request_hash": res.request_hash,
+        }
+        echo = fewshot.find_echo(
+            {"question": reply.question, "answer": reply.answer},
+            res.prompt_id,
+            res.prompt_version,
+            context=[seed.get(k) for k in SEED_TEXT_FIELDS],
         )
+        if echo is not None:  # a copy of the prompt's own example: caught here, before a refiner is paid for it
+            rejects.append(
+                {
+                    "stage": "synthesized_qa",
+                    "partition": partition,
+                    "source": seed["source"],
+                    "seed_id": seed["seed_id"],
+                    "qa_id": t.qa_id,
+                    "reason": fewshot.REASON,
+                    "detail": echo,
+                    "raw_output": res.raw_output,
+                    "request_hash": res.request_hash,
+                    "record": to_json(row),
+                }
+            )
+            continue
+        raw[t.qa_id] = res
+        kept.append(row)
     if check_language and kept:
         kept = _language_gate(kept, raw, partition, languages, rejects, language_stats)
     return frame(kept, SYNTHESIZED_SCHEMA), frame(rejects, REJECT_SCHEMA)
