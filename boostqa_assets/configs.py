@@ -738,6 +738,11 @@ class Recipe(_Strict):
     token_budget: int = Field(ge=1)
     seed: int = 0
     encoding: Literal["o200k_base", "cl100k_base"] = "o200k_base"
+    tokenizer: str | None = Field(
+        None,
+        description="the trained model's Hugging Face tokenizer.json, counting the token budget instead of `encoding`: "
+        "a local path (relative to the config folder) or pkg://<package>/<file>; read offline with `tokenizers`",
+    )
     category_weights: dict[str, float] = Field(default_factory=dict)
     grade_weights: dict[str, float] = Field(default_factory=dict)
     track_weights: dict[str, float] = Field(default_factory=dict)
@@ -768,6 +773,32 @@ class RecipesConfig(_Strict):
     def plan_recipe(self, name: str | None) -> Recipe:
         """The recipe whose `qa_budget` and weights the synthesis plan uses (`plan.recipe`, else the first)."""
         return self.get(name) if name else self.recipes[0]
+
+    def with_tokenizers_resolved(self, config_dir: Path) -> RecipesConfig:
+        """Relative ``tokenizer`` paths made absolute (workers in other processes and folders read them), and every
+        tokenizer file checked to exist, so a typo fails at load naming the recipe, not in the middle of a run."""
+        from boostqa_assets.logic.tokens import TokenizerError, resolve_tokenizer
+
+        recipes = []
+        for r in self.recipes:
+            if r.tokenizer is None:
+                recipes.append(r)
+                continue
+            try:
+                path = resolve_tokenizer(r.tokenizer, config_dir)
+            except TokenizerError as exc:
+                raise ConfigError(
+                    f"invalid configuration in {config_dir / 'recipes.yaml'}: recipe {r.name!r}: {exc}"
+                ) from None
+            if not path.is_file():
+                raise ConfigError(
+                    f"invalid configuration in {config_dir / 'recipes.yaml'}: recipe {r.name!r} tokenizer: file {path} "
+                    "not found; fix: point `tokenizer` at the model's tokenizer.json (relative to the config folder, "
+                    "absolute, or pkg://<package>/<file>), or remove it to count with `encoding`"
+                )
+            spec = r.tokenizer if r.tokenizer.startswith("pkg://") else str(path)
+            recipes.append(r.model_copy(update={"tokenizer": spec}))
+        return self.model_copy(update={"recipes": recipes})
 
     def get(self, name: str) -> Recipe:
         for r in self.recipes:
@@ -899,6 +930,12 @@ class ProjectConfig(BaseModel):
             raise ConfigError("invalid configuration in " + str(self.config_dir) + ":\n  - " + "\n  - ".join(problems))
 
 
+def _load_recipes(config_dir: Path) -> RecipesConfig:
+    recipes = load_config("recipes.yaml", config_dir)
+    assert isinstance(recipes, RecipesConfig)
+    return recipes.with_tokenizers_resolved(config_dir)
+
+
 def load_project_config(config_dir: Path, env: dict[str, str] | None = None) -> ProjectConfig:
     """Load every config file; LLM roles get their environment overrides applied."""
     llm = load_config("llm.yaml", config_dir)
@@ -909,7 +946,7 @@ def load_project_config(config_dir: Path, env: dict[str, str] | None = None) -> 
         sources=load_config("sources.yaml", config_dir),  # type: ignore[arg-type]
         llm=llm.with_env_overrides(env),
         pipeline=load_config("pipeline.yaml", config_dir),  # type: ignore[arg-type]
-        recipes=load_config("recipes.yaml", config_dir),  # type: ignore[arg-type]
+        recipes=_load_recipes(Path(config_dir)),
     )
     project.check_cross_references()
     return project

@@ -80,7 +80,7 @@ def dataset_card(manifest: dict[str, Any], seeds: pl.DataFrame, rejects: pl.Data
                         "budget": manifest["token_budget"],
                         "budget filled": f"{manifest['budget_filled']:.1%}",
                         "kept QA available": refined_rows,
-                        "encoding": manifest["encoding"],
+                        "tokenizer": manifest["encoding"],
                         "sampling seed": manifest["sampling_seed"],
                         "recipe hash": manifest["recipe_hash"],
                     }
@@ -91,7 +91,7 @@ def dataset_card(manifest: dict[str, Any], seeds: pl.DataFrame, rejects: pl.Data
                     "budget",
                     "budget filled",
                     "kept QA available",
-                    "encoding",
+                    "tokenizer",
                     "sampling seed",
                     "recipe hash",
                 ],
