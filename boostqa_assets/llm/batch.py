@@ -94,7 +94,7 @@ class BatchRunner:
             )
         bodies = [client.build_body(r, 0) for r in requests]
         hashes = [request_hash(b) for b in bodies]
-        replies = {h: Reply.from_cache(hit) for h, hit in cache.get_many(hashes).items()}  # one bulk lookup
+        replies = {h: Reply.from_cache(hit) for h, hit in cache.get_many(hashes, reply_only=True).items()}  # one lookup
         pending = {h: b for h, b in zip(hashes, bodies, strict=True) if h not in replies}
         key = hashlib.sha256("\n".join(sorted(set(hashes))).encode()).hexdigest()
         state_path = Path(state_dir) / f"{key}.json"
