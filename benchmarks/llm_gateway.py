@@ -13,7 +13,8 @@ Runs against the fake OpenAI server in a separate process (127.0.0.1 only) and p
 4. LLM calls made by a second materialization of a finished batch (response cache on; expect 0);
 5. calls paid twice after a ``kill -9`` halfway through a batch: a child process runs the batch with the
    cache on, is killed when the server has answered half, the batch is run again; re-sent = server answers
-   of both runs minus the batch size (expect at most the concurrency cap).
+   of both runs minus the batch size (expect at most the concurrency cap plus the replies of the cache's last
+   flush interval, 5 s: a SIGKILL skips the flush; SIGTERM and Ctrl-C flush).
 
     .venv/bin/python benchmarks/llm_gateway.py                       # defaults: about 10 minutes
     .venv/bin/python benchmarks/llm_gateway.py --parts 1,2 --requests 600
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -234,7 +236,8 @@ def kill_rerun(args: argparse.Namespace, cache_dir: str) -> dict[str, Any]:
         child.join(10)
         time.sleep(args.kill_latency_s * 3)  # let the server finish what was on the wire (it counts as paid)
         answered_first = stats(url)["answered_ok"]
-        cached = sum(1 for _ in Path(cache_dir).rglob("*.json"))
+        cached = sum(1 for _ in Path(cache_dir).rglob("*.json"))  # files of the old layout, if any
+        cached += sum(pq.ParquetFile(p).metadata.num_rows for p in Path(cache_dir).rglob("*.parquet"))
         rerun = LLMClient("synthesizer", role(url, cap), url, cache=ResponseCache(cache_dir))
         results = rerun.run(requests_for(n, "kill"), validator)
         st = stats(url)

@@ -15,11 +15,13 @@ import yaml
 
 from boostqa_assets import resources
 from boostqa_assets.definitions import build_definitions
+from boostqa_assets.inspect import view_statements
+from boostqa_assets.llm.cache import ResponseCache
 from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.logic import probe
 from boostqa_assets.records import PROBE_CELL_SCHEMA, PROBE_ITEM_SCHEMA, REJECT_SCHEMA
 from boostqa_assets.runner import StageResult, run_pipeline, run_stage
-from boostqa_assets.settings import SQL_DIR, get_settings
+from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
 from boostqa_assets_tests.conftest import (
     PROBE_QA_ROWS,
@@ -124,13 +126,12 @@ def test_probe_measures_accuracy_per_cell(probe_project: dict[str, str], fake_ll
     assert judged.height == 7 and judged["judge_request_hash"].null_count() == 0
 
     # Every reply and verdict is in the LLM cache under its request hash.
-    cache = Path(get_settings().data_root) / "_llm_cache"
+    cache = ResponseCache(str(Path(get_settings().data_root) / "_llm_cache"))
     hashes = [h for h in items["probe_request_hash"]] + [h for h in items["judge_request_hash"] if h]
     assert len(hashes) == 32 + 8  # the unjudgeable item keeps the hash of its (invalid) judge reply
-    for h in hashes:
-        assert (cache / h[:2] / f"{h}.json").is_file(), h
-    roles = {json.loads((cache / h[:2] / f"{h}.json").read_text())["role"] for h in hashes}
-    assert roles == {"probe", "judge"}
+    entries = cache.get_many(hashes)
+    assert set(entries) == set(hashes)
+    assert {e["role"] for e in entries.values()} == {"probe", "judge"}
 
     # Rejects: the item whose verdict stayed invalid after the re-asks, with the raw reply.
     rejects = store.read_rejects("deficiency_probe", "all")
@@ -154,11 +155,12 @@ def test_probe_measures_accuracy_per_cell(probe_project: dict[str, str], fake_ll
     # DuckDB views over the two tables.
     import duckdb
 
-    root = Path(store.root).resolve().as_posix()
     con = duckdb.connect()
-    for name in ("deficiency_probe", "deficiency_probe_items"):
-        body = (SQL_DIR / "views" / f"{name}.sql").read_text().replace("{root}", root)
-        con.execute(f"CREATE VIEW {name} AS " + "\n".join(x for x in body.splitlines() if not x.startswith("--")))
+    for statement in view_statements(store):
+        if statement.startswith(
+            ("CREATE OR REPLACE VIEW deficiency_probe ", "CREATE OR REPLACE VIEW deficiency_probe_items ")
+        ):
+            con.execute(statement)
     assert con.sql("SELECT count(*) FROM deficiency_probe").fetchall() == [(7,)]
     joined = con.sql(
         "SELECT c.discipline, c.grade, c.n_correct, count_if(i.correct) FROM deficiency_probe c "
