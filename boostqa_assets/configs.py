@@ -716,7 +716,85 @@ class StreamingConfig(_Strict):
     )
 
 
+# The code location's assets (a test holds this to `definitions.py`): `ui.assets` may only name these.
+ASSET_NAMES = (
+    "seeds",
+    "annotated_seeds",
+    "deficiency_probe",
+    "synthesis_plan",
+    "synthesized_qa",
+    "refined_qa",
+    "qa_signatures",
+    "qa_mixture",
+)
+# Dagster's rules for asset owners and tags (dagster._core.definitions.utils.is_valid_owner and
+# dagster._utils.tags): checked here so a mistake names pipeline.yaml, not a definition error at load time.
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,7}")
+_TAG_KEY = re.compile(r"^([A-Za-z0-9_.-]{1,63}/)?[A-Za-z0-9_.-]{1,63}$")
+_TAG_VALUE = re.compile(r"^[A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_owners(owners: list[str] | None) -> list[str] | None:
+    for owner in owners or []:
+        if not (_EMAIL.fullmatch(owner) or (owner.startswith("team:") and len(owner) > 5)):
+            raise ValueError(f"owner {owner!r} is neither an email address nor team:<name>; fix: e.g. team:data")
+    return owners
+
+
+def _check_tags(tags: dict[str, str]) -> dict[str, str]:
+    for key, value in tags.items():
+        if not _TAG_KEY.match(key):
+            raise ValueError(
+                f"tag key {key!r} is not a Dagster tag key; fix: letters, digits, '-', '_' and '.' (at most 63), "
+                "optionally after one 'prefix/'"
+            )
+        if not isinstance(value, str) or not _TAG_VALUE.match(value):
+            raise ValueError(
+                f"tag {key}: value {value!r} is not a Dagster asset tag value; fix: letters, digits, '-', '_' and '.' "
+                "(at most 63; quote numbers)"
+            )
+    return tags
+
+
+class AssetUISettings(_Strict):
+    """One asset's owners and tags in the Dagster UI."""
+
+    owners: list[str] | None = Field(None, description="replaces the section's owners for this asset; None: keep them")
+    tags: dict[str, str] = Field(default_factory=dict, description="added to the section's tags (same key: this one)")
+
+    _owners = field_validator("owners")(_check_owners)
+    _tags = field_validator("tags")(_check_tags)
+
+
+class UIConfig(_Strict):
+    """How the assets look in the Dagster UI: owners and tags, which the asset catalog filters by."""
+
+    owners: list[str] = Field(default_factory=list, description="every asset's owners: emails or team:<name>")
+    tags: dict[str, str] = Field(default_factory=dict, description="every asset's tags, e.g. domain: mid-training")
+    assets: dict[str, AssetUISettings] = Field(default_factory=dict, description="per asset: owners, more tags")
+
+    _owners = field_validator("owners")(_check_owners)
+    _tags = field_validator("tags")(_check_tags)
+
+    @field_validator("assets")
+    @classmethod
+    def _known_assets(cls, assets: dict[str, AssetUISettings]) -> dict[str, AssetUISettings]:
+        unknown = sorted(set(assets) - set(ASSET_NAMES))
+        if unknown:
+            raise ValueError(f"no asset named {', '.join(unknown)}; fix: use one of {', '.join(ASSET_NAMES)}")
+        return assets
+
+    def owners_for(self, asset: str) -> list[str]:
+        own = self.assets.get(asset)
+        return list(own.owners if own is not None and own.owners is not None else self.owners)
+
+    def tags_for(self, asset: str) -> dict[str, str]:
+        own = self.assets.get(asset)
+        return {**self.tags, **(own.tags if own is not None else {})}
+
+
 class PipelineConfig(_Strict):
+    ui: UIConfig = UIConfig()
     streaming: StreamingConfig = StreamingConfig()
     languages: LanguagesConfig = LanguagesConfig()
     annotation: AnnotationConfig = AnnotationConfig()

@@ -11,6 +11,7 @@ from boostqa_assets.defs import (
     annotated_seeds,
     automation,
     deficiency_probe,
+    jobs,
     qa_mixture,
     refined_qa,
     seeds,
@@ -57,7 +58,10 @@ def build_definitions() -> dg.Definitions:
         asset_checks=[d for d in built if isinstance(d, dg.AssetChecksDefinition)],
         sensors=[d for d in built if isinstance(d, dg.SensorDefinition)],
         schedules=[d for d in built if isinstance(d, dg.ScheduleDefinition)],
-        jobs=[d for d in built if isinstance(d, (dg.JobDefinition, UnresolvedAssetJobDefinition))],
+        jobs=[
+            *(d for d in built if isinstance(d, (dg.JobDefinition, UnresolvedAssetJobDefinition))),
+            *jobs.stage_jobs(STAGES),  # one named job per stage: runs say what they did
+        ],
         resources={"store": StoreResource(), "llm": LLMResource()},
     )
 

@@ -25,6 +25,7 @@ import dagster as dg
 
 from boostqa_assets import failures
 from boostqa_assets.definitions import STAGES
+from boostqa_assets.defs.jobs import stage_job, stage_job_name
 from boostqa_assets.partitions import SOURCE_PARTITIONS, contiguous_ranges, register_sources
 from boostqa_assets.resources import project_config
 from boostqa_assets.runs import (
@@ -42,6 +43,7 @@ from boostqa_assets.storage import Store
 logger = logging.getLogger(__name__)
 
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+PIPELINE_TAG = "boostqa/pipeline"
 # Source-partitioned stages run only over the sources that did not fail in the stages named here.
 UPSTREAM_SOURCE_STAGES: dict[str, tuple[str, ...]] = {"annotated_seeds": ("seeds",)}
 LLM_STAT_FIELDS = ("requests", "http_requests", "cache_hits", "failed", "retries", "tokens_in", "tokens_out")
@@ -57,6 +59,8 @@ class StageStats:
     llm: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> requests, tokens_in, ... est_cost_usd
 
     def add_run(self, metadata: dict[str, Any]) -> None:
+        """Add one materialization event's figures: a partition's own (each partition of a run has its event), or
+        an unpartitioned asset's."""
         self.rows += _int(metadata.get("rows"))
         self.rows_rejected += _int(metadata.get("rows_rejected"))
         for role, stats in llm_stats_by_role(metadata).items():
@@ -100,7 +104,8 @@ class StageResult:
     success: bool  # every run succeeded (no partition failed)
     seconds: float
     partitions: int
-    metadata: dict[str, Any] = field(default_factory=dict)  # the last run's metadata
+    metadata: dict[str, Any] = field(default_factory=dict)  # the last run's totals (``_run_totals``)
+    partition_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # each partition's own, last run
     checks_passed: int = 0
     checks_failed: int = 0
     failed_partitions: dict[str, str] = field(default_factory=dict)  # key -> why (names the source, file and fix)
@@ -120,7 +125,8 @@ class StageResult:
 class _RangeOutcome:
     run_id: str
     success: bool
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # the run's totals (``_run_totals`` of its events)
+    events: dict[str, dict[str, Any]]  # each materialization event's own metadata, by partition ("" for none)
     materialized: list[str]
     failed: dict[str, str]
     passed_checks: list[str]
@@ -184,6 +190,21 @@ def _metadata_values(event: dg.AssetMaterialization) -> dict[str, Any]:
     return {k: getattr(v, "value", v) for k, v in event.metadata.items()}
 
 
+def _run_totals(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's figures from its partitions' events (each carries only its own): counts summed, any other value
+    kept where every event has the same one (a rate or a per-partition table has no run total, so it is left out)."""
+    if len(events) == 1:
+        return dict(events[0])
+    totals: dict[str, Any] = {}
+    for key in dict.fromkeys(k for e in events for k in e):
+        values = [e[key] for e in events if key in e]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            totals[key] = sum(values)
+        elif len(values) == len(events) and all(v == values[0] for v in values):
+            totals[key] = values[0]
+    return totals
+
+
 def _materialize_watched(
     defs: dg.Definitions,
     asset: str,
@@ -193,7 +214,7 @@ def _materialize_watched(
     quiet: bool,
     watch: SlotWatch,
 ) -> dg.ExecuteInProcessResult:
-    """``dg.materialize`` in a worker thread while this (main) thread watches it.
+    """A run of the stage's named job (``defs/jobs.py``) in a worker thread while this (main) thread watches it.
 
     In the main thread, Dagster's in-process execution takes over SIGINT and SIGTERM and only acts on them inside a
     step's compute; a run waiting for a pool slot never looks, so `boostqa demo` could not be stopped. In a worker
@@ -203,11 +224,14 @@ def _materialize_watched(
 
     def target() -> None:
         try:
-            box["result"] = dg.materialize(
+            # As dg.materialize builds its ephemeral job, with the stage's job instead: the run carries its name.
+            job = dg.Definitions(
+                jobs=[stage_job(asset)],
                 assets=[*defs.assets, *(defs.asset_checks or [])],  # type: ignore[list-item]
-                selection=dg.AssetSelection.assets(asset) | dg.AssetSelection.checks_for_assets(asset),
-                instance=instance,
                 resources=resources,
+            ).resolve_job_def(stage_job_name(asset))
+            box["result"] = job.execute_in_process(
+                instance=instance,
                 tags=tags,
                 run_config=QUIET_RUN_CONFIG if quiet else None,
                 raise_on_error=False,
@@ -244,8 +268,9 @@ def _outcome(
     """Sort a run's result into partitions that materialized, partitions that failed (with why) and a failure
     that belongs to no partition (which stops the pipeline)."""
     mats = result.asset_materializations_for_node(step_key)
-    # In a multi-partition run every partition's event carries the run's figures: take them once.
-    metadata = _metadata_values(mats[0]) if mats else {}
+    # Each partition's event carries that partition's own figures: the run's are their sum.
+    events = {str(m.partition or ""): _metadata_values(m) for m in mats}
+    metadata = _run_totals(list(events.values()))
     evaluations = result.get_asset_check_evaluations()
     per_partition = [(str(e.partition), e) for e in evaluations if e.partition is not None]
     if not per_partition and len(keys) == 1:  # a one-partition run may report its partition's result unkeyed
@@ -255,7 +280,7 @@ def _outcome(
     counted = [e for _, e in per_partition] or list(evaluations)
     n_passed = sum(1 for e in counted if e.passed)
     outcome = _RangeOutcome(
-        result.run_id, result.success, metadata, [], failed, passed, n_passed, len(counted) - n_passed, None
+        result.run_id, result.success, metadata, events, [], failed, passed, n_passed, len(counted) - n_passed, None
     )
     if store is not None and by_source:
         for key in list(failed):
@@ -300,6 +325,7 @@ def run_stage(
     instance: dg.DagsterInstance,
     resources: dict[str, Any] | None = None,
     quiet: bool = True,
+    pipeline_id: str | None = None,
 ) -> StageResult:
     """Materialize every partition of ``asset`` (and run its checks): one in-process run per partition range.
 
@@ -328,6 +354,8 @@ def run_stage(
     for keys in ranges:
         # No daemon retries: an in-process run has no code location to relaunch it from; the next demo redoes it.
         tags = {**runner_tags(), LAUNCH_TAG: uuid.uuid4().hex, STAGE_TAG: asset, "dagster/max_retries": "0"}
+        if pipeline_id:
+            tags[PIPELINE_TAG] = pipeline_id
         if keys:
             tags.update({"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
         if pool:
@@ -340,8 +368,10 @@ def run_stage(
         stage.checks_passed += out.checks_passed
         stage.checks_failed += out.checks_failed
         if out.materialized or out.metadata:
-            stage.stats.add_run(out.metadata)
+            for event in out.events.values():
+                stage.stats.add_run(event)
             stage.metadata = out.metadata
+            stage.partition_metadata.update(out.events)
         stage.materialized += out.materialized
         stage.failed_partitions.update(out.failed)
         if store is not None and by_source:
@@ -377,8 +407,9 @@ def run_pipeline(
     partition failing its blocking check) goes on with the other partitions; any other failure stops the pipeline
     at that stage."""
     results = []
+    pipeline_id = uuid.uuid4().hex[:12]  # every run of this pipeline carries it: the runs list filters by it
     for asset in stages:
-        res = run_stage(defs, asset, instance, resources)
+        res = run_stage(defs, asset, instance, resources, pipeline_id=pipeline_id)
         results.append(res)
         if on_stage:
             on_stage(res)

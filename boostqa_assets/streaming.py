@@ -21,6 +21,7 @@ from boostqa_assets.manifests import PartitionWriter
 from boostqa_assets.storage import Store
 
 T = TypeVar("T")
+HEAD_ROWS = 5
 
 
 def resume_key(*parts: Any) -> str:
@@ -56,12 +57,15 @@ class PartitionOutput:
     kept: int = 0
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    head: pl.DataFrame | None = None  # the first rows this run wrote (the partition's preview in the Dagster UI)
 
     def write(self, kept: pl.DataFrame, rejects: pl.DataFrame, consumed: int) -> None:
         """One chunk of this partition: its rows, its rejects, and how many input items it covered."""
         self.done += consumed
         self.rejects.write(rejects, progress=self.done)
         self.rows.write(kept, progress=self.done)
+        if self.head is None and kept.height:
+            self.head = kept.head(HEAD_ROWS)
         self.kept += kept.height
         self.rejected += rejects.height
         if rejects.height:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from boostqa_assets.definitions import STAGES, build_definitions
-from boostqa_assets.partitions import register_sources
+from boostqa_assets.partitions import build_partitions, register_sources
 from boostqa_assets.resources import project_config
 
 
@@ -73,3 +73,37 @@ def test_llm_assets_declare_a_pool_per_endpoint(monkeypatch) -> None:  # type: i
     assert pools["synthesized_qa"] == "llm_api_deepseek_com"
     assert pools["refined_qa"] == "llm_10_0_0_5_8000"
     assert pools["annotated_seeds"] == "llm_embedded"
+
+
+def test_jobs_owners_and_tags_snapshot() -> None:
+    """A named job per stage (runs say which stage ran), and every asset's owners and tags from pipeline.yaml `ui:`:
+    a job, owner or tag that changes by accident fails here."""
+    from boostqa_assets.configs import ASSET_NAMES
+    from boostqa_assets.defs import qa_signatures
+
+    defs = build_definitions()
+    jobs = {j.name: j for j in defs.resolve_all_job_defs() if not j.name.startswith("__")}
+    assert sorted(jobs) == sorted(f"{s}_job" for s in STAGES)
+    for stage in STAGES:
+        job = jobs[f"{stage}_job"]
+        assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {stage}
+        assert {c.asset_key.to_user_string() for c in job.asset_layer.asset_graph.asset_check_keys} >= {stage}
+        assert job.tags == {"boostqa/stage": stage} and job.owners == ["team:data"]
+    stage_tags = {
+        "seeds": "ingest",
+        "annotated_seeds": "annotate",
+        "deficiency_probe": "probe",
+        "synthesis_plan": "plan",
+        "synthesized_qa": "synthesize",
+        "refined_qa": "refine",
+        "qa_mixture": "mix",
+    }
+    for name in STAGES:
+        spec = defs.resolve_assets_def(name).specs_by_key[dg.AssetKey(name)]
+        assert spec.owners == ["team:data"], name
+        user_tags = {k: v for k, v in spec.tags.items() if not k.startswith("dagster/")}
+        assert user_tags == {"domain": "mid-training", "project": "boostqa", "stage": stage_tags[name]}, name
+    # configs.ASSET_NAMES (what `ui.assets` may name) is exactly the assets the defs modules build.
+    built = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
+    built |= {k.to_user_string() for d in qa_signatures.build(build_partitions(project_config())) for k in d.keys}
+    assert set(ASSET_NAMES) == built

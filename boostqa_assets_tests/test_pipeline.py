@@ -105,7 +105,9 @@ def test_full_pipeline_in_process(project_env: dict[str, str], fake_llm: FakeOpe
 
     # Grade fidelity: every high-difficulty row and a sample of multi-grade rows were re-annotated.
     synth_meta = next(r for r in results if r.asset == "synthesized_qa").metadata
-    assert synth_meta["grade_fidelity_rate"] == 1.0 and synth_meta["difficulty_degraded"] == 0
+    # (each partition reports its own rate; the run's totals are counts, so the rate is theirs)
+    assert synth_meta["grade_fidelity_matches"] == synth_meta["grade_fidelity_sampled"]
+    assert synth_meta["difficulty_degraded"] == 0
     assert synth_meta["grade_fidelity_sampled"] >= 2
     unchecked_hd = con.sql(
         "SELECT count(*) FROM synthesized_qa WHERE track = 'high_difficulty' AND check_grade IS NULL"

@@ -1,16 +1,18 @@
 """``annotated_seeds[source]``: each seed labelled with discipline, category, grade and difficulty."""
 
+from collections.abc import Iterator
+
 import dagster as dg
 
 from boostqa_assets import checks, expectations
+from boostqa_assets.defs.metadata import LLMTally, column_schema, log_run_llm, row_figures, table_preview
 from boostqa_assets.defs.seeds import source_name
 from boostqa_assets.defs.support import (
+    asset_ui,
     backfill_policy,
     counts_by,
     eager_when_upstream_passed,
     endpoint_pool,
-    llm_metadata,
-    md_table,
     progress_logger,
     report_partition_checks,
 )
@@ -18,9 +20,11 @@ from boostqa_assets.logic import annotate
 from boostqa_assets.manifests import stream_parquet
 from boostqa_assets.partitions import Partitions
 from boostqa_assets.prompting import prompt_fingerprint
-from boostqa_assets.records import ANNOTATED_SCHEMA, SEED_SCHEMA
+from boostqa_assets.records import ANNOTATED_SCHEMA, SEED_SCHEMA, AnnotatedSeed
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
 from boostqa_assets.streaming import input_generation, open_output, resume_key, skip_done
+
+PREVIEW_COLUMNS = ["seed_id", "discipline", "grade", "difficulty", "language", "question", "text"]
 
 
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -34,6 +38,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         kinds={"parquet", "llm"},
         code_version="annotated-" + prompt_fingerprint(annotate.PROMPT_ID),
         pool=endpoint_pool("annotator"),
+        **asset_ui("annotated_seeds"),
     )
     def annotated_seeds(
         context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource
@@ -50,7 +55,6 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         client = llm.client("annotator")
         chunk_rows = project.pipeline.streaming.chunk_rows
         validator = annotate.make_validator(project.taxonomy)
-        summary = []
         for key in context.partition_keys:
             files = st.partition_files("seeds", {"source": key})
             fingerprint = resume_key(
@@ -61,38 +65,34 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             out = open_output(st, "annotated_seeds", {"source": key}, key, ANNOTATED_SCHEMA, fingerprint)
             if out.done:
                 context.log.info(f"annotated_seeds[{key}]: resuming after {out.done} seeds already written")
+            tally = LLMTally(client.stats)
             for chunk in skip_done(stream_parquet(st, files, chunk_rows, SEED_SCHEMA), out.done):
                 requests = annotate.build_requests(
                     chunk, project.taxonomy, project.pipeline.annotation.max_chars_in_prompt
                 )
                 results = client.run(requests, validator, progress_logger(context.log, f"annotated_seeds[{key}]"))
+                tally.add(results)
                 kept, rejects = annotate.assemble(chunk, results, project.taxonomy, key)
                 out.write(kept, rejects, chunk.height)
             out.commit()
-            summary.append(
+            context.add_asset_metadata(
                 {
-                    "source": key,
+                    **row_figures(out.kept, out.rejected, out.reasons),
                     "seeds": out.done,
-                    "annotated": out.kept,
-                    "rejected": out.rejected,
-                    "reject_reasons": out.reasons or "-",
                     "parts": out.rows.chunks_done,
-                }
+                    "preview": table_preview(out.head, PREVIEW_COLUMNS),
+                    **tally.metadata(),
+                },
+                partition_key=key,
             )
             context.log.info(f"annotated_seeds[{key}]: {out.kept} annotated, {out.rejected} rejected")
-        rows = sum(s["annotated"] for s in summary)
-        return dg.MaterializeResult(
-            metadata={
-                "rows": rows,
-                "rows_rejected": sum(s["rejected"] for s in summary),
-                "dagster/row_count": rows,
-                "partitions": md_table(summary),
-                **llm_metadata(client.stats),
-            }
-        )
+        log_run_llm(context.log, "annotated_seeds", client.stats)
+        return dg.MaterializeResult(metadata={"dagster/column_schema": column_schema(AnnotatedSeed)})
 
     @dg.asset_check(asset=annotated_seeds, partitions_def=parts.source_partitions, blocking=True)
-    def annotated_seeds_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
+    def annotated_seeds_valid(
+        context: dg.AssetCheckExecutionContext, store: StoreResource
+    ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
         """Per source partition: the annotated schema, unique `seed_id`, no null labels, every label inside
         the taxonomy, and every request hash recorded (lineage); no seed left unanswered because the run stopped
         sending (endpoint down, 429s past `rate_limit_max_wait_s`); plus the Great Expectations suite of
@@ -127,6 +127,6 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             sent = checks.all_sent(checks.read_stage_rejects(st, "annotated_seeds", key))
             return checks.CheckOutcome.all_of(outcome, sent, expectations.validate("annotated_seeds", df, tax))
 
-        return report_partition_checks(context, "annotated_seeds", "annotated_seeds_valid", evaluate)
+        yield from report_partition_checks(context, "annotated_seeds", "annotated_seeds_valid", evaluate)
 
     return [annotated_seeds, annotated_seeds_valid]

@@ -7,14 +7,15 @@ import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks, expectations
-from boostqa_assets.defs.support import counts_by, endpoint_pool, llm_metadata, md_table, progress_logger
+from boostqa_assets.defs.metadata import column_schema, grid_table, reasons_text, table_preview
+from boostqa_assets.defs.support import asset_ui, counts_by, endpoint_pool, llm_metadata, md_table, progress_logger
 from boostqa_assets.failures import read_good_sources
 from boostqa_assets.llm.types import LLMResult
 from boostqa_assets.logic import probe
 from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heatmaps
 from boostqa_assets.partitions import Partitions
 from boostqa_assets.prompting import prompt_fingerprint
-from boostqa_assets.records import ANNOTATED_SCHEMA, PROBE_CELL_SCHEMA, PROBE_ITEM_SCHEMA, REJECT_SCHEMA
+from boostqa_assets.records import ANNOTATED_SCHEMA, PROBE_CELL_SCHEMA, PROBE_ITEM_SCHEMA, REJECT_SCHEMA, ProbeCell
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
 
 
@@ -51,6 +52,20 @@ def _heatmap(cells: pl.DataFrame, disciplines: list[str], grades: list[str]) -> 
     return png_markdown(png, "deficiency probe: accuracy and sample size per discipline x grade")
 
 
+def _heatmap_tables(cells: pl.DataFrame, disciplines: list[str], grades: list[str]) -> dict[str, dg.MetadataValue]:
+    """The heatmap's two grids as tables, which the UI shows inline (the PNG is behind "Show Markdown")."""
+    rows = cells.to_dicts()
+    accuracy = {(r["discipline"], r["grade"]): r["accuracy"] for r in rows}
+    graded = {(r["discipline"], r["grade"]): float(r["n_graded"]) for r in rows}
+    return {
+        "heatmap_accuracy": grid_table(accuracy, disciplines, grades, vmin=0.0, vmax=1.0),
+        "heatmap_graded": grid_table(graded, disciplines, grades, fmt="{:.0f}", vmin=0.0),
+    }
+
+
+PREVIEW_COLUMNS = ["discipline", "grade", "status", "n_graded", "n_correct", "accuracy", "ci_low", "ci_high"]
+
+
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     @dg.asset(
         deps=[dg.AssetDep("annotated_seeds", partition_mapping=dg.AllPartitionMapping())],
@@ -58,6 +73,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         kinds={"parquet", "llm"},
         code_version="probe-" + prompt_fingerprint(probe.PROBE_PROMPT_ID, probe.JUDGE_PROMPT_ID),
         pool=endpoint_pool("probe"),
+        **asset_ui("deficiency_probe"),
     )
     def deficiency_probe(
         context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource
@@ -86,6 +102,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 metadata={
                     "rows": 0,
                     "dagster/row_count": 0,
+                    "dagster/column_schema": column_schema(ProbeCell),
                     "probe": "disabled (pipeline.yaml probe.enabled: false): empty table, the plan uses static weights",
                 }
             )
@@ -132,20 +149,23 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 "rows": cells.height,
                 "dagster/row_count": cells.height,
                 "rows_rejected": rejects.height,
-                "reject_reasons": counts_by(rejects, "reason") or "-",
+                "reject_reasons": reasons_text(counts_by(rejects, "reason")),
                 "cells_ok": n_ok,
                 "cells_insufficient": n_insufficient,
                 "items": items.height,
                 "items_graded": n_graded,
                 "overall_accuracy": round(overall, 4) if overall is not None else "no graded replies",
-                "grading_methods": counts_by(items, "method") or "-",
+                "grading_methods": reasons_text(counts_by(items, "method")),
                 "candidates_without_reference": cands.without_reference,
                 "candidates_too_long_for_prompt": cands.too_long,
                 "samples_per_cell": cfg.samples_per_cell,
                 "min_samples": cfg.min_samples,
                 "confidence": cfg.confidence,
                 "cells": md_table(_cell_rows(cells)),
+                **_heatmap_tables(cells, tax.discipline_names, tax.grades),
                 "heatmap": dg.MetadataValue.md(_heatmap(cells, tax.discipline_names, tax.grades)),
+                "preview": table_preview(cells.sort("discipline", "grade"), PREVIEW_COLUMNS),
+                "dagster/column_schema": column_schema(ProbeCell),
                 **llm_metadata(target.stats),
                 **judge_meta,
             }

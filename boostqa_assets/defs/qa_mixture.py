@@ -2,20 +2,22 @@
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks, expectations
+from boostqa_assets.defs.metadata import column_schema, table_preview
 from boostqa_assets.defs.refined_gate import refined_failures
-from boostqa_assets.defs.support import md_table, report_partition_checks
+from boostqa_assets.defs.support import asset_ui, md_table, report_partition_checks
 from boostqa_assets.logic import gates, gates_ooc
 from boostqa_assets.logic.card import dataset_card
 from boostqa_assets.logic.mixture_ooc import build_mixture_streaming
 from boostqa_assets.logic.spill import SpillConfig, publish_directory, read_columns, staging_folder
 from boostqa_assets.partitions import Partitions
-from boostqa_assets.records import MIXTURE_SCHEMA, SEED_SCHEMA
+from boostqa_assets.records import MIXTURE_SCHEMA, SEED_SCHEMA, MixtureDoc
 from boostqa_assets.resources import StoreResource, project_config
 
 
@@ -31,6 +33,9 @@ def _coverage_table(docs: pl.DataFrame, grades: list[str]) -> dg.MetadataValue:
     return md_table(rows, ["discipline", *grades])
 
 
+PREVIEW_COLUMNS = ["doc_id", "discipline", "grade", "track", "language", "n_tokens", "text"]
+
+
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
     @dg.asset(
         partitions_def=parts.recipe_partitions,
@@ -40,6 +45,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         group_name="boostqa",
         kinds={"parquet", "jsonl"},
         code_version="mixture-v2",  # v2: a `language` column, language weights and totals
+        **asset_ui("qa_mixture"),
     )
     def qa_mixture(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         """One row per training document of the recipe: `template` applied to a kept QA pair.
@@ -86,6 +92,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 out = staging_folder(st, "qa_mixture") or spill.work_dir / "out" / key
                 staged.append(out)
                 mix = build_mixture_streaming(run.pools[key], recipe, spill, out)
+                shards = sorted(f for f in mix.files if f.endswith(".parquet"))
+                head = pl.read_parquet(out / shards[0], n_rows=5) if shards else None  # before it moves
                 manifest = {**mix.manifest, "gates": gate_counts}
                 (out / "manifest.json").write_bytes(
                     json.dumps({**manifest, "files": sorted(mix.files)}, indent=2, sort_keys=True).encode("utf-8")
@@ -93,7 +101,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 card = dataset_card(manifest, seeds, rejects, run.refined_rows)
                 (out / "DATASET_CARD.md").write_bytes(card.encode("utf-8"))
                 target = publish_directory(st, "qa_mixture", f"recipe={key}", out)
-                results[key] = (mix.coverage, manifest, target, card)
+                results[key] = (mix.coverage, manifest, target, card, head)
                 context.log.info(
                     f"qa_mixture[{key}]: {manifest['rows']} docs, {manifest['tokens_total']} tokens "
                     f"({manifest['budget_filled']:.0%} of the budget) from {run.refined_rows} kept QA; gates removed "
@@ -103,35 +111,41 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         finally:
             for folder in [spill.work_dir, *staged]:  # published folders are gone already; a failed one is not
                 shutil.rmtree(folder, ignore_errors=True)
-        coverage, manifest, target, card = results[context.partition_keys[-1]]
-        return dg.MaterializeResult(
-            metadata={
-                "rows": manifest["rows"],
-                "dagster/row_count": manifest["rows"],
-                "tokens_total": manifest["tokens_total"],
-                "token_budget": manifest["token_budget"],
-                "budget_filled": manifest["budget_filled"],
-                "recipe_hash": manifest["recipe_hash"],
-                "sampling_seed": manifest["sampling_seed"],
-                "path": target,
-                "rows_rejected": sum(v for k, v in manifest["gates"].items() if k != "pool"),
-                "removed_exact_duplicates": manifest["gates"]["exact_duplicate"],
-                "removed_near_duplicates": manifest["gates"]["near_duplicate"],
-                "removed_contaminated": manifest["gates"]["contaminated"],
-                "dataset_card": dg.MetadataValue.md(card),
-                "coverage_tokens": _coverage_table(coverage, project.taxonomy.grades),
-                "gate_seconds": run.stats.get("seconds_gates", 0.0),
-                "dedup_keys_from_qa_signatures": run.stats.get("keys_reused", 0),
-                "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),
-                "tokens_by_source": dg.MetadataValue.json(manifest["tokens_by_source"]),
-                "tokens_by_language": dg.MetadataValue.json(manifest["tokens_by_language"]),
-                "rows_by_language": dg.MetadataValue.json(manifest["rows_by_language"]),
-                "language_share": dg.MetadataValue.json(manifest["language_share"]),
-            }
-        )
+        # Each recipe's own figures (a run of several recipes gives each its own event).
+        for key, (coverage, manifest, target, card, head) in results.items():
+            context.add_asset_metadata(
+                {
+                    "rows": manifest["rows"],
+                    "dagster/row_count": manifest["rows"],
+                    "tokens_total": manifest["tokens_total"],
+                    "token_budget": manifest["token_budget"],
+                    "budget_filled": manifest["budget_filled"],
+                    "recipe_hash": manifest["recipe_hash"],
+                    "sampling_seed": manifest["sampling_seed"],
+                    "path": target,
+                    "rows_rejected": sum(v for k, v in manifest["gates"].items() if k != "pool"),
+                    "removed_exact_duplicates": manifest["gates"]["exact_duplicate"],
+                    "removed_near_duplicates": manifest["gates"]["near_duplicate"],
+                    "removed_contaminated": manifest["gates"]["contaminated"],
+                    "dataset_card": dg.MetadataValue.md(card),
+                    "coverage_tokens": _coverage_table(coverage, project.taxonomy.grades),
+                    "gate_seconds": run.stats.get("seconds_gates", 0.0),
+                    "dedup_keys_from_qa_signatures": run.stats.get("keys_reused", 0),
+                    "tokens_by_track": dg.MetadataValue.json(manifest["tokens_by_track"]),
+                    "tokens_by_source": dg.MetadataValue.json(manifest["tokens_by_source"]),
+                    "tokens_by_language": dg.MetadataValue.json(manifest["tokens_by_language"]),
+                    "rows_by_language": dg.MetadataValue.json(manifest["rows_by_language"]),
+                    "language_share": dg.MetadataValue.json(manifest["language_share"]),
+                    "preview": table_preview(head, PREVIEW_COLUMNS),
+                },
+                partition_key=key,
+            )
+        return dg.MaterializeResult(metadata={"dagster/column_schema": column_schema(MixtureDoc)})
 
     @dg.asset_check(asset=qa_mixture, partitions_def=parts.recipe_partitions, blocking=True)
-    def qa_mixture_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
+    def qa_mixture_valid(
+        context: dg.AssetCheckExecutionContext, store: StoreResource
+    ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
         """Per recipe (blocking): the mixture schema, unique `qa_id` and `doc_id`, no empty text, at least one
         document, tokens within the budget, the manifest's totals equal to the shards', and every row's
         `seed_id` joining back to `seeds` (lineage); plus the Great Expectations suite of `expectations.py`
@@ -163,6 +177,6 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             )
             return checks.CheckOutcome.all_of(outcome, within, checks.joins_back(df, "seed_id", seed_ids), suite)
 
-        return report_partition_checks(context, "qa_mixture", "qa_mixture_valid", evaluate)
+        yield from report_partition_checks(context, "qa_mixture", "qa_mixture_valid", evaluate)
 
     return [qa_mixture, qa_mixture_valid]

@@ -5,7 +5,7 @@ import time
 
 import dagster as dg
 
-from boostqa_assets.defs.support import backfill_policy
+from boostqa_assets.defs.support import asset_ui, backfill_policy
 from boostqa_assets.logic import gates_ooc
 from boostqa_assets.logic.gate_keys import keys_path, keys_version, write_keys_file
 from boostqa_assets.partitions import Partitions, qa_key_parts
@@ -53,16 +53,14 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition]:
 
     @dg.op(out=dg.Out(dg.Nothing))
     def qa_signatures_done(context: dg.OpExecutionContext, results: list[dict]) -> None:
-        rows = sum(r["rows"] for r in results)
-        context.add_output_metadata(
-            {
-                "rows": rows,
-                "dagster/row_count": rows,
-                "partitions": len(results),
-                "keys_version": keys_version(cfg),
-                "seconds_max_partition": max((r["seconds"] for r in results), default=0.0),
-            }
-        )
+        """Each partition's own figures on its own materialization event (the op's output metadata would give
+        every partition the run's)."""
+        for r in results:
+            context.add_asset_metadata(
+                {"rows": r["rows"], "dagster/row_count": r["rows"], "seconds": r["seconds"]},
+                partition_key=r["partition"],
+            )
+        context.add_output_metadata({"keys_version": keys_version(cfg)})
 
     @dg.graph_asset(
         partitions_def=parts.qa_partitions,
@@ -72,6 +70,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition]:
         group_name="boostqa",
         kinds={"parquet"},
         code_version="signatures-" + keys_version(cfg),
+        **asset_ui("qa_signatures"),
     )
     def qa_signatures(refined_qa):  # type: ignore[no-untyped-def]
         """One row per refined QA row of the partition: its dedup keys (`logic/gate_keys.py`): the 128-bit exact

@@ -1,17 +1,20 @@
 """``refined_qa[discipline x grade]``: synthesized QA with the refiner's answer and rule-filter flags."""
 
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks, expectations
+from boostqa_assets.defs.metadata import LLMTally, column_schema, log_run_llm, row_figures, table_preview
 from boostqa_assets.defs.support import (
+    asset_ui,
     backfill_policy,
     eager_when_upstream_passed,
     endpoint_pool,
-    llm_metadata,
     md_table,
+    one_line,
     progress_logger,
     report_partition_checks,
 )
@@ -19,10 +22,12 @@ from boostqa_assets.logic import language, refine
 from boostqa_assets.manifests import stream_parquet
 from boostqa_assets.partitions import Partitions, qa_key, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
-from boostqa_assets.records import REFINED_SCHEMA, SYNTHESIZED_SCHEMA
+from boostqa_assets.records import REFINED_SCHEMA, SYNTHESIZED_SCHEMA, RefinedQA
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
 from boostqa_assets.storage import Store
 from boostqa_assets.streaming import PartitionOutput, input_generation, open_output, pooled, resume_key, skip_done
+
+PREVIEW_COLUMNS = ["qa_id", "track", "language", "question", "refined_answer", "flags"]
 
 
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -36,6 +41,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         kinds={"parquet", "llm"},
         code_version="refined-" + prompt_fingerprint(refine.PROMPT_ID),
         pool=endpoint_pool("refiner"),
+        **asset_ui("refined_qa"),
     )
     def refined_qa(context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource) -> dg.MaterializeResult:
         """One row per kept QA pair of the partition: `refined_answer` from the refiner role, `flags` from
@@ -60,8 +66,10 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         chunk_rows = project.pipeline.streaming.chunk_rows
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
         detection = project.pipeline.languages.detection
-        lang_stats: list[list[dict[str, object]]] = []
-        by_language: dict[str, int] = {}
+        # Each partition's own figures (its materialization event shows them, not the run's).
+        lang_stats: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in context.partition_keys}
+        by_language: dict[str, dict[str, int]] = {k: {} for k in context.partition_keys}
+        tallies = {k: LLMTally(client.stats) for k in context.partition_keys}
         # Pass 1, the LLM: the run's partitions stream through in pooled chunks; answered rows are staged (the
         # length rule needs the whole partition), the rows the refiner did not answer are rejects already.
         staged: dict[str, PartitionOutput] = {}
@@ -91,13 +99,14 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             results = client.run(refine.build_requests(qa), refine.validate_answer, progress)
             by_key = {r.key: r for r in results}
             for key, df in batch:
-                rows, rejects = refine.stage(df, [by_key[q] for q in df["qa_id"]], cfg, key, detection, lang_stats)
+                mine = [by_key[q] for q in df["qa_id"]]
+                tallies[key].add(mine)
+                rows, rejects = refine.stage(df, mine, cfg, key, detection, lang_stats[key])
                 staged[key].write(rows, rejects, df.height)
             sent += qa.height
         for out in staged.values():
             out.rows.commit()  # pass 1 is complete: a kill from here on redoes pass 2 only
         # Pass 2, the rules: the partition's length fence, then every blocking flag rejects its row.
-        summary = []
         for key, out in staged.items():
             part = _part(key)
             work_files = st.partition_files(WORK_ASSET, part)
@@ -107,45 +116,39 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             )
             fence = refine.length_fence(lengths, cfg.length_outlier_iqr, cfg.min_rows_for_outliers)
             final = st.partition_writer("refined_qa", part, REFINED_SCHEMA)
-            kept = 0
+            kept, head = 0, None
             for i, chunk in enumerate(stream_parquet(st, work_files, chunk_rows, refine.STAGED_SCHEMA)):
                 rows, rejects = refine.finish(chunk, fence, cfg, key)
                 final.write(rows)
                 for lang, n in rows.group_by("language").len().iter_rows():
-                    by_language[lang] = by_language.get(lang, 0) + n
+                    by_language[key][lang] = by_language[key].get(lang, 0) + n
                 out.rejects.write(rejects, progress=out.done + i + 1)  # beyond pass 1: a resume drops these
                 out.count(rejects)
                 kept += rows.height
+                if head is None and rows.height:
+                    head = rows.head(5)
             final.commit()
             out.rejects.commit()
             st.delete_folder(st.partition_folder(WORK_ASSET, part))
-            if out.done:
-                summary.append(
-                    {
-                        "partition": key,
-                        "input": out.done,
-                        "kept": kept,
-                        "rejected": out.rejected,
-                        "reject_reasons": out.reasons or "-",
-                    }
-                )
+            context.add_asset_metadata(
+                {
+                    **row_figures(kept, out.rejected, out.reasons),
+                    "input": out.done,
+                    "rows_by_language": one_line(dict(sorted(by_language[key].items()))),
+                    "language_fidelity": md_table(language.merge_tables(lang_stats[key])),
+                    "preview": table_preview(head, PREVIEW_COLUMNS),
+                    **tallies[key].metadata(),
+                },
+                partition_key=key,
+            )
         context.log.info(f"refined_qa: {sent} QA refined over {len(staged)} partitions")
-        rows = sum(s["kept"] for s in summary)
-        return dg.MaterializeResult(
-            metadata={
-                "rows": rows,
-                "rows_rejected": sum(s["rejected"] for s in summary),
-                "dagster/row_count": rows,
-                "partitions_with_rows": len(summary),
-                "partitions": md_table(summary),
-                "rows_by_language": dg.MetadataValue.json(dict(sorted(by_language.items()))),
-                "language_fidelity": md_table(language.merge_tables(lang_stats)),
-                **llm_metadata(client.stats),
-            }
-        )
+        log_run_llm(context.log, "refined_qa", client.stats)
+        return dg.MaterializeResult(metadata={"dagster/column_schema": column_schema(RefinedQA)})
 
     @dg.asset_check(asset=refined_qa, partitions_def=parts.qa_partitions, blocking=True)
-    def refined_qa_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
+    def refined_qa_valid(
+        context: dg.AssetCheckExecutionContext, store: StoreResource
+    ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
         """Per partition (blocking: bad rows must not reach the mixture): the refined schema, unique `qa_id`,
         no null or empty question or refined answer, `status = kept`, and no kept row carrying a flag that
         the configuration says must reject; plus the Great Expectations suite of `expectations.py` (nulls,
@@ -153,7 +156,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         endpoint went down, or kept answering 429) fail it until the partition is materialized again."""
         st = store.get()
         reject_flags = project_config().pipeline.refinement.reject_flags
-        return report_partition_checks(
+        yield from report_partition_checks(
             context, "refined_qa", "refined_qa_valid", lambda key: evaluate_partition(st, key, reject_flags)
         )
 

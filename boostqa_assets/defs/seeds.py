@@ -5,11 +5,13 @@ whose file changed since their last materialization)."""
 
 import json
 import time
+from collections.abc import Iterator
 
 import dagster as dg
 
 from boostqa_assets import checks, expectations
-from boostqa_assets.defs.support import backfill_policy, counts_by, md_table, report_partition_checks
+from boostqa_assets.defs.metadata import column_schema, reasons_text, row_figures, table_preview
+from boostqa_assets.defs.support import asset_ui, backfill_policy, counts_by, one_line, report_partition_checks
 from boostqa_assets.failures import clear_failure, read_failure, record_failure
 from boostqa_assets.logic.sources import (
     SourceError,
@@ -21,23 +23,13 @@ from boostqa_assets.logic.sources import (
     split_new_files,
 )
 from boostqa_assets.partitions import SOURCE_PARTITIONS, Partitions, register_sources
-from boostqa_assets.records import SEED_SCHEMA
+from boostqa_assets.records import SEED_SCHEMA, Seed
 from boostqa_assets.resources import StoreResource, project_config
 from boostqa_assets.settings import get_settings
 
 FINGERPRINT_KEY = "source_fingerprint"
 CURSOR_VERSION = 1
-_SUMMARY_COLUMNS = [
-    "source",
-    "rows_read",
-    "kept",
-    "languages",
-    "rejected",
-    "not_sampled",
-    "reject_reasons",
-    "path",
-    "error",
-]
+PREVIEW_COLUMNS = ["seed_id", "kind", "language", "question", "answer", "text"]
 
 
 def _resolver() -> SourceResolver:
@@ -85,6 +77,7 @@ def build(
         group_name="boostqa",
         kinds={"parquet"},
         code_version="seeds-v2",  # v2: language detected per seed (language_confidence, language_origin)
+        **asset_ui("seeds"),
     )
     def seeds(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         """One row per seed of the source: a QA item, problem or passage, normalized to the seed record.
@@ -108,8 +101,8 @@ def build(
         st = store.get()
         resolver = SourceResolver(project.sources, project.config_dir, st.storage_options)
         keys = context.partition_keys
-        summary, failed = [], {}
-        by_language: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        records: dict[str, str] = {}
         for key in keys:
             fingerprint, result, message = None, None, None
             try:
@@ -132,16 +125,17 @@ def build(
                 message = " ".join(str(exc).split())  # one line: it goes to tables, checks and the CLI
             if result is None or message is not None:
                 message = message or f"source {key!r}: not read"
-                record = record_failure(st, "seeds", key, message, context.run_id)
+                records[key] = record = record_failure(st, "seeds", key, message, context.run_id)
                 if result is not None:  # why every row was rejected is the diagnosis: keep it
                     st.write_rejects("seeds", key, result.rejects)
                 context.log.error(f"seeds[{key}] FAILED: {message}")
                 failed[key] = message
-                summary.append({"source": key, "error": message, "failure_record": record})
-                if len(keys) > 1:
-                    context.add_asset_metadata(
-                        {"error": message, "failure_record": record, "partition_rows": 0}, partition_key=key
-                    )
+                # Its previous data stays: this run wrote no row (no dagster/row_count: that is the stored data's).
+                rejected = result.rejects.height if result is not None else 0
+                context.add_asset_metadata(
+                    {"rows": 0, "rows_rejected": rejected, "error": message, "failure_record": record},
+                    partition_key=key,
+                )
                 continue
             path = st.write_partition("seeds", {"source": key}, result.seeds)
             st.write_rejects("seeds", key, result.rejects)
@@ -149,54 +143,37 @@ def build(
             reasons = counts_by(result.rejects, "reason")
             context.log.info(
                 f"seeds[{key}]: read {result.rows_read} rows from {result.path}, kept "
-                f"{result.seeds.height}, rejected {result.rejects.height} {reasons}, "
+                f"{result.seeds.height}, rejected {result.rejects.height} {reasons_text(reasons)}, "
                 f"not sampled {result.rows_not_sampled}"
             )
-            languages = counts_by(result.seeds, "language")
-            for lang, n in languages.items():
-                by_language[lang] = by_language.get(lang, 0) + n
             per_partition: dict[str, object] = {
+                **row_figures(result.seeds.height, result.rejects.height, reasons),
+                "rows_read": result.rows_read,
+                "rows_not_sampled": result.rows_not_sampled,
+                "rows_by_language": one_line(counts_by(result.seeds, "language")),
                 "source_path": result.path,
-                "partition_rows": result.seeds.height,
-                "rows_by_language": dg.MetadataValue.json(languages),
+                "path": path,
+                "preview": table_preview(result.seeds, PREVIEW_COLUMNS),
             }
             if fingerprint is not None:
                 per_partition[FINGERPRINT_KEY] = fingerprint
             context.add_asset_metadata(per_partition, partition_key=key)
-            summary.append(
-                {
-                    "source": key,
-                    "rows_read": result.rows_read,
-                    "kept": result.seeds.height,
-                    "languages": ", ".join(f"{k}: {v}" for k, v in languages.items()) or "-",
-                    "rejected": result.rejects.height,
-                    "not_sampled": result.rows_not_sampled,
-                    "reject_reasons": reasons or "-",
-                    "path": path,
-                }
-            )
         if len(keys) == 1 and failed:
             # A run of one partition can say it failed: the run fails and the partition shows as failed.
             raise dg.Failure(
                 description=failed[keys[0]],
-                metadata={"source": keys[0], "failure_record": summary[0]["failure_record"]},
+                metadata={"source": keys[0], "failure_record": records[keys[0]]},
                 allow_retries=False,  # the file has to change first; a retry would read the same bytes
             )
-        kept = sum(int(s.get("kept", 0)) for s in summary)
-        return dg.MaterializeResult(
-            metadata={
-                "rows": kept,
-                "rows_rejected": sum(int(s.get("rejected", 0)) for s in summary),
-                "partitions_failed": len(failed),
-                "failed_partitions": ", ".join(failed) or "-",
-                "partitions": md_table(summary, _SUMMARY_COLUMNS),
-                "rows_by_language": dg.MetadataValue.json(dict(sorted(by_language.items()))),
-                "dagster/row_count": kept,
-            }
-        )
+        if failed:
+            context.log.error(f"seeds: {len(failed)} of {len(keys)} sources failed: {', '.join(failed)}")
+        # Only what is true of every partition: each partition's figures are its own (add_asset_metadata above).
+        return dg.MaterializeResult(metadata={"dagster/column_schema": column_schema(Seed)})
 
     @dg.asset_check(asset=seeds, partitions_def=parts.source_partitions, blocking=True)
-    def seeds_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
+    def seeds_valid(
+        context: dg.AssetCheckExecutionContext, store: StoreResource
+    ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
         """Per source partition: the seed schema, unique `seed_id`, no null ids or kinds, and at least one
         seed; plus the Great Expectations suite of `expectations.py` (numbers as `gx_*` metadata). A partition
         whose source could not be read, or gave no seed, fails with the message that names the source, the file
@@ -222,7 +199,7 @@ def build(
                 outcome.metadata["error"] = f"source {key!r}: the seeds partition fails seeds_valid (see the numbers)"
             return outcome
 
-        return report_partition_checks(context, "seeds", "seeds_valid", evaluate)
+        yield from report_partition_checks(context, "seeds", "seeds_valid", evaluate)
 
     @dg.sensor(
         name="new_source_files",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import dagster as dg
 import polars as pl
+from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
 
 from boostqa_assets.checks import CheckOutcome
 from boostqa_assets.llm.client import ProgressFn
@@ -49,14 +50,40 @@ def progress_logger(log: Any, label: str, every_s: float = 10.0) -> ProgressFn:
     return report
 
 
+def one_line(value: Any) -> str:
+    """A value as readable text on one line: a dict as ``a: 1, b: 2`` (not its repr), a list as ``a, b``, None and
+    empty as ``-``."""
+    if isinstance(value, dict):
+        text = ", ".join(f"{k}: {v}" for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        text = ", ".join(map(str, value))
+    else:
+        text = "" if value is None else str(value)
+    return " ".join(text.split()) or "-"
+
+
+def md_cell(value: Any) -> str:
+    """One markdown table cell (``one_line``) with ``|`` escaped: partition keys such as ``arts|primary`` would
+    otherwise split the cell and shift every column after it."""
+    return one_line(value).replace("\\", "\\\\").replace("|", "\\|")
+
+
 def md_table(rows: Iterable[dict[str, Any]], columns: list[str] | None = None) -> dg.MetadataValue:
     rows = list(rows)
     if not rows:
         return dg.MetadataValue.md("_no rows_")
     columns = columns or list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines = ["| " + " | ".join(md_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(md_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def asset_ui(asset: str) -> dict[str, Any]:
+    """``owners`` and ``tags`` for an asset decorator, from `pipeline.yaml` ``ui:``."""
+    from boostqa_assets.resources import project_config
+
+    ui = project_config().pipeline.ui
+    return {"owners": ui.owners_for(asset), "tags": ui.tags_for(asset)}
 
 
 def counts_by(df: pl.DataFrame, column: str) -> dict[str, int]:
@@ -88,50 +115,71 @@ def report_partition_checks(
     asset: str,
     check_name: str,
     evaluate: Callable[[str], CheckOutcome],
-) -> dg.AssetCheckResult:
-    """Evaluate a check for every partition of the run.
+) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
+    """Evaluate a check for every partition of the run, and record one evaluation per partition.
 
-    A run of one partition returns that partition's result. A run of many (single-run backfill) records
-    one evaluation per partition in the event log, then returns a summary (passed only if all passed),
-    which is what blocks downstream steps when the check is blocking. In a run of many, the Great Expectations
-    suite runs once over the partitions' rows (``expectations.deferred``), and per partition only if that fails.
+    Each evaluation carries its partition, whatever the run's size: a run launched over a range of one key (the
+    demo's runs, a one-partition backfill) has no ``dagster/partition`` tag, and an ``AssetCheckResult`` would be
+    recorded without a partition (the UI shows that partition's check as skipped). Then the check's output, which
+    is what later steps wait for; a failed blocking evaluation fails the step after it, so they do not run. In a
+    run of many, the Great Expectations suite runs once over the partitions' rows (``expectations.deferred``), and
+    per partition only if that fails. Use as ``yield from report_partition_checks(...)``.
     """
     from boostqa_assets import expectations
     from boostqa_assets.resources import project_config
 
     keys = context.partition_keys
     if len(keys) == 1:
-        outcome = evaluate(keys[0])
-        return dg.AssetCheckResult(passed=outcome.passed, metadata=outcome.metadata)
-    # The pure rules run per partition; the expectation suite once over the run's partitions (a suite run has a
-    # fixed cost of ~0.35 s). Only if that fails is it run per partition, to say which ones fail.
-    with expectations.deferred(asset, project_config().taxonomy, len(keys)) as state:
-        outcomes = {key: evaluate(key) for key in keys}
-    suite = expectations.run_deferred(state)
-    if not suite.passed:
-        outcomes = {key: evaluate(key) for key in keys}
-    failed = []
+        outcomes = {keys[0]: evaluate(keys[0])}
+    else:
+        # The pure rules run per partition; the expectation suite once over the run's partitions (a suite run has
+        # a fixed cost of ~0.35 s). Only if that fails is it run per partition, to say which ones fail.
+        with expectations.deferred(asset, project_config().taxonomy, len(keys)) as state:
+            outcomes = {key: evaluate(key) for key in keys}
+        suite = expectations.run_deferred(state)
+        if suite.passed:
+            shared = {k: v for k, v in suite.metadata.items() if k.startswith("gx_")}
+            shared["gx"] = f"passed: one suite run over this run's {len(keys)} partitions"
+            for outcome in outcomes.values():
+                outcome.metadata.update(shared)
+        else:
+            outcomes = {key: evaluate(key) for key in keys}
+    asset_key = dg.AssetKey(asset)
+    blocking = any(spec.blocking for spec in context.check_specs)
+    targets = _latest_materializations(context.instance, asset_key, keys)
     for key, outcome in outcomes.items():
-        if not outcome.passed:
-            failed.append(key)
-        context.op_execution_context.log_event(
-            dg.AssetCheckEvaluation(
-                asset_key=dg.AssetKey(asset),
-                check_name=check_name,
-                passed=outcome.passed,
-                partition=key,
-                metadata={k: v for k, v in outcome.metadata.items() if isinstance(v, (str, int, float, bool))},
-            )
+        yield dg.AssetCheckEvaluation(
+            asset_key=asset_key,
+            check_name=check_name,
+            passed=outcome.passed,
+            partition=key,
+            blocking=blocking,
+            target_materialization_data=targets.get(key),
+            metadata={k: _scalar(v) for k, v in outcome.metadata.items()},
         )
-    return dg.AssetCheckResult(
-        passed=not failed,
-        metadata={
-            "partitions_checked": len(keys),
-            "partitions_failed": len(failed),
-            "failed_partitions": ", ".join(failed[:50]) or "-",
-            **{k: v for k, v in suite.metadata.items() if k.startswith("gx_")},
-        },
-    )
+    yield dg.Output(None, output_name=context.op_execution_context.op_def.output_defs[0].name)
+
+
+def _scalar(value: Any) -> Any:
+    """Check metadata the UI shows as text: numbers and strings as they are, dicts and lists as one line."""
+    return value if isinstance(value, str | int | float | bool) or value is None else one_line(value)
+
+
+def _latest_materializations(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, keys: list[str]
+) -> dict[str, AssetCheckEvaluationTargetMaterializationData]:
+    """Each partition's latest materialization (what its evaluation checked), in one query: the run that checks
+    them has just materialized them all, so they are the newest ``len(keys)`` records."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=keys), limit=len(keys)
+    ).records
+    found: dict[str, AssetCheckEvaluationTargetMaterializationData] = {}
+    for record in records:
+        if record.partition_key is not None and record.partition_key not in found:
+            found[record.partition_key] = AssetCheckEvaluationTargetMaterializationData(
+                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+            )
+    return found
 
 
 def endpoint_pool(role: str) -> str:

@@ -7,6 +7,7 @@ those ``synthesized_qa`` partitions become stale and only those are re-synthesiz
 """
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -14,13 +15,14 @@ import polars as pl
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.configs import ProjectConfig
-from boostqa_assets.defs.support import backfill_policy, md_table, report_partition_checks
+from boostqa_assets.defs.metadata import column_schema, grid_table, table_preview
+from boostqa_assets.defs.support import asset_ui, backfill_policy, md_table, report_partition_checks
 from boostqa_assets.failures import read_good_sources
 from boostqa_assets.logic import plan as plan_logic
 from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heatmaps
 from boostqa_assets.logic.probe import read_probe_cells
 from boostqa_assets.partitions import Partitions, contiguous_ranges, qa_key, qa_key_parts
-from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, stable_hash
+from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, PlanCell, stable_hash
 from boostqa_assets.resources import StoreResource, project_config
 from boostqa_assets.storage import Store
 
@@ -59,6 +61,21 @@ def heatmap_markdown(plan: pl.DataFrame, project: ProjectConfig) -> str:
     return png_markdown(png, "probe accuracy and synthesis budget, discipline x grade")
 
 
+def heatmap_tables(plan: pl.DataFrame, project: ProjectConfig) -> dict[str, dg.MetadataValue]:
+    """The same two grids as tables, which the UI shows inline (the PNG is behind "Show Markdown")."""
+    rows = plan.to_dicts()
+    tax = project.taxonomy
+    accuracy = {(r["discipline"], r["grade"]): r["accuracy"] for r in rows}
+    budget = {(r["discipline"], r["grade"]): float(r["budget"]) for r in rows}
+    return {
+        "heatmap_probe_accuracy": grid_table(accuracy, tax.discipline_names, tax.grades, vmin=0.0, vmax=1.0),
+        "heatmap_budget": grid_table(budget, tax.discipline_names, tax.grades, fmt="{:.0f}", vmin=0.0),
+    }
+
+
+PREVIEW_COLUMNS = ["discipline", "grade", "budget", "capacity", "accuracy", "need", "weight", "basis", "seed_ids"]
+
+
 def build(parts: Partitions) -> list[Any]:
     @dg.asset(
         partitions_def=parts.qa_partitions,
@@ -70,6 +87,7 @@ def build(parts: Partitions) -> list[Any]:
         group_name="boostqa",
         kinds={"parquet"},
         code_version=plan_logic.PLAN_RULE_VERSION,
+        **asset_ui("synthesis_plan"),
     )
     def synthesis_plan(context: dg.AssetExecutionContext, store: StoreResource) -> dg.MaterializeResult:
         """One row per discipline x grade cell: the number of QA `synthesized_qa` makes there (`budget`), the
@@ -95,37 +113,51 @@ def build(parts: Partitions) -> list[Any]:
             key = qa_key(row["discipline"], row["grade"])
             if key not in keys:
                 continue
-            st.write_partition(
-                "synthesis_plan",
-                {"discipline": row["discipline"], "grade": row["grade"]},
-                plan.filter((pl.col("discipline") == row["discipline"]) & (pl.col("grade") == row["grade"])),
-            )
+            cell = plan.filter((pl.col("discipline") == row["discipline"]) & (pl.col("grade") == row["grade"]))
+            st.write_partition("synthesis_plan", {"discipline": row["discipline"], "grade": row["grade"]}, cell)
             written.append(row)
+            context.add_asset_metadata(
+                {
+                    "rows": 1,
+                    "dagster/row_count": 1,
+                    "budget": row["budget"],
+                    "capacity": row["capacity"],
+                    "candidates": row["candidates"],
+                    "accuracy": row["accuracy"] if row["accuracy"] is not None else "not measured",
+                    "need": row["need"],
+                    "weight": row["weight"],
+                    "cell_basis": row["basis"],
+                    "seeds": len(json.loads(row["seed_ids"])),
+                    "changed": before.get(key) != row["fingerprint"],
+                    "preview": table_preview(cell, PREVIEW_COLUMNS),
+                },
+                partition_key=key,
+            )
         changed = [r for r in written if before.get(qa_key(r["discipline"], r["grade"])) != r["fingerprint"]]
         basis = plan_logic.plan_basis(plan)
         recipe = project.recipes.plan_recipe(project.pipeline.plan.recipe)
         context.log.info(
-            f"synthesis_plan: wrote {len(written)} cells ({len(changed)} changed); total budget "
+            f"synthesis_plan: wrote {len(written)} cells ({len(changed)} changed: "
+            f"{', '.join(qa_key(r['discipline'], r['grade']) for r in changed[:40]) or '-'}); total budget "
             f"{int(plan['budget'].sum())} of qa_budget {recipe.qa_budget}; basis: {basis}"
         )
         top = plan.filter(pl.col("budget") > 0).sort(["budget", "discipline", "grade"], descending=[True, False, False])
         table_cols = ["discipline", "grade", "budget", "accuracy", "probe_n", "need", "static_weight", "basis"]
+        # Every cell of a run shows the whole plan it belongs to (the same whichever cells the run wrote): what its
+        # budget was weighed against. The cell's own figures are above; nothing here counts the run's cells.
         return dg.MaterializeResult(
             metadata={
-                "rows": len(written),
                 "basis": basis,
                 "probe_found": probed,
                 "recipe": recipe.name,
                 "qa_budget": recipe.qa_budget if recipe.qa_budget is not None else "none (unbudgeted)",
-                "total_budget": int(plan["budget"].sum()),
-                "cells_with_budget": int((plan["budget"] > 0).sum()),
-                "cells_without_candidates": int((plan["candidates"] == 0).sum()),
-                "cells_written": len(written),
-                "cells_changed": len(changed),
-                "changed_cells": ", ".join(qa_key(r["discipline"], r["grade"]) for r in changed[:40]) or "-",
+                "plan_total_budget": int(plan["budget"].sum()),
+                "plan_cells_with_budget": int((plan["budget"] > 0).sum()),
+                "plan_cells_without_candidates": int((plan["candidates"] == 0).sum()),
+                **heatmap_tables(plan, project),
                 "heatmaps": dg.MetadataValue.md(heatmap_markdown(plan, project)),
-                "budgets": md_table(top.select(table_cols).to_dicts()),
-                "dagster/row_count": len(written),
+                "plan_budgets": md_table(top.select(table_cols).to_dicts()),
+                "dagster/column_schema": column_schema(PlanCell),
             },
             # Cells in one run share a data version: the hash of their fingerprints. A cell whose plan did not
             # change is not re-materialized by the sensor, so its synthesized_qa partition stays fresh.
@@ -133,7 +165,9 @@ def build(parts: Partitions) -> list[Any]:
         )
 
     @dg.asset_check(asset=synthesis_plan, partitions_def=parts.qa_partitions, blocking=True)
-    def synthesis_plan_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
+    def synthesis_plan_valid(
+        context: dg.AssetCheckExecutionContext, store: StoreResource
+    ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
         """Per cell: the plan schema, exactly one row for the cell's discipline and grade, 0 <= budget <=
         capacity, budget <= `cap`, no budget without candidate seeds, and enough named seeds for the budget
         (each serves at most 2 tracks x `max_qa_per_seed` variants). Plus the Great Expectations suite of
@@ -172,7 +206,7 @@ def build(parts: Partitions) -> list[Any]:
             suite = expectations.validate("synthesis_plan", df, project.taxonomy)
             return checks.CheckOutcome.all_of(rules, own, suite)
 
-        return report_partition_checks(context, "synthesis_plan", "synthesis_plan_valid", evaluate)
+        yield from report_partition_checks(context, "synthesis_plan", "synthesis_plan_valid", evaluate)
 
     @dg.sensor(
         minimum_interval_seconds=30,

@@ -1,15 +1,20 @@
 """``synthesized_qa[discipline x grade]``: new QA pairs at the partition's grade, from annotated seeds."""
 
+from collections.abc import Iterator
+from typing import Any
+
 import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks, expectations
+from boostqa_assets.defs.metadata import LLMTally, column_schema, log_run_llm, row_figures, table_preview
 from boostqa_assets.defs.support import (
+    asset_ui,
     backfill_policy,
     eager_when_upstream_passed,
     endpoint_pool,
-    llm_metadata,
     md_table,
+    one_line,
     progress_logger,
     report_partition_checks,
 )
@@ -18,9 +23,11 @@ from boostqa_assets.logic import annotate, fidelity, language, synthesize
 from boostqa_assets.logic import plan as plan_logic
 from boostqa_assets.partitions import Partitions, qa_key_parts
 from boostqa_assets.prompting import prompt_fingerprint
-from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, SYNTHESIZED_SCHEMA
+from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, SYNTHESIZED_SCHEMA, SynthesizedQA
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
 from boostqa_assets.streaming import PartitionOutput, open_output, pooled_lists, resume_key
+
+PREVIEW_COLUMNS = ["qa_id", "track", "difficulty", "language", "question", "answer"]
 
 
 def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinition]:
@@ -35,6 +42,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         kinds={"parquet", "llm"},
         code_version="synth-" + prompt_fingerprint(*synthesize.TRACK_PROMPTS.values()),
         pool=endpoint_pool("synthesizer"),
+        **asset_ui("synthesized_qa"),
     )
     def synthesized_qa(
         context: dg.AssetExecutionContext, store: StoreResource, llm: LLMResource
@@ -74,10 +82,15 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         for key in context.partition_keys:
             by_discipline.setdefault(qa_key_parts(key)[0], []).append(key)
         outs: dict[str, PartitionOutput] = {}
-        budgets, checked, n_tasks = [], [], 0
+        n_tasks = 0
         languages = project.pipeline.languages
-        lang_stats: list[list[dict[str, object]]] = []
-        by_language: dict[str, int] = {}
+        # Each partition's own figures (its materialization event shows them, not the run's).
+        budgets: dict[str, int] = {}
+        checked: dict[str, list[dict[str, Any]]] = {k: [] for k in context.partition_keys}
+        lang_stats: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in context.partition_keys}
+        by_language: dict[str, dict[str, int]] = {k: {} for k in context.partition_keys}
+        tallies = {k: LLMTally(client.stats) for k in context.partition_keys}
+        check_tallies = {k: LLMTally(checker.stats) for k in context.partition_keys}
         progress = progress_logger(context.log, "synthesized_qa")
         # One discipline at a time: only its annotated seeds are in memory; its cells' tasks stream through
         # in pooled chunks, so small cells share an LLM batch and the endpoint stays busy.
@@ -93,7 +106,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                         f"synthesized_qa[{key}]: {missing} seeds of the plan are no longer annotated; the plan is "
                         "stale (materialize synthesis_plan)"
                     )
-                budgets.append(cell["budget"])
+                budgets[key] = cell["budget"]
                 fingerprint = resume_key(
                     cell["fingerprint"],
                     [t.qa_id for t in tasks],
@@ -117,6 +130,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 )
                 results = client.run(requests, synthesize.validate_qa, progress)
                 by_key = {r.key: r for r in results}
+                for key, ts in batch:
+                    tallies[key].add(by_key[t.qa_id] for t in ts)
                 pieces = [
                     (
                         key,
@@ -128,7 +143,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                             top,
                             languages,
                             project.pipeline.synthesis.check_language,
-                            lang_stats,
+                            lang_stats[key],
                         ),
                     )
                     for key, ts in batch
@@ -144,56 +159,52 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                     annotate.make_validator(project.taxonomy),
                     progress_logger(context.log, "synthesized_qa fidelity check"),
                 )
-                for (key, kept, rejects), (_, ts) in zip(pieces, batch, strict=True):
+                check_by_key = {r.key: r for r in check_results}
+                for (key, kept, rejects), (_, ts), sampled in zip(pieces, batch, to_check, strict=True):
+                    check_tallies[key].add(check_by_key[q] for q in sampled["qa_id"] if q in check_by_key)
                     kept, degraded, part_checked = fidelity.apply(
                         kept, check_results, project.taxonomy, key, fidelity_cfg.drop_degraded
                     )
-                    checked += part_checked
+                    checked[key] += part_checked
                     for lang, n in kept.group_by("language").len().iter_rows():
-                        by_language[lang] = by_language.get(lang, 0) + n
+                        by_language[key][lang] = by_language[key].get(lang, 0) + n
                     outs[key].write(kept, pl.concat([rejects, degraded]), len(ts))
             for key in keys:
                 outs[key].commit()
         context.log.info(f"synthesized_qa: {n_tasks} tasks over {len(outs)} partitions")
-        summary = [
-            {
-                "partition": key,
-                "tasks": out.done,
-                "kept": out.kept,
-                "rejected": out.rejected,
-                "reject_reasons": out.reasons or "-",
-                "parts": out.rows.chunks_done,
-            }
-            for key, out in outs.items()
-            if out.done
-        ]
-        table = fidelity.fidelity_table(checked)
-        matches = sum(t["grade_matches"] for t in table)
-        sampled = sum(t["sampled"] for t in table)
-        rows = sum(s["kept"] for s in summary)
-        return dg.MaterializeResult(
-            metadata={
-                "rows": rows,
-                "rows_rejected": sum(s["rejected"] for s in summary),
-                "dagster/row_count": rows,
-                "partitions_with_rows": len(summary),
-                "partitions_in_run": len(outs),
-                "plan_budget": sum(budgets),
-                "partitions": md_table(summary),
-                "grade_fidelity": md_table(table),
-                "grade_fidelity_rate": round(matches / sampled, 3) if sampled else "no rows sampled",
-                "grade_fidelity_sampled": sampled,
-                "difficulty_degraded": sum(t["degraded"] for t in table),
-                "rows_by_language": dg.MetadataValue.json(dict(sorted(by_language.items()))),
-                "language_fidelity": md_table(language.merge_tables(lang_stats)),
-                "fidelity_check_tokens_in": checker.stats.tokens_in,
-                "fidelity_llm": llm_metadata(checker.stats)["llm"],  # the annotator's figures for the demo summary
-                **llm_metadata(client.stats),
-            }
-        )
+        for key, out in outs.items():
+            table = fidelity.fidelity_table(checked[key])
+            sampled = sum(t["sampled"] for t in table)
+            matches = sum(t["grade_matches"] for t in table)
+            context.add_asset_metadata(
+                {
+                    **row_figures(out.kept, out.rejected, out.reasons),
+                    "tasks": out.done,
+                    "plan_budget": budgets.get(key, 0),
+                    "parts": out.rows.chunks_done,
+                    "grade_fidelity_sampled": sampled,
+                    "grade_fidelity_matches": matches,
+                    "grade_fidelity_rate": round(matches / sampled, 3) if sampled else "no rows sampled",
+                    "difficulty_degraded": sum(t["degraded"] for t in table),
+                    "rows_by_language": one_line(dict(sorted(by_language[key].items()))),
+                    "language_fidelity": md_table(language.merge_tables(lang_stats[key])),
+                    "preview": table_preview(out.head, PREVIEW_COLUMNS),
+                    **tallies[key].metadata(),
+                    "fidelity_check_tokens_in": check_tallies[key].tokens_in,
+                    # The annotator's re-annotation, apart from the synthesizer's figures (the demo summary's
+                    # `annotator (fidelity)` line).
+                    "fidelity_llm": dg.MetadataValue.json(check_tallies[key].entry()),
+                },
+                partition_key=key,
+            )
+        log_run_llm(context.log, "synthesized_qa", client.stats)
+        log_run_llm(context.log, "synthesized_qa fidelity check", checker.stats)
+        return dg.MaterializeResult(metadata={"dagster/column_schema": column_schema(SynthesizedQA)})
 
     @dg.asset_check(asset=synthesized_qa, partitions_def=parts.qa_partitions, blocking=True)
-    def synthesized_qa_valid(context: dg.AssetCheckExecutionContext, store: StoreResource) -> dg.AssetCheckResult:
+    def synthesized_qa_valid(
+        context: dg.AssetCheckExecutionContext, store: StoreResource
+    ) -> Iterator[dg.AssetCheckEvaluation | dg.Output]:
         """Per discipline x grade partition: the synthesized schema, unique `qa_id`, no null or empty
         question/answer, discipline and grade equal to the partition's, tracks and labels inside the
         taxonomy; plus the Great Expectations suite of `expectations.py` (lengths, label sets; `gx_*` metadata).
@@ -220,6 +231,6 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             sent = checks.all_sent(checks.read_stage_rejects(st, "synthesized_qa", key))
             return checks.CheckOutcome.all_of(rules, sent, expectations.validate("synthesized_qa", df, tax))
 
-        return report_partition_checks(context, "synthesized_qa", "synthesized_qa_valid", evaluate)
+        yield from report_partition_checks(context, "synthesized_qa", "synthesized_qa_valid", evaluate)
 
     return [synthesized_qa, synthesized_qa_valid]
