@@ -8,6 +8,7 @@
 - ``boostqa catalog``: refresh the DuckDB catalog file that any DuckDB shell can open, and print its path.
 - ``boostqa check-config``: validate the configuration files (and that local source files exist).
 - ``boostqa lineage ID``: a row's seed and each LLM step (model, prompt version, request hash, raw output).
+- ``boostqa export RECIPE DIR``: the recipe's mixture as a Hugging Face ``datasets`` folder (``export.py``).
 """
 
 from __future__ import annotations
@@ -231,6 +232,25 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- export --------------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A recipe's mixture as a Hugging Face datasets folder (``export.export_recipe``)."""
+    from boostqa_assets.export import ExportError, export_recipe
+
+    try:
+        result = export_recipe(_store(), args.recipe, args.dir, shard_rows=args.shard_rows)
+    except ExportError as exc:  # one line on stderr, exit 1: the data is not ready, the command line was fine
+        sys.stderr.write(f"boostqa export: {exc}\n")
+        return 1
+    _print(f"{result.out_dir}: {result.rows} documents, {result.tokens} tokens ({result.seconds:.1f} s)")
+    for config in result.configs:
+        _print(f"  {config.name}: {len(config.files)} Parquet files, {config.download_size:,} bytes")
+    _print(f'load: datasets.load_dataset("{result.out_dir}", "text") or (..., "messages")')
+    return 0
+
+
 # --- demo ----------------------------------------------------------------------------------------------
 
 
@@ -386,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     lineage = sub.add_parser("lineage", help="print a row's seed and every LLM call that shaped it")
     lineage.add_argument("id", help="a qa_id, a mixture doc_id or a seed_id")
     lineage.set_defaults(fn=cmd_lineage)
+    export = sub.add_parser(
+        "export", help="write a recipe's mixture as a Hugging Face datasets folder (text, messages)"
+    )
+    export.add_argument("recipe", help="the recipe whose committed qa_mixture to export")
+    export.add_argument("dir", help="a local folder: new, empty, or an earlier export (replaced whole)")
+    export.add_argument("--shard-rows", type=int, default=None, help="rows per Parquet file (default: the recipe's)")
+    export.set_defaults(fn=cmd_export)
     return parser
 
 

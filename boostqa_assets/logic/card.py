@@ -8,7 +8,8 @@ from typing import Any
 import polars as pl
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A Markdown table of ``columns`` (``_none_`` without rows); also the export card's (logic/hf_card.py)."""
     if not rows:
         return "_none_\n"
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -72,7 +73,7 @@ def dataset_card(manifest: dict[str, Any], seeds: pl.DataFrame, rejects: pl.Data
             "annotate, multi-grade and high-difficulty synthesis, refinement, token-budgeted mixture).",
             "",
             "## Summary",
-            _table(
+            markdown_table(
                 [
                     {
                         "documents": manifest["rows"],
@@ -97,17 +98,17 @@ def dataset_card(manifest: dict[str, Any], seeds: pl.DataFrame, rejects: pl.Data
                 ],
             ),
             "## Sources and licences",
-            _table(sources, ["source", "licence", "seeds", "tokens in mixture", "in mixture"]),
+            markdown_table(sources, ["source", "licence", "seeds", "tokens in mixture", "in mixture"]),
             "Generated text inherits the terms of its seeds and of the models that wrote it.",
             "",
             "## Languages",
-            _table(_languages(manifest, seeds), ["language", "seeds", "documents", "tokens", "token share"]),
+            markdown_table(_languages(manifest, seeds), ["language", "seeds", "documents", "tokens", "token share"]),
             "`mixed`: CJK and alphabetic text both substantial; `und`: too little text to tell (README, Languages).",
             "",
             "## Filters: what each removed",
-            _table(removed, ["stage", "filter / reason", "rows removed"]),
+            markdown_table(removed, ["stage", "filter / reason", "rows removed"]),
             "## Tokens by dimension",
-            _table(tokens, ["dimension", "values"]),
+            markdown_table(tokens, ["dimension", "values"]),
             "## Recipe",
             "```json",
             json.dumps(recipe, indent=2, sort_keys=True),
