@@ -13,8 +13,10 @@ from boostqa_assets.defs.support import (
     counts_by,
     eager_when_upstream_passed,
     endpoint_pool,
+    fail_if_unsent,
     progress_logger,
     report_partition_checks,
+    unsent_rows,
 )
 from boostqa_assets.logic import annotate
 from boostqa_assets.manifests import stream_parquet
@@ -55,6 +57,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         client = llm.client("annotator")
         chunk_rows = project.pipeline.streaming.chunk_rows
         validator = annotate.make_validator(project.taxonomy)
+        unsent: dict[str, int] = {}
         for key in context.partition_keys:
             files = st.partition_files("seeds", {"source": key})
             fingerprint = resume_key(
@@ -86,7 +89,9 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 partition_key=key,
             )
             context.log.info(f"annotated_seeds[{key}]: {out.kept} annotated, {out.rejected} rejected")
+            unsent[key] = unsent_rows(out.reasons)
         log_run_llm(context.log, "annotated_seeds", client.stats)
+        fail_if_unsent("annotated_seeds", unsent)
         return dg.MaterializeResult(metadata={"dagster/column_schema": column_schema(AnnotatedSeed)})
 
     @dg.asset_check(asset=annotated_seeds, partitions_def=parts.source_partitions, blocking=True)

@@ -8,7 +8,16 @@ import polars as pl
 
 from boostqa_assets import checks, expectations
 from boostqa_assets.defs.metadata import column_schema, grid_table, reasons_text, table_preview
-from boostqa_assets.defs.support import asset_ui, counts_by, endpoint_pool, llm_metadata, md_table, progress_logger
+from boostqa_assets.defs.support import (
+    asset_ui,
+    counts_by,
+    endpoint_pool,
+    fail_if_unsent,
+    llm_metadata,
+    md_table,
+    progress_logger,
+    unsent_rows,
+)
 from boostqa_assets.failures import read_good_sources
 from boostqa_assets.llm.types import LLMResult
 from boostqa_assets.logic import probe
@@ -144,6 +153,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             f"{n_graded}/{items.height} replies graded, {rejects.height} rejected, overall accuracy "
             + ("n/a" if overall is None else f"{overall:.3f}")
         )
+        fail_if_unsent("deficiency_probe", {"": unsent_rows(counts_by(rejects, "reason"))})
         return dg.MaterializeResult(
             metadata={
                 "rows": cells.height,

@@ -13,10 +13,12 @@ from boostqa_assets.defs.support import (
     backfill_policy,
     eager_when_upstream_passed,
     endpoint_pool,
+    fail_if_unsent,
     md_table,
     one_line,
     progress_logger,
     report_partition_checks,
+    unsent_rows,
 )
 from boostqa_assets.logic import language, refine
 from boostqa_assets.manifests import stream_parquet
@@ -143,6 +145,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             )
         context.log.info(f"refined_qa: {sent} QA refined over {len(staged)} partitions")
         log_run_llm(context.log, "refined_qa", client.stats)
+        fail_if_unsent("refined_qa", {key: unsent_rows(out.reasons) for key, out in staged.items()})
         return dg.MaterializeResult(metadata={"dagster/column_schema": column_schema(RefinedQA)})
 
     @dg.asset_check(asset=refined_qa, partitions_def=parts.qa_partitions, blocking=True)

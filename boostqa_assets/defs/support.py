@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import dagster as dg
 import polars as pl
 from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
 
-from boostqa_assets.checks import CheckOutcome
+from boostqa_assets.checks import NOT_SENT_REASONS, CheckOutcome
 from boostqa_assets.llm.client import ProgressFn
 from boostqa_assets.llm.types import LLMStats
 
@@ -215,3 +215,29 @@ def eager_when_upstream_passed() -> dg.AutomationCondition:
     multi-partition run still gets a materialization event (Dagster cannot fail one partition of a run), and its
     failed check is what keeps the LLM stage from spending calls on it."""
     return dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+
+
+def unsent_rows(reasons: Mapping[str, int]) -> int:
+    """Rows of a partition that were never answered (the endpoint went down, kept answering 429, or a request
+    failed all its retries on the wire), from its reject reasons."""
+    return sum(int(reasons.get(reason, 0)) for reason in NOT_SENT_REASONS)
+
+
+def fail_if_unsent(asset: str, unsent: Mapping[str, int]) -> None:
+    """Fail the step when a partition has rows that were never answered, after what was answered is written
+    and cached. A step that stopped sending is a failed step, not a materialization with a failed check: a
+    backfill's re-execution from failure (and the runner) then runs this asset again, which pays only for the
+    rows that never came back, instead of running only what is downstream of it."""
+    bad = {key: n for key, n in unsent.items() if n}
+    if not bad:
+        return
+    shown = ", ".join(f"{key or asset} ({n})" for key, n in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise dg.Failure(
+        description=(
+            f"{asset}: {sum(bad.values())} rows never answered in {shown}{more}: the endpoint went down, kept "
+            f"answering 429, or failed every retry (reasons {', '.join(NOT_SENT_REASONS)} in rejects). Fix the "
+            "endpoint and materialize again: what was answered is written and cached, only the rest is paid for"
+        ),
+        metadata={"rows_not_sent": sum(bad.values()), "partitions_not_complete": len(bad)},
+    )

@@ -13,10 +13,12 @@ from boostqa_assets.defs.support import (
     backfill_policy,
     eager_when_upstream_passed,
     endpoint_pool,
+    fail_if_unsent,
     md_table,
     one_line,
     progress_logger,
     report_partition_checks,
+    unsent_rows,
 )
 from boostqa_assets.failures import read_good_sources
 from boostqa_assets.logic import annotate, fidelity, language, synthesize
@@ -199,6 +201,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             )
         log_run_llm(context.log, "synthesized_qa", client.stats)
         log_run_llm(context.log, "synthesized_qa fidelity check", checker.stats)
+        fail_if_unsent("synthesized_qa", {key: unsent_rows(out.reasons) for key, out in outs.items()})
         return dg.MaterializeResult(metadata={"dagster/column_schema": column_schema(SynthesizedQA)})
 
     @dg.asset_check(asset=synthesized_qa, partitions_def=parts.qa_partitions, blocking=True)
