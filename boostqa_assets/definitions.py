@@ -13,6 +13,7 @@ from boostqa_assets.defs import (
     deficiency_probe,
     jobs,
     qa_mixture,
+    qa_signatures,
     refined_qa,
     seeds,
     synthesis_plan,
@@ -45,6 +46,7 @@ MODULES = (
     synthesis_plan,
     synthesized_qa,
     refined_qa,
+    qa_signatures,
     qa_mixture,
     automation,
 )

@@ -5,17 +5,20 @@ from __future__ import annotations
 import dagster as dg
 
 from boostqa_assets.definitions import STAGES, build_definitions
-from boostqa_assets.partitions import build_partitions, register_sources
+from boostqa_assets.partitions import register_sources
 from boostqa_assets.resources import project_config
 
 
 def test_definitions_load_with_five_assets_and_a_check_each() -> None:
     defs = build_definitions()
     keys = sorted(k.to_user_string() for k in defs.resolve_all_asset_keys())
-    assert keys == sorted(STAGES)
+    # qa_signatures: the optional scale-out step of the mixture's dedup keys (its own job, not a demo stage and
+    # without a check: the mixture uses a partition's keys only when they match the refined files, else its own).
+    assert keys == sorted([*STAGES, "qa_signatures"])
+    assert defs.resolve_job_def("qa_signatures_job").executor_def.name == "multiprocess"
     checked = sorted(c.asset_key.to_user_string() for ch in defs.asset_checks or [] for c in ch.check_keys)
     assert checked == sorted(STAGES)
-    for name in STAGES:
+    for name in [*STAGES, "qa_signatures"]:
         spec = defs.resolve_assets_def(name).specs_by_key[dg.AssetKey(name)]
         assert spec.description and "row" in spec.description.lower(), f"{name} needs a docstring saying what a row is"
 
@@ -31,9 +34,10 @@ def test_partitions_match_the_configuration() -> None:
     assert sources == dg.DynamicPartitionsDefinition(name="sources")
     assert defs.resolve_assets_def("annotated_seeds").partitions_def == sources
     instance = dg.DagsterInstance.ephemeral()
-    assert register_sources(instance, project_config()) == ["wikipedia", "fanoutqa", "humaneval"]
+    configured = ["wikipedia", "fanoutqa", "zh_qa", "humaneval"]
+    assert register_sources(instance, project_config()) == configured
     assert register_sources(instance, project_config()) == []
-    assert sources.get_partition_keys(dynamic_partitions_store=instance) == ["wikipedia", "fanoutqa", "humaneval"]
+    assert sources.get_partition_keys(dynamic_partitions_store=instance) == configured
     recipes = defs.resolve_assets_def("qa_mixture").partitions_def
     assert recipes is not None and recipes.get_partition_keys() == ["stem_heavy"]
 
@@ -79,11 +83,10 @@ def test_jobs_owners_and_tags_snapshot() -> None:
     """A named job per stage (runs say which stage ran), and every asset's owners and tags from pipeline.yaml `ui:`:
     a job, owner or tag that changes by accident fails here."""
     from boostqa_assets.configs import ASSET_NAMES
-    from boostqa_assets.defs import qa_signatures
 
     defs = build_definitions()
     jobs = {j.name: j for j in defs.resolve_all_job_defs() if not j.name.startswith("__")}
-    assert sorted(jobs) == sorted(f"{s}_job" for s in STAGES)
+    assert sorted(jobs) == sorted([*(f"{s}_job" for s in STAGES), "qa_signatures_job"])
     for stage in STAGES:
         job = jobs[f"{stage}_job"]
         assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {stage}
@@ -97,13 +100,12 @@ def test_jobs_owners_and_tags_snapshot() -> None:
         "synthesized_qa": "synthesize",
         "refined_qa": "refine",
         "qa_mixture": "mix",
+        "qa_signatures": "dedup-keys",
     }
-    for name in STAGES:
+    for name in [*STAGES, "qa_signatures"]:
         spec = defs.resolve_assets_def(name).specs_by_key[dg.AssetKey(name)]
         assert spec.owners == ["team:data"], name
         user_tags = {k: v for k, v in spec.tags.items() if not k.startswith("dagster/")}
         assert user_tags == {"domain": "mid-training", "project": "boostqa", "stage": stage_tags[name]}, name
     # configs.ASSET_NAMES (what `ui.assets` may name) is exactly the assets the defs modules build.
-    built = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
-    built |= {k.to_user_string() for d in qa_signatures.build(build_partitions(project_config())) for k in d.keys}
-    assert set(ASSET_NAMES) == built
+    assert set(ASSET_NAMES) == {k.to_user_string() for k in defs.resolve_all_asset_keys()}

@@ -99,6 +99,9 @@ def test_signatures_over_the_multiprocess_executor_give_the_single_process_mixtu
         assert len(written) == 5
         materialized = instance.fetch_materializations(dg.AssetKey("qa_signatures"), limit=10).records
         assert {r.partition_key for r in materialized} == {f"physics|{g}" for g in GRADES}
+        # Each partition's event carries its own row count (120 refined rows each), not the run's 600.
+        counts = {r.asset_materialization.metadata["dagster/row_count"].value for r in materialized}
+        assert counts == {120}
 
         dist_meta, dist_docs, dist_rejects = mixture_outputs(instance)
     assert dist_meta["dedup_keys_from_qa_signatures"] == 5

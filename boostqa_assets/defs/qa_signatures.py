@@ -54,10 +54,13 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition]:
     @dg.op(out=dg.Out(dg.Nothing))
     def qa_signatures_done(context: dg.OpExecutionContext, results: list[dict]) -> None:
         """Each partition's own figures on its own materialization event (the op's output metadata would give
-        every partition the run's)."""
+        every partition the run's). An op of a graph asset has no public ``add_asset_metadata``; the step's
+        context (what ``AssetExecutionContext.add_asset_metadata`` calls) takes it for the asset this op
+        outputs."""
         for r in results:
-            context.add_asset_metadata(
-                {"rows": r["rows"], "dagster/row_count": r["rows"], "seconds": r["seconds"]},
+            context._step_execution_context.add_asset_metadata(
+                metadata={"rows": r["rows"], "dagster/row_count": r["rows"], "seconds": r["seconds"]},
+                asset_key=dg.AssetKey("qa_signatures"),
                 partition_key=r["partition"],
             )
         context.add_output_metadata({"keys_version": keys_version(cfg)})
@@ -65,7 +68,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition]:
     @dg.graph_asset(
         partitions_def=parts.qa_partitions,
         ins={"refined_qa": dg.AssetIn(dagster_type=dg.Nothing)},
-        automation_condition=dg.AutomationCondition.eager(),
+        # Not eager: an optional scale-out step (the mixture computes the keys itself when these are missing or
+        # stale), launched through qa_signatures_job when a run is big enough to spread over processes or pods.
         backfill_policy=backfill_policy(),
         group_name="boostqa",
         kinds={"parquet"},
@@ -82,4 +86,12 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition]:
         (normalization, shingling, MinHash) out of the mixture's process, one step per partition."""
         return qa_signatures_done(qa_signatures_fan_out(refined_qa=refined_qa).map(qa_signatures_partition).collect())
 
-    return [qa_signatures]
+    # Its own job on the multiprocess executor: one step per partition of the launch, side by side (swap in
+    # dagster-k8s's k8s_job_executor to run each step in its own pod).
+    qa_signatures_job = dg.define_asset_job(
+        "qa_signatures_job",
+        selection=[qa_signatures],
+        executor_def=dg.multiprocess_executor,  # a process per step, up to the cores
+        description="Computes qa_signatures for the partitions a launch picks, one process per partition.",
+    )
+    return [qa_signatures, qa_signatures_job]
