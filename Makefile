@@ -1,5 +1,7 @@
 # Two commands do all the set-up: `make demo` (whole pipeline on the embedded model) and `make test`.
-# Everything installs from this repository's lock files into .venv.
+# Everything installs from this repository's lock files into .venv: `make setup` (and `make demo`, and the image,
+# deploy/Dockerfile) the runtime set, requirements.lock; `make test` and `make lint` add the development set,
+# requirements-dev.lock (pytest, ruff, moto, redis, datasets), locked at the same versions.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +14,7 @@ export GX_ANALYTICS_ENABLED := false
 LLAMA_CMAKE := -C cmake.define.GGML_NATIVE=OFF -C cmake.define.GGML_AVX=ON -C cmake.define.GGML_AVX2=ON \
 	-C cmake.define.GGML_FMA=ON -C cmake.define.GGML_F16C=ON -C cmake.define.GGML_BMI2=ON
 
-.PHONY: setup demo test lint dev duckdb clean
+.PHONY: setup setup-dev lock demo test lint dev duckdb clean
 
 setup: $(VENV)/.installed
 
@@ -25,24 +27,40 @@ $(VENV)/.installed: requirements.lock requirements-data.lock pyproject.toml
 	mkdir -p $(DAGSTER_HOME) && ln -sf $(CURDIR)/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	touch $@
 
+setup-dev: $(VENV)/.dev-installed
+
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.lock
+	UV_COMPILE_BYTECODE=1 $(UV) pip install --python $(BIN)/python $(LLAMA_CMAKE) -r requirements-dev.lock
+	touch $@
+
+# Re-lock after a change to pyproject.toml's dependencies: the development set first (it keeps the versions it
+# has), then the runtime set constrained to the same versions.
+lock:
+	$(UV) pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes \
+		--custom-compile-command "make lock" -o requirements-dev.lock
+	$(UV) pip compile pyproject.toml --python-version 3.11 --generate-hashes -c requirements-dev.lock \
+		--custom-compile-command "make lock" -o requirements.lock
+
 demo: setup
 	$(BIN)/boostqa demo
 
-test: setup services
+test: setup-dev services
 	$(BIN)/python -m pytest
 
 # Tests start real PostgreSQL and Redis servers on 127.0.0.1 (the scale-out profile, limits shared across
-# machines): install Debian's server packages once, only where they are missing (needs root, as in CI).
+# machines) and render the Dagster UI in headless Chromium (marker `browser`): install Debian's packages once,
+# only where they are missing (needs root, as in CI).
 .PHONY: services postgres
 services:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then apt-get update && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; fi
 postgres: services
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 dev: setup

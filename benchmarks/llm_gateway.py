@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from boostqa_assets.configs import RoleConfig
 from boostqa_assets.llm.cache import ResponseCache
 from boostqa_assets.llm.client import LLMClient
-from boostqa_assets.llm.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets.llm.types import LLMRequest
+from boostqa_assets.testing.fake_server import FaultConfig, start_fake_server_process, stop_process
 
 MODEL = "fake-model"
 SCHEMA = {

@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dagster as dg
 
 from boostqa_assets.devserver import BackfillRun, DagsterDev, write_instance_yaml
-from boostqa_assets.llm.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets.settings import DEFAULT_CONFIG_DIR
+from boostqa_assets.testing.fake_server import FaultConfig, start_fake_server_process, stop_process
 
 BACKFILLED = ("synthesized_qa", "refined_qa")
 ALL_SCENARIOS = ("inprocess", "single_run", "per_partition", "per_partition_inproc")

@@ -36,8 +36,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig, ResponderReply, prompt_text
 from boostqa_assets.settings import DEFAULT_CONFIG_DIR
+from boostqa_assets.testing.fake_server import FakeOpenAIServer, FaultConfig, ResponderReply, prompt_text
 
 TOPICS = ["force", "cell", "integer", "market", "empire", "poem", "acid", "circuit", "glacier", "contract", "neuron"]
 

@@ -1,7 +1,8 @@
 """DuckDB over the Parquet assets: a read-only connection with one view per asset plus the reports.
 
-Views come from ``sql/views/<name>.sql`` (``{files}`` is the list of the asset's committed part files, read from
-the partitions' manifests); reports from ``sql/reports``; ``taxonomy_cells`` from ``taxonomy.yaml``.
+Views come from ``boostqa_assets/sql/views/<name>.sql`` (``{files}`` is the list of the asset's committed part
+files, read from the partitions' manifests); reports from ``boostqa_assets/sql/reports``;
+``taxonomy_cells`` from ``taxonomy.yaml``.
 An asset with no files yet gets an empty view with its record's columns, so every query binds. For
 ``s3://`` roots the s3fs filesystem is registered with DuckDB (its httpfs extension is not installable
 offline).

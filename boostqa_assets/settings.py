@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG_DIR = PACKAGE_DIR / "config"
 PROMPTS_DIR = PACKAGE_DIR / "prompts"
-SQL_DIR = PACKAGE_DIR.parent / "sql"
+SQL_DIR = PACKAGE_DIR / "sql"  # package data: a non-editable install has the views too
 CATALOG_FILE = "boostqa.duckdb"  # under BOOSTQA_HOME: DuckDB views over the committed Parquet (inspect.py)
 # Every variable ``get_settings`` reads (a test keeps this list and the code below in step).
 SETTINGS_ENV: tuple[str, ...] = (

@@ -17,8 +17,8 @@ import polars as pl
 import pytest
 import yaml
 
-from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig, ResponderReply, prompt_text
 from boostqa_assets.settings import DEFAULT_CONFIG_DIR
+from boostqa_assets.testing.fake_server import FakeOpenAIServer, FaultConfig, ResponderReply, prompt_text
 
 warnings.filterwarnings("ignore", message=".*is currently in preview.*")
 

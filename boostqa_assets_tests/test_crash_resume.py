@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from boostqa_assets.llm.fake_server import FaultConfig, start_fake_server_process, stop_process
+from boostqa_assets.testing.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets_tests.conftest import write_project
 
 pytestmark = pytest.mark.slow

@@ -29,10 +29,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from boostqa_assets.devserver import DagsterDev, write_instance_yaml
-from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig
 from boostqa_assets.partitions import qa_key_parts
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer, FaultConfig
 from boostqa_assets_tests.conftest import pipeline_responder, write_project
 
 pytestmark = pytest.mark.slow
@@ -182,7 +182,8 @@ def test_webserver_shows_assets_partitions_descriptions_and_checks(tmp_path: Pat
         assert [c["name"] for c in checks] == [f"{name}_valid"] and checks[0]["blocking"]
     dims = {d["name"]: len(d["partitionKeys"]) for d in by_key["synthesized_qa"]["partitionKeysByDimension"]}
     assert dims == {"discipline": 22, "grade": 5}
-    assert by_key["seeds"]["partitionKeysByDimension"][0]["partitionKeys"] == ["wikipedia", "fanoutqa", "humaneval"]
+    seed_keys = by_key["seeds"]["partitionKeysByDimension"][0]["partitionKeys"]
+    assert seed_keys == ["wikipedia", "fanoutqa", "zh_qa", "humaneval"]
 
 
 def test_backfill_of_every_qa_partition_through_graphql(

@@ -19,8 +19,8 @@ from typing import IO
 import dagster as dg
 import pytest
 
-from boostqa_assets.llm.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets.runs import PID_TAG
+from boostqa_assets.testing.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets_tests.conftest import write_project
 
 pytestmark = pytest.mark.slow

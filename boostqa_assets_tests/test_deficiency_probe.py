@@ -17,12 +17,12 @@ from boostqa_assets import resources
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.inspect import view_statements
 from boostqa_assets.llm.cache import ResponseCache
-from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.logic import probe
 from boostqa_assets.records import PROBE_CELL_SCHEMA, PROBE_ITEM_SCHEMA, REJECT_SCHEMA
 from boostqa_assets.runner import StageResult, run_pipeline, run_stage
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer
 from boostqa_assets_tests.conftest import (
     PROBE_QA_ROWS,
     PROBE_WRONG_ANSWER,

@@ -15,10 +15,10 @@ import yaml
 
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.inspect import connect
-from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig
 from boostqa_assets.runner import run_pipeline, run_stage
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer, FaultConfig
 from boostqa_assets_tests.conftest import english_only_responder, pipeline_responder, write_project
 
 CMMLU_ITEM = "下列关于光合作用的说法中，正确的是哪一项？植物在光照下把二氧化碳和水转化为葡萄糖和氧气。"

@@ -13,12 +13,12 @@ from boostqa_assets.definitions import STAGES, build_definitions
 from boostqa_assets.defs.jobs import stage_job, stage_job_name
 from boostqa_assets.defs.metadata import LLMTally, grid_table, table_preview
 from boostqa_assets.defs.support import md_table
-from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.llm.types import LLMResult, LLMStats
 from boostqa_assets.partitions import qa_key_parts
 from boostqa_assets.runner import PIPELINE_TAG, run_pipeline
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer
 
 SYNTH = dg.AssetKey("synthesized_qa")
 CHECK = dg.AssetCheckKey(SYNTH, "synthesized_qa_valid")

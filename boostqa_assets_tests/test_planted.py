@@ -15,10 +15,10 @@ import yaml
 
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.inspect import connect
-from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.runner import run_pipeline
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer
 
 MMLU_920 = (
     'Who said "Globalization is not something we can hold off or turn off. It is the economic equivalent of a '

@@ -18,8 +18,8 @@ import pytest
 
 from boostqa_assets import progress
 from boostqa_assets.defs.support import progress_logger
-from boostqa_assets.llm.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets.llm.types import LLMStats
+from boostqa_assets.testing.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets_tests.conftest import write_project
 
 BOOSTQA = str(Path(sys.executable).parent / "boostqa")

@@ -12,11 +12,11 @@ import pytest
 
 from boostqa_assets.cli_summary import llm_by_role, llm_lines, rejects_by_reason, stage_line
 from boostqa_assets.definitions import build_definitions
-from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.records import REJECT_SCHEMA
 from boostqa_assets.runner import StageResult, StageStats, llm_stats_by_role, run_pipeline
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer
 
 
 def _llm(role: str, requests: int, tokens_in: int, cost: float = 0.0) -> dict[str, object]:

@@ -11,10 +11,10 @@ import s3fs
 
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.inspect import connect
-from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.runner import run_pipeline
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer
 from boostqa_assets_tests.conftest import write_project
 
 pytestmark = pytest.mark.s3

@@ -32,10 +32,10 @@ from dagster._serdes.config_class import ConfigurableClassData
 
 from boostqa_assets.configs import LLMConfig, load_config
 from boostqa_assets.definitions import STAGES, build_definitions
-from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.runner import run_pipeline
 from boostqa_assets.settings import DEFAULT_CONFIG_DIR, get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer
 from boostqa_assets_tests.conftest import write_project
 from boostqa_assets_tests.servers import PostgresServer, running_postgres
 

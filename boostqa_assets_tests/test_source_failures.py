@@ -21,11 +21,11 @@ import yaml
 
 from boostqa_assets import failures
 from boostqa_assets.definitions import build_definitions
-from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets.records import ANNOTATED_SCHEMA
 from boostqa_assets.runner import run_stage
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer, FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets_tests.conftest import write_project
 
 BOOSTQA = str(Path(sys.executable).parent / "boostqa")

@@ -19,13 +19,13 @@ from dagster._core.loader import LoadingContextForTest
 from boostqa_assets import prompting, resources
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.defs.synthesis_plan import pending_ranges
-from boostqa_assets.llm.fake_server import FakeOpenAIServer
 from boostqa_assets.partitions import qa_key
 from boostqa_assets.records import PLAN_SCHEMA, SYNTHESIZED_SCHEMA
 from boostqa_assets.resources import project_config
 from boostqa_assets.runner import run_pipeline, run_stage
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
+from boostqa_assets.testing.fake_server import FakeOpenAIServer
 from boostqa_assets_tests.conftest import PROBE_QA_ROWS, add_probe_source, probe_answers, probe_target_responder
 
 UP_TO_PLAN = ["seeds", "annotated_seeds", "deficiency_probe", "synthesis_plan"]

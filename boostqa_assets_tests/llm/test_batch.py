@@ -16,7 +16,8 @@ from boostqa_assets.configs import RoleConfig
 from boostqa_assets.llm.batch import BatchError, BatchRunner, BatchTimeout
 from boostqa_assets.llm.cache import ResponseCache
 from boostqa_assets.llm.client import LLMClient
-from boostqa_assets.llm.fake_server import (
+from boostqa_assets.llm.types import LLMRequest, LLMResult
+from boostqa_assets.testing.fake_server import (
     FakeOpenAIServer,
     FaultConfig,
     ResponderReply,
@@ -25,7 +26,6 @@ from boostqa_assets.llm.fake_server import (
     parse_cli_args,
     prompt_text,
 )
-from boostqa_assets.llm.types import LLMRequest, LLMResult
 from boostqa_assets_tests.llm.test_client import assert_results_add_up
 
 SECRET = "sk-test-batch-0a1b2c3d-SECRET-KEY"

@@ -366,7 +366,7 @@ def _counting(load: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
 
 
 def test_client_run_looks_up_once_and_writes_before_returning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from boostqa_assets.llm.fake_server import FakeOpenAIServer
+    from boostqa_assets.testing.fake_server import FakeOpenAIServer
     from boostqa_assets_tests.llm.test_client import client_for, make_requests, qa_validator
 
     reqs = make_requests(40)

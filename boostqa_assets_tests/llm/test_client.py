@@ -24,17 +24,17 @@ from starlette.responses import JSONResponse, Response
 from boostqa_assets.configs import ConfigError, RoleConfig
 from boostqa_assets.llm.cache import ResponseCache
 from boostqa_assets.llm.client import LLMClient, ReplayMissError
-from boostqa_assets.llm.fake_server import (
+from boostqa_assets.llm.limits import retry_after_s
+from boostqa_assets.llm.parsing import extract_json as _extract_json
+from boostqa_assets.llm.reasoning import split_reasoning
+from boostqa_assets.llm.types import LLMRequest, LLMResult, LLMStats, request_hash
+from boostqa_assets.testing.fake_server import (
     FakeOpenAIServer,
     FaultConfig,
     ResponderReply,
     default_responder,
     prompt_text,
 )
-from boostqa_assets.llm.limits import retry_after_s
-from boostqa_assets.llm.parsing import extract_json as _extract_json
-from boostqa_assets.llm.reasoning import split_reasoning
-from boostqa_assets.llm.types import LLMRequest, LLMResult, LLMStats, request_hash
 
 SECRET = "sk-test-9f8e7d6c5b4a-SECRET-KEY"
 KEY_ENV = "BOOSTQA_TEST_CLIENT_API_KEY"

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from boostqa_assets.llm.fake_server import (
+from boostqa_assets.testing.fake_server import (
     FAULT_KINDS,
     FakeOpenAIServer,
     FaultConfig,

@@ -26,7 +26,6 @@ from boostqa_assets.llm import pacing
 from boostqa_assets.llm.budget import Budget
 from boostqa_assets.llm.cache import ResponseCache
 from boostqa_assets.llm.client import LLMClient
-from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets.llm.limits import (
     EndpointLimiter,
     endpoint_key,
@@ -36,6 +35,7 @@ from boostqa_assets.llm.limits import (
 )
 from boostqa_assets.llm.pacing import REQUESTS, TOKENS_IN, PacingRule
 from boostqa_assets.llm.types import LLMRequest
+from boostqa_assets.testing.fake_server import FakeOpenAIServer, FaultConfig, start_fake_server_process, stop_process
 
 MODEL = "fake-model"
 QA_SCHEMA: dict[str, Any] = {

@@ -17,8 +17,8 @@ import pytest
 
 from boostqa_assets.configs import RoleConfig
 from boostqa_assets.llm.client import LLMClient
-from boostqa_assets.llm.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets.llm.types import LLMRequest
+from boostqa_assets.testing.fake_server import FaultConfig, start_fake_server_process, stop_process
 from boostqa_assets_tests.servers import running_postgres, running_redis
 
 RPM, PER_PROCESS, PROCESSES = 1200, 30, 2  # 20 a second

@@ -13,12 +13,12 @@ import pytest
 
 from boostqa_assets.configs import RefinementConfig, RoleConfig, TaxonomyConfig, load_config
 from boostqa_assets.llm.client import LLMClient
-from boostqa_assets.llm.fake_server import FakeOpenAIServer, FaultConfig, prompt_text
 from boostqa_assets.logic import fewshot, refine, synthesize
 from boostqa_assets.logic.synthesize import SynthTask
 from boostqa_assets.prompting import render, versions
 from boostqa_assets.records import SYNTHESIZED_SCHEMA, frame
 from boostqa_assets.settings import DEFAULT_CONFIG_DIR, PROMPTS_DIR
+from boostqa_assets.testing.fake_server import FakeOpenAIServer, FaultConfig, prompt_text
 
 QA_PROMPTS = ["synthesize_multi_grade", "synthesize_high_difficulty", "refine"]
 NATRIUM = "The chemical symbol of sodium is Na, from its Latin name natrium."

@@ -3,7 +3,7 @@
 Why: tests and benchmarks of the QA pipeline need an endpoint that is fast, deterministic and
 can misbehave on purpose (rate limits, 5xx, hangs, dropped connections, broken JSON) without a
 GPU, a model or network access.  Runs in-process (``FakeOpenAIServer``, uvicorn in a thread) or
-as a child process (``python -m boostqa_assets.llm.fake_server`` / ``start_fake_server_process``).
+as a child process (``python -m boostqa_assets.testing.fake_server`` / ``start_fake_server_process``).
 Also serves the Batch API (``/v1/files``, ``/v1/batches``): lines are answered by the same responder,
 with the same per-body faults, once ``batch_delay_s`` has passed.
 Binds to 127.0.0.1 only.
@@ -901,7 +901,7 @@ def _flag(name: str) -> str:
 def build_arg_parser() -> argparse.ArgumentParser:
     """One flag per FaultConfig field (``latency_s`` -> ``--latency-s``, alias ``--latency``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m boostqa_assets.llm.fake_server",
+        prog="python -m boostqa_assets.testing.fake_server",
         allow_abbrev=False,
         description="OpenAI-compatible fake LLM server with fault injection",
     )
@@ -946,7 +946,7 @@ def start_fake_server_process(
     cmd = [
         sys.executable,
         "-m",
-        "boostqa_assets.llm.fake_server",
+        "boostqa_assets.testing.fake_server",
         "--port",
         "0",
         *config_to_cli_args(config or FaultConfig()),
