@@ -10,6 +10,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 from boostqa_assets.defs import (
     annotated_seeds,
     automation,
+    catalog,
     deficiency_probe,
     jobs,
     qa_mixture,
@@ -49,6 +50,7 @@ MODULES = (
     qa_signatures,
     qa_mixture,
     automation,
+    catalog,
 )
 
 

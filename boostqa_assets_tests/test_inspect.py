@@ -120,3 +120,26 @@ def test_an_s3_catalog_reads_through_s3fs_and_a_plain_shell_only_lists_it(
     )
     # Offline, DuckDB's autoloader fails to download httpfs; online it would load it and still lack a secret.
     assert res.returncode != 0 and ("httpfs" in res.stderr or "s3://" in res.stderr), res.stderr
+
+
+def test_a_run_that_ends_refreshes_the_catalog_through_the_sensor(project_env: dict[str, str]) -> None:
+    """A materialization from the UI (a backfill, automation) is not the CLI's: the run-status sensor rebuilds the
+    catalog after the run, so a shell opened next sees the new rows."""
+    catalog = get_settings().catalog_path
+    defs = build_definitions()
+    instance = dg.DagsterInstance.ephemeral()
+    assert run_stage(defs, "seeds", instance).success
+    assert not catalog.exists()  # run_stage alone does not refresh it (the demo's CLI does)
+    run = instance.get_runs(limit=1)[0]
+    success = next(
+        e.dagster_event
+        for e in instance.all_logs(run.run_id)
+        if e.dagster_event is not None and e.dagster_event.event_type == dg.DagsterEventType.RUN_SUCCESS
+    )
+    sensor = defs.get_sensor_def("duckdb_catalog_after_success")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_event=success, dagster_instance=instance, dagster_run=run
+    )
+    skip = sensor(context)
+    assert "catalog refreshed" in str(skip)
+    assert _shell(catalog, "SELECT count(*) FROM seeds") == "9"
