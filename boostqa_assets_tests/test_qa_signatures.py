@@ -13,7 +13,6 @@ import polars as pl
 import pytest
 
 from boostqa_assets.definitions import MODULES
-from boostqa_assets.defs import qa_signatures
 from boostqa_assets.partitions import build_partitions
 from boostqa_assets.resources import LLMResource, StoreResource, project_config
 from boostqa_assets.settings import get_settings
@@ -24,9 +23,9 @@ GRADES = ["primary", "middle", "high", "undergraduate", "graduate"]
 
 
 def all_assets() -> list[dg.AssetsDefinition]:
-    """The code location's assets plus qa_signatures (until definitions.py lists it)."""
+    """The code location's assets (qa_signatures among them)."""
     parts = build_partitions(project_config())
-    built = [d for module in (*MODULES, qa_signatures) for d in module.build(parts)]  # type: ignore[attr-defined]
+    built = [d for module in MODULES for d in module.build(parts)]  # type: ignore[attr-defined]
     return [d for d in built if isinstance(d, dg.AssetsDefinition) and not isinstance(d, dg.AssetChecksDefinition)]
 
 
