@@ -274,4 +274,9 @@ class Store:
         return target
 
     def read_bytes(self, path: str) -> bytes:
+        """A small object (a manifest, a staging record) in one request. s3fs's default first asks for the size
+        (HEAD, and a LIST when the key is missing) to read big objects in parallel ranges: three requests for
+        each manifest lookup of every partition write."""
+        if self.protocol == "s3":
+            return self.fs.cat_file(path, max_concurrency=1)
         return self.fs.cat_file(path)

@@ -33,6 +33,7 @@ from boostqa_assets.configs import QualityConfig, Recipe
 from boostqa_assets.logic.decontam import BenchmarkIndex, decontaminate, reject_rows
 from boostqa_assets.logic.dedup_ooc import KeysSource, OocDedup, dedup_out_of_core
 from boostqa_assets.logic.gate_keys import (
+    KEYS_ASSET,
     SourceFile,
     fingerprint,
     is_fresh,
@@ -58,6 +59,15 @@ def dedup_config(quality: QualityConfig, chunk_rows: int) -> DedupConfig:
     return DedupConfig(**quality.dedup.model_dump(), chunk_rows=chunk_rows)
 
 
+def _stored_keys_files(store: Any) -> set[str]:
+    """Every keys file ``qa_signatures`` has written, in one listing (paths without the protocol)."""
+    root = store.path(KEYS_ASSET)
+    try:
+        return {store.fs._strip_protocol(p) for p in store.fs.find(root)}
+    except FileNotFoundError:
+        return set()
+
+
 def prepare_keys(
     store: Any, files: Sequence[str], cfg: DedupConfig, spill: SpillConfig
 ) -> tuple[list[KeysSource], dict[str, int]]:
@@ -72,13 +82,16 @@ def prepare_keys(
     out = spill.work_dir / "keys"
     out.mkdir(parents=True, exist_ok=True)
     stale: list[tuple[list[str], Path]] = []
+    stored_files = _stored_keys_files(store)
     for i, (folder, group) in enumerate(groups.items()):
         stored = keys_path(store, folder)
-        sources = [SourceFile(relative(store, p), fingerprint(store, p), 0) for p in group]
-        if is_fresh(read_keys_meta(store, stored), version, sources):
-            keys.append(KeysSource(stored, store.fs))
-            counts["keys_reused"] += 1
-            continue
+        # Only a keys file that exists is opened and its sources fingerprinted (on S3 each probe is a request).
+        if store.fs._strip_protocol(stored) in stored_files:
+            sources = [SourceFile(relative(store, p), fingerprint(store, p), 0) for p in group]
+            if is_fresh(read_keys_meta(store, stored), version, sources):
+                keys.append(KeysSource(stored, store.fs))
+                counts["keys_reused"] += 1
+                continue
         local = out / f"{i:05d}.parquet"
         stale.append((group, local))
         keys.append(KeysSource(str(local)))
