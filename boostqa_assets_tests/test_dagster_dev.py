@@ -37,6 +37,8 @@ from boostqa_assets_tests.conftest import pipeline_responder, write_project
 
 pytestmark = pytest.mark.slow
 
+IN_PROCESS_EXECUTOR = {"execution": {"config": {"in_process": {}}}}
+
 BACKFILLED = ("synthesized_qa", "refined_qa")
 CHECKS = {"synthesized_qa": "synthesized_qa_valid", "refined_qa": "refined_qa_valid"}
 # Only the synthesis prompts of synthesized_qa[physics|graduate] contain this phrase (both tracks).
@@ -233,7 +235,12 @@ def test_failed_backfill_reexecuted_from_failure_redoes_only_the_failed_run(
         every_key = [str(k) for k in pdef.get_partition_keys()]
 
         fault_llm.fail_marker = FAULT_MARKER
-        first_id = dev.launch_asset_backfill(list(BACKFILLED), title="qa partitions, one refused")
+        # In-process runs (one process per run, not per step): the subject here is which runs fail, retry and
+        # re-execute, and four step processes per run tripled this test's time on 2 cores (the backfill test
+        # above keeps the default multiprocess executor).
+        first_id = dev.launch_asset_backfill(
+            list(BACKFILLED), title="qa partitions, one refused", run_config=IN_PROCESS_EXECUTOR
+        )
         first = dev.wait_for_backfill(first_id, timeout_s=900)
         first_runs = dev.backfill_runs(first_id)
         answered = fault_llm.stats()["ok_by_body"]
