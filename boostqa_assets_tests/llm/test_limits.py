@@ -474,6 +474,7 @@ def test_four_processes_share_the_pace_of_a_server_with_1s_windows(server_proces
     # Bounds for a machine whose two cores are busy (run 10 times beside a CPU hog: at most 4 429s seen).
     assert rejected <= 0.05 * total, f"{rejected} 429s for {total} requests"
     floor = (total - 1) / (rpm / 60)  # one every 50 ms
+    print(f"four processes, 1 s windows: {rejected} 429s of {total} requests, {elapsed:.2f} s (floor {floor:.2f} s)")
     assert elapsed >= floor * 0.95, f"{total} requests in {elapsed:.2f}s: faster than {rpm}/min"
     assert elapsed <= floor * 1.6 + 3, f"{total} requests in {elapsed:.2f}s: far below the limit"
 
