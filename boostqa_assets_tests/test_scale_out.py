@@ -144,7 +144,7 @@ def _query(con: Any, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 @pytest.mark.slow
 def test_pipeline_with_postgres_instance_and_s3_data(
-    production: Production, postgres_server: PostgresServer, request: pytest.FixtureRequest
+    production: Production, postgres_server: PostgresServer, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     from dagster_aws.s3.compute_log_manager import S3ComputeLogManager
     from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
@@ -162,12 +162,20 @@ def test_pipeline_with_postgres_instance_and_s3_data(
     assert [r.asset for r in first] == list(STAGES[:split])
     assert all(r.success for r in first), [(r.asset, r.success) for r in first]
     # ...another process (another machine, as far as Dagster can tell) sees those runs and refines their output...
-    other = subprocess.run(
-        [sys.executable, "-c", OTHER_MACHINE, STAGES[split]], capture_output=True, text=True, timeout=300
-    )
-    assert other.returncode == 0, other.stderr[-4000:]
-    report = json.loads(other.stdout.strip().splitlines()[-1])
-    assert report["success"], other.stderr[-4000:]
+    # Its output goes to files, not pipes: Dagster's compute-log capture leaves watch_orphans.py helpers that hold
+    # copies of the process's stdout and stderr until they see it gone, and a zombie (not yet reaped, because
+    # communicate() waits for EOF on those pipes first) never looks gone: subprocess.run(capture_output=True)
+    # then waited for its own timeout.
+    logs = tmp_path / "other-process"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+        code = subprocess.run(
+            [sys.executable, "-c", OTHER_MACHINE, STAGES[split]], stdout=out, stderr=err, timeout=300
+        ).returncode
+    stdout, stderr = (logs / "stdout").read_text(), (logs / "stderr").read_text()
+    assert code == 0, stderr[-4000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["success"], stderr[-4000:]
     assert {r.run_id for r in first} <= set(report["seen"])
     # ...and this process finishes from what the other one wrote (the mixture also reads refined_qa's check
     # results, which the other process recorded in PostgreSQL).
