@@ -180,6 +180,7 @@ class Permit:
     tokens_in: int
     tokens_out: int
     waited_s: float
+    probe: bool = False  # the first request to leave after a shared pause: the others wait for its reply
 
 
 class EndpointLimiter:
@@ -247,7 +248,7 @@ class EndpointLimiter:
         self._pid: int | None = None
         self._store: pacing.StateStore | None = None
         self._slots: _Slots | None = None
-        self._turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._turn: tuple[asyncio.AbstractEventLoop, tuple[asyncio.Lock, asyncio.Lock]] | None = None
         self.pauses_set = 0  # pauses this instance set (exhausted rate-limit headers, long Retry-After, ...)
         self.slowdowns = 0  # times a 429 seen by this instance slowed the shared pace down
 
@@ -398,7 +399,7 @@ class EndpointLimiter:
         try:
             # One request of this process at a time asks the shared schedule for its place (FIFO), and only
             # when its departure is near: the others wait here instead of polling the store.
-            async with self._local_turn():
+            async with self._local_turn(0):
                 while True:
                     now = time.time()
                     leave, reserved = store.update(
@@ -407,30 +408,36 @@ class EndpointLimiter:
                     if reserved:
                         break
                     await asyncio.sleep(max(0.0, leave - RESERVE_AHEAD_S - time.time()))
-            delay = leave - time.time()
-            while delay > 0:
+            if (delay := leave - time.time()) > 0:
                 await asyncio.sleep(delay)
-                # A pause set while this request waited delays it too (its place in the schedule is kept).
-                delay = float(store.update(lambda s: s["pause"])) - time.time()
-            if REQUESTS in self.rule.rates:
-                while (wait := store.update(lambda s: pacing.depart(s, time.time(), self.rule))) > 0:
+            # A pause set while this request waited delays it too (its place in the schedule is kept), and the
+            # first request after a pause goes alone. One request of this process at a time asks (FIFO again):
+            # the others queue here rather than poll the store while the first one's reply is awaited.
+            async with self._local_turn(1):
+                while True:
+                    wait, probe = store.update(lambda s: pacing.leave(s, time.time(), self.rule))
+                    if wait <= 0:
+                        break
                     await asyncio.sleep(wait)
         except BaseException:
             if slot is not None:
                 self._slots.release(slot)  # type: ignore[union-attr]
             raise
-        return Permit(slot, prompt_tokens, tokens_out, time.perf_counter() - started)
+        return Permit(slot, prompt_tokens, tokens_out, time.perf_counter() - started, probe)
 
-    def _local_turn(self) -> asyncio.Lock:
-        """This event loop's queue for the shared schedule (``LLMClient.run`` starts a new loop per batch)."""
+    def _local_turn(self, queue: int) -> asyncio.Lock:
+        """This event loop's queues (0: for a place in the shared schedule, 1: to leave) for the shared state
+        (``LLMClient.run`` starts a new loop per batch)."""
         loop = asyncio.get_running_loop()
         if self._turn is None or self._turn[0] is not loop:
-            self._turn = (loop, asyncio.Lock())
-        return self._turn[1]
+            self._turn = (loop, (asyncio.Lock(), asyncio.Lock()))
+        return self._turn[1][queue]
 
     def release(self, permit: Permit, tokens_in: int | None = None, tokens_out: int | None = None) -> None:
         """Settle a request: the server's usage (None when there was no reply) corrects what was reserved."""
         try:
+            if permit.probe:
+                self._ensure_open().update(pacing.end_probe)
             if self.rule.rates and (TOKENS_IN in self.rule.rates or TOKENS_OUT in self.rule.rates):
                 corrections = {
                     TOKENS_IN: float((tokens_in or 0) - permit.tokens_in),

@@ -27,6 +27,10 @@ into 1 s windows costs a 429 now and then and runs a few percent under the limit
 
 The state of one endpoint is a small JSON object (``new_state``); the functions below are pure over it, and a
 store (``FileStore``, ``PostgresStore``, ``RedisStore``) applies one of them atomically.
+
+A shared pause (``extend_pause``: an exhausted ``x-ratelimit-remaining-*``, a long ``Retry-After``) stops every
+process, and when it ends the first request to leave goes alone (``leave``): the others go once its reply is in
+and has set a new pause or none.
 """
 
 from __future__ import annotations
@@ -197,11 +201,42 @@ def slow_down(state: dict[str, Any], now: float, rule: PacingRule) -> bool:
 
 
 def extend_pause(state: dict[str, Any], until: float) -> bool:
-    """Nothing leaves before ``until`` (a longer pause already set wins). True if it changed."""
+    """Nothing leaves before ``until`` (a longer pause already set wins), and then the first request leaves
+    alone (``leave``). True if it changed."""
     if until <= state["pause"]:
         return False
     state["pause"] = until
+    state["probe"] = True
     return True
+
+
+PROBE_HOLD_S = 10.0  # after a pause, the others wait at most this long for the first request's reply
+HOLD_POLL_S = 0.02  # how often the next request looks whether that reply is in
+
+
+def leave(state: dict[str, Any], now: float, rule: PacingRule) -> tuple[float, bool]:
+    """May a request whose reserved time has come leave now? ``(0, probe)`` if it may, ``(seconds, False)`` to
+    wait. Nothing leaves during a pause. The first request after one leaves alone (``probe`` True) and the
+    others wait for its reply (``end_probe``) or ``PROBE_HOLD_S``: a pause ends when one slot frees at the
+    server, and every process releasing its queue then would draw a 429 each and pause again. On a quantized
+    endpoint the departure is also counted (``depart``)."""
+    if now < state["pause"]:
+        return state["pause"] - now, False
+    if now < state.get("hold", 0.0):  # the first request's reply is awaited: look again soon
+        return min(state["hold"] - now, HOLD_POLL_S), False
+    wait = depart(state, now, rule)
+    if wait > 0:
+        return wait, False
+    if not state.get("probe"):
+        return 0.0, False
+    state["probe"] = False
+    state["hold"] = now + PROBE_HOLD_S
+    return 0.0, True
+
+
+def end_probe(state: dict[str, Any]) -> None:
+    """The request that left first after a pause has its answer: the others may go (a new pause holds them)."""
+    state["hold"] = 0.0
 
 
 # --- stores ------------------------------------------------------------------------------------------------

@@ -284,6 +284,22 @@ def test_a_pause_holds_every_departure() -> None:
     assert pacing.reserve(state, 1.0, {}, PacingRule({}))[0] == 5.0  # also with nothing paced
 
 
+def test_after_a_pause_the_first_request_leaves_alone_and_the_others_wait_for_its_reply() -> None:
+    rule = PacingRule({})
+    state = pacing.new_state(0.0)
+    assert pacing.leave(state, 1.0, rule) == (0.0, False)  # never paused: everyone goes, nobody is first
+    pacing.extend_pause(state, 5.0)
+    assert pacing.leave(state, 2.0, rule) == (3.0, False)  # nothing leaves during the pause
+    assert pacing.leave(state, 5.0, rule) == (0.0, True)  # the first one after it goes alone...
+    wait, first = pacing.leave(state, 5.001, rule)  # ...the next looks again soon, until its reply is in
+    assert 0 < wait <= pacing.HOLD_POLL_S and not first
+    pacing.end_probe(state)
+    assert pacing.leave(state, 5.1, rule) == (0.0, False)  # then the rest go (no second "first")
+    pacing.extend_pause(state, 8.0)  # its reply paused again: the same after that pause
+    assert pacing.leave(state, 8.0, rule) == (0.0, True)
+    assert pacing.leave(state, 8.0 + pacing.PROBE_HOLD_S, rule) == (0.0, False)  # a reply that never came
+
+
 def test_the_state_file_survives_garbage_and_is_shared(tmp_path: Path) -> None:
     path = tmp_path / "k.pacing"
     path.write_bytes(b"\x00not json")
