@@ -45,7 +45,7 @@ demo: setup
 	$(BIN)/boostqa demo
 
 test: setup-dev services
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # Tests start real PostgreSQL and Redis servers on 127.0.0.1 (the scale-out profile, limits shared across
 # machines) and render the Dagster UI in headless Chromium (marker `browser`): install Debian's packages once,

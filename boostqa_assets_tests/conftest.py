@@ -178,12 +178,27 @@ SOURCE_ROWS = {
 }
 
 
-def write_project(root: Path, llm_base_url: str | None = None, data_root: str | None = None) -> dict[str, str]:
+def keep_answered_disciplines(config_dir: Path) -> int:
+    """Cut the project's taxonomy to the disciplines the fake annotator can answer (``KEYWORDS``), 9 of 22, so
+    45 QA partitions instead of 110, for tests whose subject is not the taxonomy: every partition costs Dagster
+    events, a check and files whether or not it holds rows. Returns how many disciplines are left."""
+    taxonomy_yaml = config_dir / "taxonomy.yaml"
+    taxonomy = yaml.safe_load(taxonomy_yaml.read_text())
+    answered = {d for _, d in KEYWORDS} | {"general_knowledge"}
+    taxonomy["disciplines"] = [d for d in taxonomy["disciplines"] if d["name"] in answered]
+    taxonomy_yaml.write_text(yaml.safe_dump(taxonomy))
+    return len(taxonomy["disciplines"])
+
+
+def write_project(
+    root: Path, llm_base_url: str | None = None, data_root: str | None = None, *, all_disciplines: bool = True
+) -> dict[str, str]:
     """A config folder with three small sources (JSONL, CSV, Parquet) and env vars pointing at it.
 
     The shipped configuration, except that the recipes have no ``qa_budget``: the synthesis plan then gives
     every candidate seed ``qa_per_seed`` variants, so row counts follow from the sources alone (plan budgets
-    have their own tests in test_synthesis_plan.py)."""
+    have their own tests in test_synthesis_plan.py). ``all_disciplines=False``: only the 9 the fake annotator
+    answers (``keep_answered_disciplines``); the test seeds land in the same partitions, 65 empty ones fewer."""
     config = root / "config"
     config.mkdir(parents=True)
     for name in ("taxonomy.yaml", "pipeline.yaml", "recipes.yaml", "llm.yaml"):
@@ -243,6 +258,8 @@ def write_project(root: Path, llm_base_url: str | None = None, data_root: str | 
     pipeline = yaml.safe_load((config / "pipeline.yaml").read_text())
     pipeline["synthesis"]["max_seeds_per_partition"] = None
     (config / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    if not all_disciplines:
+        keep_answered_disciplines(config)
     env = {
         "BOOSTQA_HOME": str(root / "home"),
         "BOOSTQA_DATA_ROOT": data_root or str(root / "data"),

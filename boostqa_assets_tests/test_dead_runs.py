@@ -39,7 +39,7 @@ def project(tmp_path: Path) -> Iterator[tuple[dict[str, str], str, dg.DagsterIns
         home = tmp_path / "dagster_home"
         home.mkdir()
         (home / "dagster.yaml").symlink_to(Path(__file__).resolve().parents[1] / "dagster.yaml")
-        env = {**os.environ, **write_project(tmp_path, base_url), "DAGSTER_HOME": str(home)}
+        env = {**os.environ, **write_project(tmp_path, base_url, all_disciplines=False), "DAGSTER_HOME": str(home)}
         env["BOOSTQA_LLM_MAX_CONCURRENCY"] = "1"  # each run holds its slot for several replies
         port = base_url.rsplit(":", 1)[1].split("/", 1)[0]
         with dg.DagsterInstance.from_config(str(home)) as instance:

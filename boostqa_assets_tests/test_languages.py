@@ -35,7 +35,7 @@ ZH_ROWS = [
 
 
 def _chinese_project(root: Path, base_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
-    env = write_project(root, base_url)
+    env = write_project(root, base_url, all_disciplines=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("DAGSTER_HOME", str(root / "dagster_home"))

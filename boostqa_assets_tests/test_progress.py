@@ -101,7 +101,7 @@ def demo_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     try:
         env = {
             **os.environ,
-            **write_project(tmp_path, base_url),
+            **write_project(tmp_path, base_url, all_disciplines=False),
             "BOOSTQA_LLM_MAX_CONCURRENCY": "2",
             "DAGSTER_HOME": str(tmp_path / "dagster_home"),
             "COLUMNS": "140",  # the wide layout (tokens and cost); Rich reads the width from COLUMNS

@@ -8,7 +8,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import s3fs
-import yaml
 
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.inspect import connect
@@ -16,7 +15,7 @@ from boostqa_assets.runner import run_pipeline
 from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
 from boostqa_assets.testing.fake_server import FakeOpenAIServer
-from boostqa_assets_tests.conftest import KEYWORDS, write_project
+from boostqa_assets_tests.conftest import keep_answered_disciplines, write_project
 
 pytestmark = pytest.mark.s3
 
@@ -29,11 +28,7 @@ def s3_project(tmp_path: Path, fake_llm: FakeOpenAIServer, moto_endpoint: str, m
     env = write_project(tmp_path, fake_llm.base_url, data_root=f"s3://{bucket}/data")
     # Only the disciplines the fake annotator can answer (45 cells, not 110): this test is about the storage
     # path, and every cell costs a dozen requests to moto per stage, which made it the slowest test (7 minutes).
-    taxonomy_yaml = tmp_path / "config" / "taxonomy.yaml"
-    taxonomy = yaml.safe_load(taxonomy_yaml.read_text())
-    answered = {d for _, d in KEYWORDS} | {"general_knowledge"}
-    taxonomy["disciplines"] = [d for d in taxonomy["disciplines"] if d["name"] in answered]
-    taxonomy_yaml.write_text(yaml.safe_dump(taxonomy))
+    keep_answered_disciplines(tmp_path / "config")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("BOOSTQA_S3_ENDPOINT_URL", moto_endpoint)
