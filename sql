@@ -1,0 +1,1 @@
+boostqa_assets/sql
