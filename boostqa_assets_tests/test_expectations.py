@@ -353,3 +353,55 @@ def test_timing_100k_rows(tax: TaxonomyConfig) -> None:
             f"GX {outcome.metadata['gx_seconds']:.2f} s, validate() {total:.2f} s"
         )
         assert outcome.passed
+
+
+def test_suite_sees_an_even_sample_of_a_big_frame(tax: TaxonomyConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past GX_SAMPLE_ROWS the suite validates every k-th row (bounded memory); the rows' own figures stay whole."""
+    monkeypatch.setattr(expectations, "GX_SAMPLE_ROWS", 100)
+    rows = [_refined(i, tax) for i in range(1000)]
+    for i in range(0, 1000, 10):  # every 10th row is bad: an even sample must see them
+        rows[i]["discipline"] = "astrology"
+    rows[995]["refined_answer"] = "x" * 10_000
+    outcome = expectations.validate("refined_qa", frame(rows, REFINED_SCHEMA), tax)
+    meta = outcome.metadata
+    assert meta["rows"] == 1000 and meta["gx_rows"] == 100
+    assert meta["gx_in_set_discipline_unexpected"] == 100 and not outcome.passed
+    assert meta["refined_answer_len_max"] == 10_000  # the length figures are the whole frame's
+    sample = expectations.spread_sample(pl.DataFrame({"i": range(1001)}), 100)
+    assert 90 <= sample.height <= 100 and sample["i"][0] == 0 and sample["i"][-1] > 900
+
+
+def test_mixture_check_reads_shard_by_shard_and_still_sees_every_row(
+    tax: TaxonomyConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qa_mixture_valid over three shards: duplicates across shards, orphans and the token total are exact (every
+    row); a null in one shard names that shard; the suite sees a sample."""
+    from boostqa_assets.defs.qa_mixture import mixture_outcome
+
+    monkeypatch.setattr(expectations, "GX_SAMPLE_ROWS", 30)
+    rows = [_doc(i, tax) for i in range(90)]
+    seeds = pl.Series([r["seed_id"] for r in rows])
+
+    def shards(docs: list[dict[str, Any]]) -> list[pl.DataFrame]:
+        return [frame(docs[i : i + 30], MIXTURE_SCHEMA) for i in range(0, 90, 30)]
+
+    good = mixture_outcome(iter(shards(rows)), 3, 90 * 12, 10_000, seeds, tax)
+    assert good.passed, good.metadata
+    assert good.metadata["rows"] == 90 and good.metadata["gx_rows"] == 30 and good.metadata["tokens"] == 1080
+
+    dup = [dict(r) for r in rows]
+    dup[75]["qa_id"] = dup[5]["qa_id"]  # shard 2 repeats a row of shard 0
+    out = mixture_outcome(iter(shards(dup)), 3, 1080, 10_000, seeds, tax)
+    assert not out.passed and out.metadata["duplicate_qa_id"] == 1
+
+    orphan = [dict(r) for r in rows]
+    orphan[50]["seed_id"] = "s_gone"
+    out = mixture_outcome(iter(shards(orphan)), 3, 1080, 10_000, seeds, tax)
+    assert not out.passed and out.metadata["orphan_seed_ids"] == 1
+
+    assert not mixture_outcome(iter(shards(rows)), 3, 1000, 10_000, seeds, tax).passed  # manifest disagrees
+
+    empty_text = [dict(r) for r in rows]
+    empty_text[40]["text"] = "  "
+    out = mixture_outcome(iter(shards(empty_text)), 3, 1080, 10_000, seeds, tax)
+    assert not out.passed and out.metadata["failing_shard"] == 1

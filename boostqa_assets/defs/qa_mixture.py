@@ -2,13 +2,14 @@
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from boostqa_assets import checks, expectations
+from boostqa_assets.configs import TaxonomyConfig
 from boostqa_assets.defs.metadata import column_schema, table_preview
 from boostqa_assets.defs.refined_gate import refined_failures
 from boostqa_assets.defs.support import asset_ui, md_table, report_partition_checks
@@ -17,7 +18,7 @@ from boostqa_assets.logic.card import dataset_card
 from boostqa_assets.logic.mixture_ooc import build_mixture_streaming
 from boostqa_assets.logic.spill import SpillConfig, publish_directory, read_columns, staging_folder
 from boostqa_assets.partitions import Partitions
-from boostqa_assets.records import MIXTURE_SCHEMA, SEED_SCHEMA, MixtureDoc
+from boostqa_assets.records import MIXTURE_SCHEMA, MixtureDoc
 from boostqa_assets.resources import StoreResource, project_config
 
 
@@ -152,31 +153,66 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         (`n_tokens >= 1`, labels in the taxonomy, unique `doc_id`; `gx_*` metadata)."""
         st = store.get()
         project = project_config()
-        seed_ids = st.read_asset("seeds", SEED_SCHEMA)["seed_id"]
+        seed_ids = read_columns(st, st.list_partition_files("seeds"), ["seed_id"])["seed_id"]
 
         def evaluate(key: str) -> checks.CheckOutcome:
             folder = st.path("qa_mixture", f"recipe={key}")
             manifest = json.loads(st.read_bytes(f"{folder}/manifest.json"))
-            shards = [st.read_parquet(f"{folder}/{f}") for f in manifest["files"] if f.endswith(".parquet")]
-            df = pl.concat(shards) if shards else pl.DataFrame(schema=MIXTURE_SCHEMA)
-            outcome = checks.table_checks(
-                df,
-                MIXTURE_SCHEMA,
-                not_null=["doc_id", "qa_id", "seed_id", "text"],
-                unique_on="qa_id",
-                require_rows=True,
+            shards = [f"{folder}/{f}" for f in manifest["files"] if f.endswith(".parquet")]
+            return mixture_outcome(
+                (st.read_parquet(f) for f in shards),
+                len(shards),
+                manifest["tokens_total"],
+                project.recipes.get(key).token_budget,
+                seed_ids,
+                project.taxonomy,
             )
-            suite = expectations.validate("qa_mixture", df, project.taxonomy)
-            if not outcome.passed:
-                return checks.CheckOutcome.all_of(outcome, suite)
-            tokens = int(df["n_tokens"].sum())
-            budget = project.recipes.get(key).token_budget
-            within = checks.CheckOutcome(
-                tokens <= budget and tokens == manifest["tokens_total"],
-                {"tokens": tokens, "budget": budget, "manifest_tokens": manifest["tokens_total"]},
-            )
-            return checks.CheckOutcome.all_of(outcome, within, checks.joins_back(df, "seed_id", seed_ids), suite)
 
         yield from report_partition_checks(context, "qa_mixture", "qa_mixture_valid", evaluate)
 
     return [qa_mixture, qa_mixture_valid]
+
+
+ID_COLUMNS = ["doc_id", "qa_id", "seed_id"]
+
+
+def mixture_outcome(
+    shards: Iterable[pl.DataFrame],
+    n_shards: int,
+    manifest_tokens: int,
+    budget: int,
+    seed_ids: pl.Series,
+    taxonomy: TaxonomyConfig,
+) -> checks.CheckOutcome:
+    """The `qa_mixture_valid` rules over a recipe's shards, one shard in memory at a time: per shard the schema and
+    nulls; over all of them the id columns (unique `qa_id`, lineage to `seeds`), the token total, and the suite on
+    an even sample (``expectations.GX_SAMPLE_ROWS``)."""
+    ids: list[pl.DataFrame] = []
+    samples: list[pl.DataFrame] = []
+    rows = tokens = 0
+    per_shard = max(1, expectations.GX_SAMPLE_ROWS // max(1, n_shards))
+    for i, df in enumerate(shards):
+        outcome = checks.table_checks(df, MIXTURE_SCHEMA, not_null=["doc_id", "qa_id", "seed_id", "text"])
+        if not outcome.passed:
+            outcome.metadata["failing_shard"] = i
+            return checks.CheckOutcome.all_of(outcome, expectations.validate("qa_mixture", df, taxonomy))
+        rows += df.height
+        tokens += int(df["n_tokens"].sum())
+        ids.append(df.select(ID_COLUMNS))
+        samples.append(expectations.spread_sample(df, per_shard))
+    every = pl.concat(ids) if ids else pl.DataFrame(schema={c: MIXTURE_SCHEMA[c] for c in ID_COLUMNS})
+    sample = pl.concat(samples) if samples else pl.DataFrame(schema=MIXTURE_SCHEMA)
+    suite = expectations.validate("qa_mixture", sample, taxonomy)
+    suite.metadata["rows"] = rows
+    within = checks.CheckOutcome(
+        tokens <= budget and tokens == manifest_tokens,
+        {"tokens": tokens, "budget": budget, "manifest_tokens": manifest_tokens},
+    )
+    return checks.CheckOutcome.all_of(
+        checks.non_empty(every),
+        checks.unique(every, "qa_id"),
+        checks.unique(every, "doc_id"),
+        within,
+        checks.joins_back(every, "seed_id", seed_ids),
+        suite,
+    )
