@@ -20,7 +20,7 @@ import dagster as dg
 import polars as pl
 from pydantic import BaseModel
 
-from boostqa_assets.llm.types import LLMResult, LLMStats
+from boostqa_assets.llm.types import Latencies, LLMResult, LLMStats
 from boostqa_assets.records import polars_schema
 
 PREVIEW_ROWS = 3
@@ -93,13 +93,6 @@ def row_figures(rows: int, rejected: int, reasons: Mapping[str, int]) -> dict[st
     }
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 @dataclass
 class LLMTally:
     """One LLM client's figures for one partition, summed from the results of that partition's requests (each
@@ -114,7 +107,7 @@ class LLMTally:
     retries: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
-    latencies: list[float] = field(default_factory=list)
+    latencies: Latencies = field(default_factory=Latencies)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
 
     def add(self, results: Iterable[LLMResult]) -> None:
@@ -151,8 +144,8 @@ class LLMTally:
             "retries": self.retries,
             "tokens_in": self.tokens_in,
             "tokens_out": self.tokens_out,
-            "latency_p50_s": round(_percentile(self.latencies, 0.5), 3),
-            "latency_p95_s": round(_percentile(self.latencies, 0.95), 3),
+            "latency_p50_s": round(self.latencies.quantile(0.5), 3),
+            "latency_p95_s": round(self.latencies.quantile(0.95), 3),
             "est_cost_usd": round(self.cost_usd, 6),
             "failures_by_reason": dict(sorted(self.failures_by_reason.items())),
         }
