@@ -94,11 +94,12 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         tallies = {k: LLMTally(client.stats) for k in context.partition_keys}
         check_tallies = {k: LLMTally(checker.stats) for k in context.partition_keys}
         progress = progress_logger(context.log, "synthesized_qa")
-        # One discipline at a time: only its annotated seeds are in memory; its cells' tasks stream through
-        # in pooled chunks, so small cells share an LLM batch and the endpoint stays busy.
-        for discipline, keys in by_discipline.items():
-            annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA, discipline=discipline)
-            pending: list[tuple[str, list[synthesize.SynthTask]]] = []
+
+        def cell_tasks(
+            annotated: pl.DataFrame, discipline: str, keys: list[str]
+        ) -> Iterator[tuple[str, list[synthesize.SynthTask]]]:
+            """Each cell's tasks when the chunks reach it: one cell's tasks (and its seeds' dicts) at a time."""
+            nonlocal n_tasks
             for key in keys:
                 part = {"discipline": discipline, "grade": qa_key_parts(key)[1]}
                 cell = st.read_partition("synthesis_plan", part, PLAN_SCHEMA).row(0, named=True)
@@ -122,9 +123,15 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 outs[key] = out = open_output(st, "synthesized_qa", part, key, SYNTHESIZED_SCHEMA, fingerprint)
                 if out.done:
                     context.log.info(f"synthesized_qa[{key}]: resuming after {out.done} tasks already written")
-                pending.append((key, tasks[out.done :]))
                 n_tasks += len(tasks)
-            del annotated
+                yield key, tasks[out.done :]
+
+        # One discipline at a time: only its annotated seeds are in memory; its cells' tasks are built as the
+        # chunks reach them and stream through in pooled chunks, so small cells share an LLM batch and the endpoint
+        # stays busy.
+        for discipline, keys in by_discipline.items():
+            annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA, discipline=discipline)
+            pending = cell_tasks(annotated, discipline, keys)
             for batch in pooled_lists(pending, chunk_rows):
                 tasks = [t for _, ts in batch for t in ts]
                 requests = synthesize.build_requests(
