@@ -60,6 +60,7 @@ def test_sql_and_duckdb_shell_read_the_views(project_env: dict[str, str], tmp_pa
 
 
 @pytest.mark.slow  # the whole pipeline in-process: about a minute on 2 busy cores
+@pytest.mark.small_taxonomy
 def test_lineage_prints_seed_and_every_llm_call(project_env: dict[str, str]) -> None:
     from boostqa_assets.inspect import connect
     from boostqa_assets.runner import run_pipeline

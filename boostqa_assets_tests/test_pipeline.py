@@ -19,6 +19,8 @@ from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
 from boostqa_assets.testing.fake_server import FakeOpenAIServer
 
+pytestmark = pytest.mark.small_taxonomy  # not about the taxonomy: 45 QA partitions, not 110
+
 
 def _store() -> Store:
     s = get_settings()

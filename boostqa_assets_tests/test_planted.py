@@ -20,6 +20,8 @@ from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
 from boostqa_assets.testing.fake_server import FakeOpenAIServer
 
+pytestmark = pytest.mark.small_taxonomy  # not about the taxonomy: 45 QA partitions, not 110
+
 MMLU_920 = (
     'Who said "Globalization is not something we can hold off or turn off. It is the economic equivalent of a '
     'force of nature-like wind or water"?'

@@ -19,6 +19,8 @@ from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
 from boostqa_assets_tests.logic.test_gates_ooc import refined_pool
 
+pytestmark = pytest.mark.small_taxonomy  # not about the taxonomy: 45 QA partitions, not 110
+
 GRADES = ["primary", "middle", "high", "undergraduate", "graduate"]
 
 

@@ -18,6 +18,8 @@ from boostqa_assets.settings import get_settings
 from boostqa_assets.storage import Store
 from boostqa_assets.testing.fake_server import FakeOpenAIServer
 
+pytestmark = pytest.mark.small_taxonomy  # not about the taxonomy: 45 QA partitions, not 110
+
 
 def _llm(role: str, requests: int, tokens_in: int, cost: float = 0.0) -> dict[str, object]:
     return {
