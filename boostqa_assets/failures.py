@@ -109,11 +109,20 @@ def source_key_of(path: str) -> str | None:
     return None
 
 
-def read_good_sources(store: Store, asset: str, schema: pl.Schema, discipline: str | None = None) -> pl.DataFrame:
+def read_good_sources(
+    store: Store,
+    asset: str,
+    schema: pl.Schema,
+    discipline: str | None = None,
+    columns: list[str] | None = None,
+) -> pl.DataFrame:
     """Every partition of a source-partitioned ``asset`` except those of sources with a failure record: what the
     discipline x grade stages may read. A failed source's file may be missing or hold data from before the failure;
     either way it is not the source as it is now, so it is left out (and named in the log). With ``discipline``,
-    only that discipline's rows (read one part file at a time, so memory holds that discipline only)."""
+    only that discipline's rows (read one part file at a time, so memory holds that discipline only); with
+    ``columns``, only those columns are read (the plan needs labels and ids, not the seeds' texts)."""
+    if columns is not None:
+        schema = pl.Schema({c: schema[c] for c in columns})
     failed = failed_sources(store)
     frames, skipped = [], []
     for path in store.list_partition_files(asset):
@@ -121,7 +130,7 @@ def read_good_sources(store: Store, asset: str, schema: pl.Schema, discipline: s
         if key is not None and key in failed:
             skipped.append(key)
             continue
-        df = store.read_parquet(path, schema)
+        df = store.read_parquet(path, schema, columns=columns)
         frames.append(df if discipline is None else df.filter(pl.col("discipline") == discipline))
     if skipped:
         logger.warning("%s: leaving out failed source partitions %s", asset, ", ".join(sorted(skipped)))

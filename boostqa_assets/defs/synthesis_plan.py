@@ -29,7 +29,7 @@ from boostqa_assets.storage import Store
 
 def compute_plan(st: Store, project: ProjectConfig) -> tuple[pl.DataFrame, bool]:
     """The whole plan from what is in the store now; the flag says whether a probe table was found."""
-    annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA)
+    annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA, columns=plan_logic.SEED_COLUMNS)
     probe_cells = read_probe_cells(st)
     return plan_logic.build_plan(annotated, probe_cells, project), probe_cells is not None
 
