@@ -12,6 +12,8 @@ files that appeared under the data root (parts, manifests, rejects, cache segmen
     .venv/bin/python benchmarks/pipeline_scale.py                 # 1k and 10k seeds (about 10 minutes)
     .venv/bin/python benchmarks/pipeline_scale.py --sizes 1000    # one size
     .venv/bin/python benchmarks/pipeline_scale.py --with-100k     # adds 100k seeds (about an hour on 2 cores)
+    .venv/bin/python benchmarks/pipeline_scale.py --sizes 100000 --keep          # leaves its folder, then
+    .venv/bin/python benchmarks/pipeline_scale.py --sizes 100000 --cache-from F  # a re-run: replies from F's cache
 
 Targets (issue 11, 2 cores): peak RSS from 10k to 100k seeds grows <= 1.5x; non-LLM time per QA row < 2 ms. The
 synthetic seeds are spread over every discipline and grade by the fake annotator (a hash of the item), so all
@@ -271,6 +273,9 @@ def run_size(seeds: int, args: argparse.Namespace, url: str) -> list[dict[str, A
     root = Path(tempfile.mkdtemp(prefix=f"boostqa-scale-{seeds}-"))
     try:
         env = write_project(root, url, seeds, args.chunk_rows)
+        if args.cache_from:  # a re-run: the same project, its replies already paid for
+            cache = Path(args.cache_from) / "data" / "_llm_cache"
+            shutil.copytree(cache, Path(env["BOOSTQA_DATA_ROOT"]) / "_llm_cache")
         ctx = mp.get_context("spawn")
         out = ctx.Queue()
         proc = ctx.Process(target=_child, args=(env, out))
@@ -295,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--with-100k", action="store_true", help="also run 100,000 seeds")
     parser.add_argument("--latency-s", type=float, default=0.2, help="the fake server's latency per request")
     parser.add_argument("--chunk-rows", type=int, default=2000, help="pipeline.streaming.chunk_rows")
+    parser.add_argument(
+        "--cache-from",
+        help="a folder --keep left at the same size: its LLM cache is copied in first, so the run is a re-run whose "
+        "replies all come from the cache (the pipeline's own time and memory, no waiting on the model)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep each size's folder (to inspect it or rerun a stage)")
     parser.add_argument("--timeout-s", type=float, default=7200, help="give up on a stage after this long")
     args = parser.parse_args(argv)
