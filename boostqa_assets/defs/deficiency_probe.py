@@ -116,7 +116,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 }
             )
 
-        annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA)
+        annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA, columns=probe.SEED_COLUMNS)
         sample, cands = probe.stratified_sample(annotated, cfg)
         requests = probe.build_probe_requests(sample, cfg.max_chars_in_prompt)
         context.log.info(

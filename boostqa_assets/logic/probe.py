@@ -287,6 +287,8 @@ class Graded:
 
 
 _RECORD_FIELDS = ("seed_id", "source", "kind", "discipline", "grade", "question", "answer")
+# What the probe reads of an annotated seed (passage texts, titles and the annotation's own fields stay on disk).
+SEED_COLUMNS = list(_RECORD_FIELDS)
 
 
 def _reject(row: dict[str, Any], reason: str, detail: str, raw: str | None, rhash: str | None) -> dict[str, Any]:
