@@ -384,7 +384,6 @@ GX_SAMPLE_ROWS = 20_000
 # While a run's partitions are checked together (``deferred``), ``validate`` only collects each partition's share
 # of that sample and the suite runs once over them: a suite run costs ~0.35 s whatever the row count, so one per
 # partition per stage was most of a small run's time (110 partitions: ~40 s).
-RUN_SAMPLE_ROWS = GX_SAMPLE_ROWS
 
 
 def spread_sample(df: pl.DataFrame, rows: int) -> pl.DataFrame:
@@ -411,7 +410,7 @@ def deferred(asset: str, taxonomy: TaxonomyConfig, partitions: int) -> Iterator[
 
     Within, ``validate`` returns a passing outcome (``gx: deferred``): the caller runs the suite over the collected
     frames afterwards and, if that fails, validates the partitions one by one to say which fail."""
-    state = _Deferred(asset, taxonomy, max(1, RUN_SAMPLE_ROWS // max(1, partitions)))
+    state = _Deferred(asset, taxonomy, max(1, GX_SAMPLE_ROWS // max(1, partitions)))
     token = _deferred.set(state)
     try:
         yield state
@@ -420,7 +419,7 @@ def deferred(asset: str, taxonomy: TaxonomyConfig, partitions: int) -> Iterator[
 
 
 def run_deferred(state: _Deferred) -> CheckOutcome:
-    """The suite once over every collected frame (each partition's first rows, ``RUN_SAMPLE_ROWS`` in all)."""
+    """The suite once over every collected frame (each partition's even sample, ``GX_SAMPLE_ROWS`` in all)."""
     frames = [f for f in state.frames if f.height]
     df = pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
     outcome = validate(state.asset, df, state.taxonomy)
