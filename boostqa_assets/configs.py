@@ -560,8 +560,9 @@ class RefinementConfig(_Strict):
     min_rows_for_outliers: int = Field(8, ge=4)
     check_language: bool = Field(
         True,
-        description="flag `language_mismatch`: the answer's script differs from the question's, or the question or "
-        "refined answer is detected in another language than the row's `language`",
+        description="flag `language_mismatch`: the answer's script differs from the question's, or the refined "
+        "answer (and the question, when `synthesis.check_language` is off) is detected in another language than the "
+        "row's `language`",
     )
     refusal_patterns: list[str] = Field(
         default_factory=lambda: [

@@ -52,9 +52,10 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         Rejected (to `rejects/stage=refined_qa`, reason = the first blocking flag): refusals, empty or
         truncated answers, answers shorter/longer than the configured bounds, length outliers beyond
         Q3 + k*IQR of the partition, and `language_mismatch`: the answer's script differs from the question's, or
-        the question or refined answer is detected in another language than the row's `language` (its target;
-        `refinement.check_language`). Checked rows and the mismatch rate per language are in `language_fidelity`,
-        kept rows per language in `rows_by_language`.
+        the refined answer is detected in another language than the row's `language` (its target;
+        `refinement.check_language`; the question too when synthesis did not check it, `synthesis.check_language`).
+        Checked rows and the mismatch rate per language are in `language_fidelity`, kept rows per language in
+        `rows_by_language`.
 
         Streams in two passes, a chunk (`streaming.chunk_rows`) at a time: the refiner's answers are staged
         under `_work/`, then the partition's length fence is computed and the rules applied; the partition is
@@ -68,6 +69,8 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         chunk_rows = project.pipeline.streaming.chunk_rows
         code_version = context.assets_def.code_versions_by_key[context.asset_key]
         detection = project.pipeline.languages.detection
+        # Synthesis's language gate detected every question it kept; refinement keeps the question as it is.
+        question_checked = project.pipeline.synthesis.check_language
         # Each partition's own figures (its materialization event shows them, not the run's).
         lang_stats: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in context.partition_keys}
         by_language: dict[str, dict[str, int]] = {k: {} for k in context.partition_keys}
@@ -84,6 +87,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 client.cfg.model_dump(),
                 cfg.model_dump(),
                 detection.model_dump(),
+                question_checked,
             )
             out = open_output(
                 st, WORK_ASSET, part, key, refine.STAGED_SCHEMA, fingerprint, "refined_qa", resume_committed=True
@@ -103,7 +107,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
             for key, df in batch:
                 mine = [by_key[q] for q in df["qa_id"]]
                 tallies[key].add(mine)
-                rows, rejects = refine.stage(df, mine, cfg, key, detection, lang_stats[key])
+                rows, rejects = refine.stage(df, mine, cfg, key, detection, lang_stats[key], question_checked)
                 staged[key].write(rows, rejects, df.height)
             sent += qa.height
         for out in staged.values():

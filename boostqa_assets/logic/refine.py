@@ -4,11 +4,11 @@ Flags (``pipeline.yaml`` ``refinement``): ``refusal`` (refusal phrases), ``empty
 hit max_tokens, or the answer ends inside an open code block or bracket), ``too_short`` / ``too_long``
 (absolute character bounds), ``length_outlier`` (beyond Q3 + k*IQR of the partition's answer lengths, only
 with at least ``min_rows_for_outliers`` rows), ``language_mismatch`` (the answer's script differs from the
-question's, or the question or refined answer is detected in another language than the row's ``language``, its
-target: ``language.mismatches``, batched per chunk), ``fewshot_echo`` (the refined answer repeats an answer of the
-refine prompt's own few-shot examples: ``logic/fewshot.py``; the demo's 270M model answered 3 of 6 questions with
-"... from its Latin name natrium"). Flags listed in ``reject_flags`` send the row to rejects;
-other flags are kept on the row.
+question's, or the refined answer is detected in another language than the row's ``language``, its target:
+``language.mismatches``, batched per chunk; the question too unless synthesis's gate already detected it),
+``fewshot_echo`` (the refined answer repeats an answer of the refine prompt's own few-shot examples:
+``logic/fewshot.py``; the demo's 270M model answered 3 of 6 questions with "... from its Latin name natrium").
+Flags listed in ``reject_flags`` send the row to rejects; other flags are kept on the row.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 from boostqa_assets.configs import LanguageDetectionSettings, RefinementConfig
 from boostqa_assets.llm.types import LLMRequest, LLMResult
 from boostqa_assets.logic import fewshot, language
-from boostqa_assets.prompting import render
+from boostqa_assets.prompting import latest_version, render
 from boostqa_assets.records import REFINED_SCHEMA, REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame, to_json
 
 PROMPT_ID = "refine"
@@ -49,6 +49,7 @@ def validate_answer(obj: Any) -> AnswerReply:
 
 
 def build_requests(qa: pl.DataFrame, version: str | None = None, max_chars: int = 2000) -> list[LLMRequest]:
+    version = version or latest_version(PROMPT_ID)  # once per batch: it lists the prompt's folder
     requests = []
     for row in qa.iter_rows(named=True):
         prompt = render(
@@ -156,10 +157,13 @@ def stage(
     partition: str,
     detection: LanguageDetectionSettings | None = None,
     language_stats: list[list[dict[str, Any]]] | None = None,
+    question_checked: bool = False,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """First pass over a chunk: the rows the refiner answered (with their rule flags, not yet the length rule,
     which needs the whole partition) and the rejects of the rows it did not answer. The language check of the
-    whole chunk runs in one batch; its per-language table is appended to ``language_stats``."""
+    whole chunk runs in one batch; its per-language table is appended to ``language_stats``.
+    ``question_checked``: synthesis's gate already detected each question (refinement does not change it), so
+    only the refined answers are detected."""
     by_key = {r.key: r for r in results}
     refusal_res = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     staged: list[dict[str, Any]] = []
@@ -182,9 +186,9 @@ def stage(
     lang_details: list[str | None] = [None] * len(answered)
     if cfg.check_language and answered:
         targets = [row["language"] for row, _ in answered]
-        lang_details = language.mismatches(
-            [row["question"] for row, _ in answered], [res.value.answer for _, res in answered], targets, detection
-        )
+        # A question already checked is passed as None: undetermined, never a mismatch, no model call.
+        questions = [None if question_checked else row["question"] for row, _ in answered]
+        lang_details = language.mismatches(questions, [res.value.answer for _, res in answered], targets, detection)
         if language_stats is not None:
             language_stats.append(language.mismatch_table(targets, lang_details))
     for (row, res), lang_detail in zip(answered, lang_details, strict=True):

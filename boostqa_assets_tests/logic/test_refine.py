@@ -19,6 +19,7 @@ from boostqa_assets.logic.refine import (
     length_outlier_mask,
     looks_truncated,
     rule_flags,
+    stage,
 )
 from boostqa_assets.records import REFINED_SCHEMA, REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame
 
@@ -223,6 +224,31 @@ def test_assemble_keeps_non_blocking_flags_on_the_row() -> None:
     kept, rejects = assemble(qa, [result("q000", "Water boils at 100 C.")], cfg, "physics|high")
     assert rejects.height == 0
     assert kept["flags"].to_list() == [["language_mismatch"]]
+
+
+def test_stage_detects_the_question_only_when_synthesis_did_not() -> None:
+    # A French question with an English answer: the same script, so only the language model tells them apart.
+    fr_q = "Quelle est la température d'ébullition de l'eau au niveau de la mer ?"
+    answer = "Water boils at 100 degrees Celsius at sea level."
+    qa = frame([qa_row(0, question=fr_q)], SYNTHESIZED_SCHEMA)
+    stats: list[list[dict[str, Any]]] = []
+    staged, _ = stage(qa, [result("q000", answer)], CFG, "physics|high", language_stats=stats)
+    assert staged["flags"].to_list() == [["language_mismatch"]]
+    assert stats == [[{"language": "en", "checked": 1, "language_mismatch": 1, "mismatch_rate": 1.0}]]
+    # Synthesis's gate checked the question already: only the refined answer is detected here.
+    stats = []
+    staged, _ = stage(qa, [result("q000", answer)], CFG, "physics|high", language_stats=stats, question_checked=True)
+    assert staged["flags"].to_list() == [[]]
+    assert stats == [[{"language": "en", "checked": 1, "language_mismatch": 0, "mismatch_rate": 0.0}]]
+    # ...and a refined answer in another language is still caught.
+    staged, _ = stage(
+        qa,
+        [result("q000", "L'eau bout à cent degrés au niveau de la mer.")],
+        CFG,
+        "physics|high",
+        question_checked=True,
+    )
+    assert staged["flags"].to_list() == [["language_mismatch"]]
 
 
 def test_assemble_reports_every_flag_in_the_detail() -> None:
