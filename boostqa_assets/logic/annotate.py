@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from boostqa_assets.configs import TaxonomyConfig
 from boostqa_assets.llm.types import LLMRequest, LLMResult, Validator
-from boostqa_assets.prompting import render
+from boostqa_assets.prompting import latest_version, render
 from boostqa_assets.records import ANNOTATED_SCHEMA, REJECT_SCHEMA, frame, to_json
 
 PROMPT_ID = "annotate"
@@ -75,6 +75,7 @@ def build_requests(
     seeds: pl.DataFrame, tax: TaxonomyConfig, max_chars: int, version: str | None = None
 ) -> list[LLMRequest]:
     schema = annotation_schema(tax)
+    version = version or latest_version(PROMPT_ID)  # once per batch: it lists the prompt's folder
     requests = []
     for row in seeds.iter_rows(named=True):
         prompt = render(

@@ -20,7 +20,7 @@ import polars as pl
 from boostqa_assets.configs import TaxonomyConfig
 from boostqa_assets.llm.types import LLMRequest, LLMResult
 from boostqa_assets.logic.annotate import PROMPT_ID, AnnotationReply, annotation_schema
-from boostqa_assets.prompting import render
+from boostqa_assets.prompting import latest_version, render
 from boostqa_assets.records import REJECT_SCHEMA, frame, stable_hash, to_json
 
 DEGRADED = "difficulty_degraded"
@@ -39,12 +39,13 @@ def sample(rows: pl.DataFrame, per_partition: int, seed: int = 0) -> pl.DataFram
 
 def build_requests(rows: pl.DataFrame, tax: TaxonomyConfig, max_chars: int) -> list[LLMRequest]:
     schema = annotation_schema(tax)
+    version = latest_version(PROMPT_ID)  # once per batch: it lists the prompt's folder
     out = []
     for row in rows.iter_rows(named=True):
         item = " ".join(row["question"].split())[:max_chars]
         prompt = render(
             PROMPT_ID,
-            None,
+            version,
             disciplines=tax.discipline_names,
             grades=tax.grades,
             difficulties=tax.difficulties,

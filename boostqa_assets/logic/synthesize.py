@@ -27,7 +27,7 @@ from boostqa_assets.configs import LanguagesConfig, SynthesisConfig, TaxonomyCon
 from boostqa_assets.llm.types import LLMRequest, LLMResult
 from boostqa_assets.logic import fewshot, language
 from boostqa_assets.logic.annotate import seed_item_text
-from boostqa_assets.prompting import render
+from boostqa_assets.prompting import latest_version, render
 from boostqa_assets.records import REJECT_SCHEMA, SYNTHESIZED_SCHEMA, frame, stable_hash, to_json
 
 # What a synthesizer is shown of its seed: an example these already repeat is not an echo (logic/fewshot.py).
@@ -160,10 +160,12 @@ def build_requests(
     versions: dict[str, str] | None = None,
     languages: LanguagesConfig | None = None,
 ) -> list[LLMRequest]:
-    versions = versions or {}
+    versions = dict(versions or {})
     requests = []
     for t in tasks:
         pid = TRACK_PROMPTS[t.track]
+        if pid not in versions:
+            versions[pid] = latest_version(pid)  # once per batch: it lists the prompt's folder
         seed = seed_item_text(t.seed, max_chars)
         if t.seed.get("answer"):
             seed += " Answer: " + " ".join(str(t.seed["answer"]).split())[: max_chars // 2]
