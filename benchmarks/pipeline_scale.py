@@ -167,20 +167,26 @@ def _reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid``, from /proc/<pid>/task/<tid>/children (no scan of every process)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def _tree_rss_mb(root_pid: int) -> float:
-    """Resident memory of ``root_pid`` and every process below it (the gates' worker processes), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    tree, grew = {root_pid}, True
-    while grew:
-        grew = False
-        for pid, ppid in parents.items():
-            if ppid in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
+    """Resident memory of ``root_pid`` and every process below it (the gates' worker processes), from /proc.
+    It walks the tree down from ``root_pid``: reading every process's stat file each 0.25 s took ~5% of the
+    benchmark's own CPU time (py-spy), time it then counted as the pipeline's."""
+    tree, todo = set(), [root_pid]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo += _children(pid)
     total = 0
     for pid in tree:
         with contextlib.suppress(OSError):
