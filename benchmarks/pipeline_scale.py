@@ -1,7 +1,9 @@
 """Benchmark of the whole graph at growing sizes: per stage wall time, rows, peak RSS, the LLM's share of the time
 and the storage objects written, against our fake OpenAI server with latency (no model, 127.0.0.1 only).
 
-Each size runs in a fresh child process (its own data root and Dagster instance) so peak memory is its own; the
+Each size runs in a fresh child process (its own data root and Dagster instance) so peak memory is its own;
+``--process-per-stage`` starts a fresh process for every stage, as Dagster does (its run launcher starts a process
+per run), where one process would carry into each stage what the stages before it left to the allocator. The
 peak of each stage is read from /proc (VmHWM, reset before the stage by writing 5 to /proc/self/clear_refs), and
 "w/ workers" is the peak of the whole process tree (sampled every 0.25 s: the gates fan out to worker processes
 past ``spill.parallel_min_rows`` rows, and VmHWM does not see them). The
@@ -14,6 +16,7 @@ files that appeared under the data root (parts, manifests, rejects, cache segmen
     .venv/bin/python benchmarks/pipeline_scale.py --with-100k     # adds 100k seeds (about an hour on 2 cores)
     .venv/bin/python benchmarks/pipeline_scale.py --sizes 100000 --keep          # leaves its folder, then
     .venv/bin/python benchmarks/pipeline_scale.py --sizes 100000 --cache-from F  # a re-run: replies from F's cache
+    .venv/bin/python benchmarks/pipeline_scale.py --process-per-stage           # each stage in its own process
 
 Targets (issue 11, 2 cores): peak RSS from 10k to 100k seeds grows <= 1.5x; non-LLM time per QA row < 2 ms. The
 synthetic seeds are spread over every discipline and grade by the fake annotator (a hash of the item), so all
@@ -221,8 +224,8 @@ def _files(root: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(root)) if root.exists() else 0
 
 
-def _child(env: dict[str, str], out: Any) -> None:
-    """Run every stage in this process and report per stage figures."""
+def _child(env: dict[str, str], out: Any, stages: list[str] | None = None) -> None:
+    """Run ``stages`` (default: every stage) in this process and report per stage figures."""
     os.environ.update(env)
     Path(env["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
     import warnings
@@ -250,7 +253,7 @@ def _child(env: dict[str, str], out: Any) -> None:
     data_root = Path(env["BOOSTQA_DATA_ROOT"])
     rows = []
     tree = TreePeak()
-    for stage in STAGES:
+    for stage in stages or STAGES:
         _reset_peak()
         tree.take()
         files_before, llm_before = _files(data_root), llm_s[0]
@@ -275,6 +278,20 @@ def _child(env: dict[str, str], out: Any) -> None:
     out.put(("done", rows))
 
 
+def _run_child(env: dict[str, str], stages: list[str] | None, seeds: int, timeout_s: float) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(env, out, stages))
+    proc.start()
+    while True:
+        kind, payload = out.get(timeout=timeout_s)
+        if kind == "stage":
+            print(f"  {seeds:>7} seeds  {payload}", flush=True)
+        else:
+            proc.join(60)
+            return payload  # type: ignore[no-any-return]
+
+
 def run_size(seeds: int, args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
     root = Path(tempfile.mkdtemp(prefix=f"boostqa-scale-{seeds}-"))
     try:
@@ -282,17 +299,16 @@ def run_size(seeds: int, args: argparse.Namespace, url: str) -> list[dict[str, A
         if args.cache_from:  # a re-run: the same project, its replies already paid for
             cache = Path(args.cache_from) / "data" / "_llm_cache"
             shutil.copytree(cache, Path(env["BOOSTQA_DATA_ROOT"]) / "_llm_cache")
-        ctx = mp.get_context("spawn")
-        out = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(env, out))
-        proc.start()
-        while True:
-            kind, payload = out.get(timeout=args.timeout_s)
-            if kind == "stage":
-                print(f"  {seeds:>7} seeds  {payload}", flush=True)
-            else:
-                proc.join(60)
-                return payload  # type: ignore[no-any-return]
+        if not args.process_per_stage:
+            return _run_child(env, None, seeds, args.timeout_s)
+        from boostqa_assets.definitions import STAGES
+
+        rows: list[dict[str, Any]] = []
+        for stage in STAGES:  # each stage in a process of its own, as Dagster runs each run
+            rows += _run_child(env, [stage], seeds, args.timeout_s)
+            if not rows[-1]["ok"]:
+                break
+        return rows
     finally:
         if args.keep:
             print(f"  kept {root} (its data root, config and Dagster home)", flush=True)
@@ -311,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a folder --keep left at the same size: its LLM cache is copied in first, so the run is a re-run whose "
         "replies all come from the cache (the pipeline's own time and memory, no waiting on the model)",
     )
+    parser.add_argument(
+        "--process-per-stage",
+        action="store_true",
+        help="run each stage in a fresh process, as Dagster runs each run (its run launcher starts a process per "
+        "run): a stage's peak is then its own, not the sum of what every stage before it left to the allocator",
+    )
     parser.add_argument("--keep", action="store_true", help="keep each size's folder (to inspect it or rerun a stage)")
     parser.add_argument("--timeout-s", type=float, default=7200, help="give up on a stage after this long")
     args = parser.parse_args(argv)
@@ -318,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     taxonomy = yaml.safe_load((DEFAULT_CONFIG_DIR / "taxonomy.yaml").read_text())
     disciplines = [d["name"] if isinstance(d, dict) else d for d in taxonomy["disciplines"]]
     responder = make_responder(disciplines, taxonomy["grades"], taxonomy["difficulties"])
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; sizes {sizes}; latency {args.latency_s}s")
+    mode = "each stage in its own process" if args.process_per_stage else "every stage in one process"
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; sizes {sizes}; latency {args.latency_s}s; {mode}")
     results: dict[int, list[dict[str, Any]]] = {}
     with FakeOpenAIServer(FaultConfig(latency_s=args.latency_s), responder=responder) as server:
         for seeds in sizes:
