@@ -1,0 +1,58 @@
+"""Tests for boostqa_assets.memory: importing the package caps glibc's malloc arenas (seen in malloc_info)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc arenas are Linux-only")
+
+# Six threads allocate at once (strings past pymalloc's 512 bytes come from malloc), then malloc_info lists the
+# arenas: one <heap nr=...> each.
+PROBE = textwrap.dedent(
+    """
+    import ctypes, sys, threading
+    if sys.argv[1] == "import":
+        import boostqa_assets  # noqa: F401
+    barrier = threading.Barrier(6)
+    keep = []
+    def work():
+        barrier.wait()
+        keep.append([b"x" * 4096 + bytes([i % 256]) for i in range(2000)])
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    f = libc.fopen(sys.argv[2].encode(), b"w")
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    """
+)
+
+
+def _arenas(tmp_path: Path, mode: str) -> int:
+    out = tmp_path / f"{mode}.xml"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    subprocess.run([sys.executable, "-c", PROBE, mode, str(out)], check=True, env=env, timeout=120)
+    return out.read_text().count("<heap nr=")
+
+
+def test_importing_the_package_caps_malloc_arenas(tmp_path: Path) -> None:
+    assert _arenas(tmp_path, "plain") > 2  # glibc's default: an arena per thread, up to 8 per core
+    assert _arenas(tmp_path, "import") <= 2
+
+
+def test_an_explicit_malloc_arena_max_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from boostqa_assets import memory
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert memory.limit_malloc_arenas() is False
