@@ -27,7 +27,8 @@ keeps its rule:
 
 **Memory** (what the process holds, whatever the row count): DuckDB's ``memory_limit`` (it spills past it to
 ``work_dir/duckdb_tmp``), one Arrow batch of ``chunk_rows`` in flight, two signature blocks in the screen
-(``2 x block_rows x 4 x num_perm`` = 512 MB at 10^6 rows of 64 perms) and, in the keep rule, one byte per
+(``2 x block_rows x 4 x num_perm`` = 512 MB at 10^6 rows of 64 perms; pairs are compared ``_SCREEN_STEP`` at a
+time and verified ``_VERIFY_BATCH`` at a time) and, in the keep rule, one byte per
 row of the pool (a bool "kept" array: 10 MB at 10^7 rows, 100 MB at 10^8). Disk: ``rows`` (~250 B a row),
 ``sigs.bin`` (256 B a row), the pairs (~40 B each) and DuckDB's spill, all under ``work_dir``.
 
@@ -62,6 +63,7 @@ from boostqa_assets.logic.minhash import (
     unique_rows,
 )
 from boostqa_assets.logic.spill import Progress, SpillConfig
+from boostqa_assets.memory import release_free_memory
 from boostqa_assets.records import normalize_text
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,10 @@ logger = logging.getLogger(__name__)
 EXACT = "exact_duplicate"
 NEAR = "near_duplicate"
 _INGEST_BATCH = 100_000
+_SCREEN_STEP = 65_536  # pairs compared at a time in the screen
+# Pairs verified at a time: both texts of each are normalized and shingled at once, ~4 KB a pair in numpy
+# temporaries (50,000 pairs took ~400 MB), whatever the row count.
+_VERIFY_BATCH = 8_192
 
 
 @dataclass
@@ -272,10 +278,12 @@ def _near(
     stats["lsh_pairs"] = _scalar(con, "SELECT count(*) FROM pairs")
     times["seconds_buckets"] = time.perf_counter() - ta
     ta = time.perf_counter()
-    _screen(con, cfg, spill, stats)
+    _screen(con, cfg, spill, n, stats)
+    release_free_memory()  # the screen's batches and DuckDB's sort buffers: ~150 MB at 277k rows (memory.py)
     times["seconds_screen"] = time.perf_counter() - ta
     ta = time.perf_counter()
     _verify(con, cfg, spill, stats)
+    release_free_memory()
     times["seconds_verify"] = time.perf_counter() - ta
     ta = time.perf_counter()
     _keep_rule(con, cfg, spill, n, stats)
@@ -312,7 +320,7 @@ class _Blocks:
 
 
 def _screen(
-    con: duckdb.DuckDBPyConnection, cfg: DedupConfig, spill: SpillConfig, stats: dict[str, int | float]
+    con: duckdb.DuckDBPyConnection, cfg: DedupConfig, spill: SpillConfig, n: int, stats: dict[str, int | float]
 ) -> None:
     """Pairs whose signatures agree on at least ``min_agreement`` positions go to ``screened``."""
     con.execute("CREATE TABLE screened (lg BIGINT, eg BIGINT, lpos BIGINT, epos BIGINT, agree INTEGER)")
@@ -321,7 +329,9 @@ def _screen(
     blocks = _Blocks(str(spill.work_dir / "sigs.bin"), cfg.num_perm, block)
     progress = Progress("dedup: screen bucket pairs", int(stats["lsh_pairs"]), "pairs")
     writer = con.cursor()  # a streaming result holds its connection: inserts go through another one
-    order = f"ORDER BY lg // {block}, eg // {block}"
+    # Sorted by tile so each block is read once; with one block (n <= block_rows) every order is one tile, and
+    # DuckDB's sort of the pairs (up to its memory_limit: ~750 MB of 1 GB for 277k rows) is not needed.
+    order = f"ORDER BY lg // {block}, eg // {block}" if n > block else ""
     reader = con.sql(f"SELECT lg, eg, lpos, epos FROM pairs {order}").to_arrow_reader(1_000_000)
     for batch in reader:
         lg, eg = batch.column(0).to_numpy(), batch.column(1).to_numpy()
@@ -333,12 +343,13 @@ def _screen(
         for s, e in zip(np.concatenate(([0], cut)), np.concatenate((cut, [len(lg)])), strict=True):
             sig_l = blocks.get("later", int(lb[s]))
             sig_e = blocks.get("earlier", int(eb[s]))
-            a = sig_l[lg[s:e] - lb[s] * block]
-            b = sig_e[eg[s:e] - eb[s] * block]
+            rows_l, rows_e = lg[s:e] - lb[s] * block, eg[s:e] - eb[s] * block
             agree = np.empty(e - s, dtype=np.int32)
-            step = 262_144
-            for k in range(0, e - s, step):
-                agree[k : k + step] = (a[k : k + step] == b[k : k + step]).sum(axis=1)
+            # Gathered a step at a time: a tile's pairs at once would be 2 x 4 x num_perm bytes each (512 MB
+            # for a batch of 10^6 pairs of 64 perms); a step is 2 x 16 MB.
+            for k in range(0, e - s, _SCREEN_STEP):
+                part = slice(k, k + _SCREEN_STEP)
+                agree[part] = (sig_l[rows_l[part]] == sig_e[rows_e[part]]).sum(axis=1)
             ok = np.flatnonzero(agree >= min_agree) + s
             keep_parts.append((ok, agree[ok - s]))
         if keep_parts:
@@ -373,7 +384,7 @@ def _verify(
     reader = con.sql(
         "SELECT s.lpos, s.epos, rl.text AS lt, re.text AS et FROM screened_u s "
         "JOIN rows rl ON rl.gidx = s.lg JOIN rows re ON re.gidx = s.eg"
-    ).to_arrow_reader(spill.chunk_rows)
+    ).to_arrow_reader(_VERIFY_BATCH)
     for batch in reader:
         m = batch.num_rows
         texts = [normalize_text(t) for t in batch.column(2).to_pylist()] + [
