@@ -8,13 +8,21 @@ once. Measured in the 100k-seed benchmark: ~360 MB of a 1.3 GB process sat in ni
 synthesis. ``MALLOC_ARENA_MAX=2`` is the usual remedy for long-lived Python data processes; setting it through
 ``mallopt`` when the package is imported applies it to every process that loads the code location (the
 webserver's code server, every run worker, the CLI) without each launcher having to export it.
+
+Freed memory also stays in the process: glibc returns only the top of a heap to the system on its own, so after a
+stage (or a phase of one) that built and dropped a few hundred MB of short-lived objects, RSS stays near its
+peak. ``release_free_memory`` hands the free pages back (``malloc_trim``); it is called where a large phase ends
+(each stage of the runner, the dedup merge's screen and verification). Measured on the 100k-seed mixture: 140-160
+MB back after each of the dedup's pair screen and verification.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
+from functools import cache
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 ARENAS = 2
@@ -23,10 +31,27 @@ ARENAS = 2
 def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
     """Cap glibc's malloc arenas at ``arenas``; True when applied. A ``MALLOC_ARENA_MAX`` set in the environment
     wins (glibc read it at start), and other platforms and C libraries are left alone."""
-    if sys.platform != "linux" or os.environ.get("MALLOC_ARENA_MAX"):
+    if os.environ.get("MALLOC_ARENA_MAX"):
         return False
+    libc = _glibc()
+    return bool(libc.mallopt(M_ARENA_MAX, arenas)) if libc is not None else False
+
+
+def release_free_memory() -> bool:
+    """Collect garbage, then give glibc's free pages back to the system; True when glibc did release some. A few
+    ms per GB of heap; a no-op off glibc."""
+    gc.collect()
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+@cache
+def _glibc() -> ctypes.CDLL | None:
+    if sys.platform != "linux":
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both are glibc's: fail here, not at the call
+        return libc
     except (OSError, AttributeError):  # not glibc (musl has no libc.so.6 and no per-thread arenas)
-        return False
+        return None

@@ -26,6 +26,7 @@ import dagster as dg
 from boostqa_assets import failures
 from boostqa_assets.definitions import STAGES
 from boostqa_assets.defs.jobs import stage_job, stage_job_name
+from boostqa_assets.memory import release_free_memory
 from boostqa_assets.partitions import SOURCE_PARTITIONS, contiguous_ranges, register_sources
 from boostqa_assets.resources import project_config
 from boostqa_assets.runs import (
@@ -364,6 +365,8 @@ def run_stage(
             defs, asset, instance, res, tags, quiet, SlotWatch(instance, pool, tags[LAUNCH_TAG])
         )
         out = _outcome(result, asset, assets_def.node_def.name, keys, store, by_source)
+        del result
+        release_free_memory()  # what the run freed goes back to the system, not on to the next stage (memory.py)
         run_ids.append(out.run_id)
         stage.checks_passed += out.checks_passed
         stage.checks_failed += out.checks_failed
