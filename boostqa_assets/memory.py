@@ -12,7 +12,7 @@ webserver's code server, every run worker, the CLI) without each launcher having
 Freed memory also stays in the process: glibc returns only the top of a heap to the system on its own, so after a
 stage (or a phase of one) that built and dropped a few hundred MB of short-lived objects, RSS stays near its
 peak. ``release_free_memory`` hands the free pages back (``malloc_trim``); it is called where a large phase ends
-(each stage of the runner, the dedup merge's screen and verification). Measured on the 100k-seed mixture: 140-160
+(each run of the runner, the dedup merge's screen and verification). Measured on the 100k-seed mixture: 140-160
 MB back after each of the dedup's pair screen and verification.
 """
 
@@ -37,11 +37,10 @@ def limit_malloc_arenas(arenas: int = ARENAS) -> bool:
     return bool(libc.mallopt(M_ARENA_MAX, arenas)) if libc is not None else False
 
 
-def release_free_memory(collect: bool = True) -> bool:
-    """Collect garbage (``collect``: ~25 ms with a few 100k live objects), then give glibc's free pages back to the
-    system (~15 ms); True when glibc did release some. A no-op off glibc."""
-    if collect:
-        gc.collect()
+def release_free_memory() -> bool:
+    """Collect garbage (~25 ms with a few 100k live objects), then give glibc's free pages back to the system
+    (~15 ms); True when glibc did release some. A no-op off glibc."""
+    gc.collect()
     libc = _glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
 
