@@ -10,6 +10,7 @@ at one chunk whatever a partition's size, and a killed run resumes after its las
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,16 @@ def input_generation(store: Store, asset: str, partition: Mapping[str, str]) -> 
     return [f.rsplit("/", 1)[-1] for f in store.partition_files(asset, partition)]
 
 
+def owned_head(df: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The first ``n`` rows of ``df`` in buffers of their own. ``df.head(n)`` is a view that keeps every buffer of
+    ``df`` alive: a preview kept per partition through a run held a whole chunk each (measured: ~350 MB over a
+    100k-seed refinement's 110 partitions). An Arrow IPC round trip copies only the rows, with their exact types."""
+    buf = io.BytesIO()
+    df.head(n).write_ipc(buf)
+    buf.seek(0)
+    return pl.read_ipc(buf)
+
+
 @dataclass
 class PartitionOutput:
     """The row writer and the rejects writer of one output partition, and what this run added to them."""
@@ -65,7 +76,7 @@ class PartitionOutput:
         self.rejects.write(rejects, progress=self.done)
         self.rows.write(kept, progress=self.done)
         if self.head is None and kept.height:
-            self.head = kept.head(HEAD_ROWS)
+            self.head = owned_head(kept, HEAD_ROWS)
         self.kept += kept.height
         self.rejected += rejects.height
         if rejects.height:
