@@ -46,6 +46,7 @@ from boostqa_assets.records import (
     ProbeStatus,
     Track,
 )
+from boostqa_assets.streaming import owned
 
 if TYPE_CHECKING:
     from boostqa_assets.configs import TaxonomyConfig
@@ -434,7 +435,7 @@ def validate(asset: str, df: pl.DataFrame, taxonomy: TaxonomyConfig) -> CheckOut
     """
     state = _deferred.get()
     if state is not None and state.asset == asset:
-        state.frames.append(spread_sample(df, state.per_partition_rows))
+        state.frames.append(owned(spread_sample(df, state.per_partition_rows)))  # not a view of the partition
         return CheckOutcome(True, {"rows": df.height, "gx": "run once for the whole run (see the run's check)"})
     spec, suite = _build_suite(asset, taxonomy.model_dump_json())
     meta: dict[str, Any] = {"rows": df.height}

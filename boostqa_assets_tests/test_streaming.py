@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from boostqa_assets.storage import Store
-from boostqa_assets.streaming import HEAD_ROWS, open_output, owned_head
+from boostqa_assets.streaming import HEAD_ROWS, open_output, owned
 
 # 60 partitions, one 2,000-row chunk of ~2 KB texts each (~4 MB), written through PartitionOutput as an LLM stage
 # writes them; each chunk is then dropped. RSS after, minus RSS before: what the outputs (their previews) keep.
@@ -57,7 +57,7 @@ def test_a_partitions_preview_does_not_keep_its_whole_chunk(tmp_path: Path) -> N
     assert held < 60, f"60 partition outputs keep {held} MB after their chunks were dropped"
 
 
-def test_owned_head_keeps_rows_and_exact_types() -> None:
+def test_owned_keeps_rows_and_exact_types() -> None:
     df = pl.DataFrame(
         {
             "id": ["a", "b", "c"],
@@ -66,10 +66,10 @@ def test_owned_head_keeps_rows_and_exact_types() -> None:
             "at": [datetime(2026, 1, 1, tzinfo=UTC)] * 3,
         }
     )
-    head = owned_head(df, 2)
+    head = owned(df.head(2))
     assert head.schema == df.schema
     assert head.to_dicts() == df.head(2).to_dicts()
-    assert owned_head(df.clear(), HEAD_ROWS).schema == df.schema
+    assert owned(df.clear()).schema == df.schema
 
 
 def test_the_output_preview_is_the_first_written_rows(tmp_path: Path) -> None:
