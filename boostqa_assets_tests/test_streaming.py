@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
+from boostqa_assets.records import REJECT_SCHEMA
 from boostqa_assets.storage import Store
 from boostqa_assets.streaming import HEAD_ROWS, open_output, owned
 
@@ -73,8 +74,6 @@ def test_owned_keeps_rows_and_exact_types() -> None:
 
 
 def test_the_output_preview_is_the_first_written_rows(tmp_path: Path) -> None:
-    from boostqa_assets.records import REJECT_SCHEMA
-
     store = Store(str(tmp_path / "data"))
     out = open_output(store, "a", {"p": "1"}, "1", pl.Schema({"v": pl.Int64}), "fp")
     out.write(pl.DataFrame({"v": list(range(10))}), pl.DataFrame(schema=REJECT_SCHEMA), 10)
