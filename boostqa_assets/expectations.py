@@ -388,10 +388,12 @@ GX_SAMPLE_ROWS = 20_000
 
 
 def spread_sample(df: pl.DataFrame, rows: int) -> pl.DataFrame:
-    """At most ``rows`` rows of ``df``, every k-th one (a bad stretch anywhere in the frame shows up)."""
-    if df.height <= rows:
-        return df
-    return df.gather_every(-(-df.height // rows)).head(rows)
+    """At most ``rows`` rows of ``df``, every k-th one (a bad stretch anywhere in the frame shows up), in buffers of
+    their own: callers keep samples past the frame they came from (a run's deferred suite, the mixture's check
+    over its shards), and a ``gather_every`` view would keep each whole frame alive with them."""
+    if df.height > rows:
+        df = df.gather_every(-(-df.height // rows)).head(rows)
+    return owned(df)
 
 
 @dataclass
@@ -435,7 +437,7 @@ def validate(asset: str, df: pl.DataFrame, taxonomy: TaxonomyConfig) -> CheckOut
     """
     state = _deferred.get()
     if state is not None and state.asset == asset:
-        state.frames.append(owned(spread_sample(df, state.per_partition_rows)))  # not a view of the partition
+        state.frames.append(spread_sample(df, state.per_partition_rows))
         return CheckOutcome(True, {"rows": df.height, "gx": "run once for the whole run (see the run's check)"})
     spec, suite = _build_suite(asset, taxonomy.model_dump_json())
     meta: dict[str, Any] = {"rows": df.height}

@@ -15,13 +15,16 @@ from boostqa_assets.storage import Store
 from boostqa_assets.streaming import HEAD_ROWS, open_output, owned
 
 # 60 partitions, one 2,000-row chunk of ~2 KB texts each (~4 MB), written through PartitionOutput as an LLM stage
-# writes them; each chunk is then dropped. RSS after, minus RSS before: what the outputs (their previews) keep.
+# writes them (or sampled for the expectation suite, as a run's deferred check and the mixture's check keep each
+# partition's or shard's sample); each chunk is then dropped. RSS after, minus RSS before: what the outputs (their
+# previews) or the samples keep.
 PROBE = textwrap.dedent(
     """
     import gc, sys, time
     import polars as pl
     from boostqa_assets.records import REJECT_SCHEMA
     from boostqa_assets.storage import Store
+    from boostqa_assets.expectations import spread_sample
     from boostqa_assets.streaming import open_output
 
     def rss():
@@ -32,9 +35,12 @@ PROBE = textwrap.dedent(
     for p in range(60):
         ids = [f"{p}-{i}" for i in range(2000)]
         chunk = pl.DataFrame({"qa_id": ids, "text": [f"{q} " + "x" * 2000 for q in ids]})
-        out = open_output(store, "probe", {"p": str(p)}, str(p), chunk.schema, "fp")
-        out.write(chunk, pl.DataFrame(schema=REJECT_SCHEMA), chunk.height)
-        outs.append(out)
+        if sys.argv[2] == "sample":
+            outs.append(spread_sample(chunk, 20))
+        else:
+            out = open_output(store, "probe", {"p": str(p)}, str(p), chunk.schema, "fp")
+            out.write(chunk, pl.DataFrame(schema=REJECT_SCHEMA), chunk.height)
+            outs.append(out)
         del chunk
     gc.collect()
     held = rss() - before
@@ -48,14 +54,24 @@ PROBE = textwrap.dedent(
 )
 
 
-def test_a_partitions_preview_does_not_keep_its_whole_chunk(tmp_path: Path) -> None:
-    held = int(
+def _held_mb(tmp_path: Path, kept: str) -> int:
+    return int(
         subprocess.run(
-            [sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, check=True, timeout=120
+            [sys.executable, "-c", PROBE, str(tmp_path), kept], capture_output=True, text=True, check=True, timeout=120
         ).stdout.strip()
     )
+
+
+def test_a_partitions_preview_does_not_keep_its_whole_chunk(tmp_path: Path) -> None:
+    held = _held_mb(tmp_path, "preview")
     # Views of the chunks (df.head) kept ~250 MB here; rows of their own, a few MB.
     assert held < 60, f"60 partition outputs keep {held} MB after their chunks were dropped"
+
+
+def test_an_expectation_sample_does_not_keep_its_whole_chunk(tmp_path: Path) -> None:
+    held = _held_mb(tmp_path, "sample")
+    # A gather_every view of each chunk kept every chunk whole; the sample's own 20 rows are a few KB each.
+    assert held < 60, f"60 expectation samples keep {held} MB after their chunks were dropped"
 
 
 def test_owned_keeps_rows_and_exact_types() -> None:
