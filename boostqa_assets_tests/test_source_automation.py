@@ -22,7 +22,7 @@ import yaml
 from boostqa_assets.configs import SLUG, ConfigError, SourcesConfig, load_config
 from boostqa_assets.definitions import build_definitions
 from boostqa_assets.defs.seeds import FINGERPRINT_KEY, recorded_fingerprint
-from boostqa_assets.logic.sources import (
+from boostqa_assets.logic.source_watch import (
     SourceResolver,
     UnknownSourceError,
     refresh_reason,

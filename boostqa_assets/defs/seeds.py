@@ -13,15 +13,8 @@ from boostqa_assets import checks, expectations
 from boostqa_assets.defs.metadata import column_schema, reasons_text, row_figures, table_preview
 from boostqa_assets.defs.support import asset_ui, backfill_policy, counts_by, one_line, report_partition_checks
 from boostqa_assets.failures import clear_failure, read_failure, record_failure
-from boostqa_assets.logic.sources import (
-    SourceError,
-    SourceFile,
-    SourceResolver,
-    empty_source_message,
-    read_source,
-    refresh_reason,
-    split_new_files,
-)
+from boostqa_assets.logic.source_watch import SourceFile, SourceResolver, refresh_reason, split_new_files
+from boostqa_assets.logic.sources import SourceError, empty_source_message, read_source
 from boostqa_assets.partitions import SOURCE_PARTITIONS, Partitions, register_sources
 from boostqa_assets.records import SEED_SCHEMA, Seed
 from boostqa_assets.resources import StoreResource, project_config
