@@ -12,7 +12,9 @@ staging file (``_staging/<generation>.json``), so a run killed half way leaves e
 with the same ``resume_key`` (the fingerprint of its inputs) goes on after the last one. ``commit`` writes the
 manifest in one object: readers that go by the manifest (``Store.partition_files``, the DuckDB views) see the
 old partition or the new one, never half of one. Then the parts of older generations go, except the previous
-generation's, which a reader that read the old manifest a moment ago may still be reading.
+generation's, which a reader that read the old manifest a moment ago may still be reading, and those of writers
+still at work on the same partition (two runs of one partition at once: each has a staging file, saved before
+its first part and touched with every part; one untouched for ``ABANDONED_AFTER_S`` is a dead run's).
 
 A folder without a manifest is read as its ``part-*.parquet`` files (partitions written before manifests, one
 ``part-0000.parquet``; and the mixture's shard folders, which are swapped whole).
@@ -40,6 +42,9 @@ logger = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 STAGING = "_staging"
 MANIFEST_VERSION = 1
+# A staging file untouched this long belongs to a dead run: its parts may go. A live writer touches its file with
+# every chunk; a resume after this long re-asks its LLM calls of the cache, it does not pay for them again.
+ABANDONED_AFTER_S = 24 * 3600
 
 
 def read_manifest(store: Store, folder: str) -> dict[str, Any] | None:
@@ -134,7 +139,7 @@ class PartitionWriter:
         logger.info("%s: resuming after %d staged chunks (%d rows)", self.folder, len(entries), self.rows)
 
     def _save_staging(self) -> None:
-        staged = {"generation": self.generation, "entries": self.entries}
+        staged = {"generation": self.generation, "entries": self.entries, "updated_at": time.time()}
         self.store.put_bytes(self._staging, json.dumps(staged).encode())
 
     def truncate_to_progress(self, progress: int) -> None:
@@ -151,6 +156,8 @@ class PartitionWriter:
         default the number of chunks written."""
         if self.schema is not None:
             df = df.select([pl.col(c).cast(t) for c, t in self.schema.items()])
+        if not self.entries:  # a concurrent writer's commit must see this run at work before its first part
+            self._save_staging()
         name = f"part-{self.generation}-{len(self.entries):05d}.parquet"
         path = posixpath.join(self.folder, name)
         size = self.store.write_parquet(path, df)
@@ -184,18 +191,56 @@ class PartitionWriter:
         return path
 
     def _collect(self, keep: set[str]) -> None:
-        """Delete the staging file and part files of generations older than the previous one."""
+        """Delete the staging file and the part files of generations older than the previous one, sparing those
+        of writers still at work here and of a manifest another writer committed meanwhile.
+
+        The order makes it safe: a writer saves its staging file before its first part and removes it only after
+        its commit, so a part listed here either has a live staging file when staging is listed next, or was
+        committed before that, and then the manifest read last names its generation or a later one."""
         fs = self.store.fs
+        for folder in (self.folder, posixpath.join(self.folder, STAGING)):
+            fs.invalidate_cache(folder)  # s3fs keeps listings: other writers' new files would stay unseen
         try:
             names = [posixpath.basename(p) for p in fs.ls(self.folder, detail=False)]
         except FileNotFoundError:
             return
+        parts = [n for n in names if n.startswith("part-") and n.endswith(".parquet") and n not in keep]
+        if not parts:
+            self.store.delete([self._staging])
+            return
+        live, abandoned = self._other_writers()
+        latest = read_manifest(self.store, self.folder) or {}
+        keep = keep | set(latest.get("parts", []))
+        generations = {self.generation, latest.get("generation"), latest.get("previous_generation"), *live}
         stale = [
-            posixpath.join(self.folder, n)
-            for n in names
-            if n.startswith("part-") and n.endswith(".parquet") and n not in keep
+            posixpath.join(self.folder, n) for n in parts if n not in keep and _generation_of(n) not in generations
         ]
-        self.store.delete([*stale, self._staging])
+        self.store.delete([*stale, *abandoned, self._staging])
+
+    def _other_writers(self) -> tuple[set[str], list[str]]:
+        """(generations of other writers at work on this partition, staging files of dead ones)."""
+        folder = posixpath.join(self.folder, STAGING)
+        try:
+            files = [p for p in self.store.fs.ls(folder, detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return set(), []
+        live: set[str] = set()
+        abandoned: list[str] = []
+        for found in files:
+            path = posixpath.join(folder, posixpath.basename(found))
+            if path == self._staging:
+                continue
+            try:
+                updated = float(json.loads(self.store.read_bytes(path)).get("updated_at", 0))
+            except FileNotFoundError:  # it committed meanwhile: the manifest read next names it
+                continue
+            except (ValueError, TypeError, AttributeError):
+                updated = 0.0
+            if time.time() - updated < ABANDONED_AFTER_S:
+                live.add(posixpath.basename(path).removesuffix(".json"))
+            else:
+                abandoned.append(path)
+        return live, abandoned
 
     def __enter__(self) -> PartitionWriter:
         return self
@@ -203,6 +248,12 @@ class PartitionWriter:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None and not self.committed:
             self.commit()
+
+
+def _generation_of(part: str) -> str | None:
+    """``part-<generation>-<n>.parquet`` -> generation; None for names before manifests (``part-0000.parquet``)."""
+    pieces = part.removesuffix(".parquet").split("-")
+    return pieces[1] if len(pieces) == 3 else None
 
 
 def chunked(df: pl.DataFrame, rows: int) -> list[pl.DataFrame]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from boostqa_assets import manifests
 from boostqa_assets.manifests import MANIFEST
 from boostqa_assets.records import REJECT_SCHEMA, SYNTHESIZED_SCHEMA
 from boostqa_assets.storage import PART_FILE, Store, partition_dirs, partition_slug
@@ -120,6 +121,38 @@ def test_old_generations_go_but_the_previous_one_stays_for_readers(store: Store)
     parts = [f for f in all_files(Path(store.root)) if "/part-" in f]
     assert len(parts) == 4  # generation 3 (committed) and 2 (previous); 1 is gone
     assert store.read_partition("t", PHYSICS_HIGH)["value"].to_list() == [3, 3]
+
+
+def test_two_runs_of_one_partition_at_once_do_not_delete_each_others_parts(store: Store) -> None:
+    store.write_partition("t", PHYSICS_HIGH, rows(1, value=0))
+    slow = store.partition_writer("t", PHYSICS_HIGH, SCHEMA)
+    slow.write(rows(2, value=1))
+    for value in (2, 3):  # two runs commit while the slow one is still at work: its part is not theirs to delete
+        with store.partition_writer("t", PHYSICS_HIGH, SCHEMA) as fast:
+            fast.write(rows(1, value=value))
+    slow.write(rows(1, value=1, prefix="r"))
+    slow.commit()  # the last commit wins, whole
+    assert sorted(store.read_partition("t", PHYSICS_HIGH)["value"].to_list()) == [1, 1, 1]
+    with store.partition_writer("t", PHYSICS_HIGH, SCHEMA) as last:
+        last.write(rows(1, value=4))
+    assert store.read_partition("t", PHYSICS_HIGH)["value"].to_list() == [4]
+    parts = [f for f in all_files(Path(store.root)) if "/part-" in f]
+    assert len(parts) == 3  # the last commit's part and the slow run's two (the previous); the rest are gone
+
+
+def test_a_dead_runs_staged_parts_go_once_abandoned(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = store.partition_writer("t", PHYSICS_HIGH, SCHEMA, resume_key="killed-run")
+    dead.write(rows(2, value=1))
+    with store.partition_writer("t", PHYSICS_HIGH, SCHEMA) as other:
+        other.write(rows(1, value=2))
+    assert store.exists(f"{dead.folder}/{dead.parts[0]}")  # a day to come back and resume
+    resumed = store.partition_writer("t", PHYSICS_HIGH, SCHEMA, resume_key="killed-run")
+    assert resumed.chunks_done == 1
+    monkeypatch.setattr(manifests, "ABANDONED_AFTER_S", -1.0)  # as if a day had passed
+    with store.partition_writer("t", PHYSICS_HIGH, SCHEMA) as later:
+        later.write(rows(1, value=3))
+    assert not store.exists(f"{dead.folder}/{dead.parts[0]}") and not store.exists(dead._staging)
+    assert store.read_partition("t", PHYSICS_HIGH)["value"].to_list() == [3]
 
 
 def test_a_partition_written_before_manifests_still_reads(store: Store) -> None:
