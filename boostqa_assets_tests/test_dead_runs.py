@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -54,11 +54,17 @@ def _start(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], IO[
     return proc, out
 
 
-def _wait_for(predicate: object, timeout_s: float, what: str) -> float:
+def _wait_for(
+    predicate: object, timeout_s: float, what: str, procs: Sequence[tuple[subprocess.Popen[bytes], IO[bytes]]] = ()
+) -> float:
+    """Wait for ``predicate``; fail at once, with their logs, if every one of ``procs`` has exited meanwhile."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         if predicate():  # type: ignore[operator]
             return time.monotonic() - started
+        if procs and all(p.poll() is not None for p, _ in procs):
+            logs = "\n".join(f"--- exit {p.returncode}:\n{Path(out.name).read_text()[-2000:]}" for p, out in procs)
+            raise AssertionError(f"every demo exited while waiting for {what}\n{logs}")
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
@@ -79,7 +85,7 @@ def test_two_demos_killed_while_holding_both_slots_do_not_block_a_third(
     env, pool, instance = project
     started = [_start(env, tmp_path / f"killed{i}.log") for i in range(2)]
     try:
-        _wait_for(lambda: len(_holders(instance, pool)) == 2, 240, "both demos to hold a slot of the pool")
+        _wait_for(lambda: len(_holders(instance, pool)) == 2, 240, "both demos to hold a slot of the pool", started)
         dead_runs = _holders(instance, pool)
         for proc, _ in started:
             os.kill(proc.pid, signal.SIGKILL)
@@ -116,7 +122,8 @@ def test_sigterm_stops_a_demo_waiting_for_a_slot_and_one_in_an_llm_step(
     holder, holder_out = _start(env, tmp_path / "holder.log")
     waiter, waiter_out = _start(env, tmp_path / "waiter.log")
     try:
-        _wait_for(lambda: len(_holders(instance, pool)) == 1, 240, "a demo to hold the pool's slot")
+        procs = [(holder, holder_out), (waiter, waiter_out)]
+        _wait_for(lambda: len(_holders(instance, pool)) == 1, 240, "a demo to hold the pool's slot", procs)
         (held,) = _holders(instance, pool)
         holder_run = instance.get_run_by_id(held)
         assert holder_run is not None
