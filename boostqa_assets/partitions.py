@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import dagster as dg
@@ -42,11 +43,20 @@ def build_partitions(project: ProjectConfig) -> Partitions:
 def register_sources(instance: dg.DagsterInstance, project: ProjectConfig) -> list[str]:
     """Add the configured sources that the instance does not have yet as ``sources`` partitions (in config
     order); returns the names added. Partitions of removed sources and of discovered files are kept."""
+    from sqlalchemy.exc import IntegrityError  # Dagster's SQL storages (SQLite, PostgreSQL) raise it
+
     names = project.sources.partition_keys()
     existing = instance.get_existing_dynamic_partitions(SOURCE_PARTITIONS, names)
     missing = [n for n in names if n not in existing]
     if missing:
-        instance.add_dynamic_partitions(SOURCE_PARTITIONS, missing)
+        try:
+            instance.add_dynamic_partitions(SOURCE_PARTITIONS, missing)
+        except IntegrityError:  # another run added some between our check and the insert (two demos at once)
+            existing = instance.get_existing_dynamic_partitions(SOURCE_PARTITIONS, missing)
+            for name in missing:
+                if name not in existing:
+                    with contextlib.suppress(IntegrityError):
+                        instance.add_dynamic_partitions(SOURCE_PARTITIONS, [name])
     return missing
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 import dagster as dg
+import pytest
+from sqlalchemy.exc import IntegrityError
 
 from boostqa_assets.definitions import STAGES, build_definitions
 from boostqa_assets.partitions import register_sources
@@ -40,6 +46,51 @@ def test_partitions_match_the_configuration() -> None:
     assert sources.get_partition_keys(dynamic_partitions_store=instance) == configured
     recipes = defs.resolve_assets_def("qa_mixture").partitions_def
     assert recipes is not None and recipes.get_partition_keys() == ["stem_heavy"]
+
+
+def test_sources_registered_by_two_runs_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two demos started together: the other run inserts the same sources between this run's storage check and
+    its insert (the race, replayed in order on a real SQLite instance); this run must not fail."""
+    configured = ["wikipedia", "fanoutqa", "zh_qa", "humaneval"]
+    with (
+        dg.DagsterInstance.local_temp(str(tmp_path)) as instance,
+        dg.DagsterInstance.from_ref(instance.get_ref()) as other,
+    ):
+        storage = instance.event_log_storage
+        real, real_add = storage.index_connection, storage.add_dynamic_partitions
+        raced, adding = [], []
+
+        def add(name: str, keys: list[str]) -> None:
+            adding.append(True)
+            try:
+                real_add(name, keys)
+            finally:
+                adding.clear()
+
+        @contextlib.contextmanager
+        def racing_connection() -> Iterator[object]:
+            with real() as conn:
+                execute = conn.execute
+
+                def execute_then_race(statement: object, *args: object) -> object:
+                    result = execute(statement, *args)
+                    if adding and not raced and str(statement).lstrip().upper().startswith("SELECT"):
+                        raced.append(True)  # the storage has read what exists; now the other run inserts
+                        other.add_dynamic_partitions("sources", configured[:2])
+                    return result
+
+                monkeypatch.setattr(conn, "execute", execute_then_race)
+                yield conn
+
+        monkeypatch.setattr(storage, "index_connection", racing_connection)
+        monkeypatch.setattr(storage, "add_dynamic_partitions", add)
+        with pytest.raises(IntegrityError):  # unguarded, the insert fails as a run's did in CI
+            instance.add_dynamic_partitions("sources", configured)
+        raced.clear()
+        other.delete_dynamic_partition("sources", "wikipedia")
+        other.delete_dynamic_partition("sources", "fanoutqa")
+        assert register_sources(instance, project_config()) == configured and raced  # the race happened
+        assert sorted(other.get_dynamic_partitions("sources")) == sorted(configured)
 
 
 def test_source_automation_shape() -> None:
