@@ -72,6 +72,8 @@ EXACT = "exact_duplicate"
 NEAR = "near_duplicate"
 _INGEST_BATCH = 100_000
 _SCREEN_STEP = 65_536  # pairs compared at a time in the screen
+# Pairs read from DuckDB at a time in the screen: each costs ~100 B in numpy temporaries (~25 MB a batch).
+_SCREEN_BATCH = 262_144
 # Pairs verified at a time: both texts of each are normalized and shingled at once, ~4 KB a pair in numpy
 # temporaries (50,000 pairs took ~400 MB), whatever the row count.
 _VERIFY_BATCH = 8_192
@@ -113,6 +115,7 @@ def dedup_out_of_core(keys: Sequence[KeysSource], cfg: DedupConfig, spill: Spill
     con = _connect(spill)
     bands, rows_per_band = lsh_params(cfg.threshold, cfg.num_perm, cfg.bands) if cfg.near else (0, 0)
     files, counts, n = _ingest(con, keys, cfg, bands, spill)
+    con = _reopen(con, spill)
     times = {"seconds_ingest": time.perf_counter() - t0}
     stats: dict[str, int | float] = {"rows_in": n, "lsh_pairs": 0, "screened_pairs": 0, "candidates_checked": 0}
     stats["verify_rows"] = 0
@@ -135,7 +138,7 @@ def dedup_out_of_core(keys: Sequence[KeysSource], cfg: DedupConfig, spill: Spill
             )
         times["seconds_exact"] = time.perf_counter() - ta
         if cfg.near:
-            _near(con, cfg, spill, bands, n, stats, times)
+            con = _near(con, cfg, spill, bands, n, stats, times)
     ta = time.perf_counter()
     con.execute(
         "CREATE TABLE removed AS "
@@ -149,6 +152,7 @@ def dedup_out_of_core(keys: Sequence[KeysSource], cfg: DedupConfig, spill: Spill
     )
     exact_removed = _scalar(con, "SELECT count(*) FROM removed WHERE reason = 'exact_duplicate'")
     near_removed = _scalar(con, "SELECT count(*) FROM removed WHERE reason = 'near_duplicate'")
+    con = _reopen(con, spill)  # the caller reads ``removed`` for as long as it writes the mixture
     times["seconds_removed"] = time.perf_counter() - ta
     stats.update(
         {
@@ -189,6 +193,18 @@ def _connect(spill: SpillConfig) -> duckdb.DuckDBPyConnection:
     path = spill.work_dir / "dedup.duckdb"
     if path.exists():
         path.unlink()
+    return duckdb_connect(spill, "dedup.duckdb")
+
+
+def _reopen(con: duckdb.DuckDBPyConnection, spill: SpillConfig) -> duckdb.DuckDBPyConnection:
+    """The same database through a new connection. Closing the last connection ends DuckDB's instance, and with
+    it what DuckDB's allocator (its own jemalloc) kept of a phase's transient memory, which neither
+    ``malloc_trim`` nor ``allocator_flush_threshold`` releases. The tables are in the file: nothing is lost.
+    Measured on the 100k-seed mixture (277,851 rows, its own process): the screen starts at 412-427 MB instead
+    of 640, and the mixture's peak fell from 1,029 to 884-900 MB; a reopen costs a few milliseconds."""
+    from boostqa_assets.logic.spill import duckdb_connect
+
+    con.close()
     return duckdb_connect(spill, "dedup.duckdb")
 
 
@@ -255,7 +271,7 @@ def _near(
     n: int,
     stats: dict[str, int | float],
     times: dict[str, float],
-) -> None:
+) -> duckdb.DuckDBPyConnection:
     """Steps 4-7 of the module docstring: bucket pairs, signature screen, verification, keep rule."""
     ta = time.perf_counter()
     con.execute("CREATE TABLE cand AS SELECT o.* FROM ordered o ANTI JOIN exact_dups d ON d.pos = o.pos WHERE o.has_sh")
@@ -276,6 +292,7 @@ def _near(
             """
         )
     stats["lsh_pairs"] = _scalar(con, "SELECT count(*) FROM pairs")
+    con = _reopen(con, spill)
     times["seconds_buckets"] = time.perf_counter() - ta
     ta = time.perf_counter()
     _screen(con, cfg, spill, n, stats)
@@ -288,6 +305,7 @@ def _near(
     ta = time.perf_counter()
     _keep_rule(con, cfg, spill, n, stats)
     times["seconds_keep_rule"] = time.perf_counter() - ta
+    return con
 
 
 class _Blocks:
@@ -332,7 +350,7 @@ def _screen(
     # Sorted by tile so each block is read once; with one block (n <= block_rows) every order is one tile, and
     # DuckDB's sort of the pairs (up to its memory_limit: ~750 MB of 1 GB for 277k rows) is not needed.
     order = f"ORDER BY lg // {block}, eg // {block}" if n > block else ""
-    reader = con.sql(f"SELECT lg, eg, lpos, epos FROM pairs {order}").to_arrow_reader(1_000_000)
+    reader = con.sql(f"SELECT lg, eg, lpos, epos FROM pairs {order}").to_arrow_reader(_SCREEN_BATCH)
     for batch in reader:
         lg, eg = batch.column(0).to_numpy(), batch.column(1).to_numpy()
         lpos, epos = batch.column(2).to_numpy(), batch.column(3).to_numpy()
