@@ -83,3 +83,32 @@ def test_release_free_memory_returns_freed_pages_to_the_system() -> None:
     before, after, released = out.stdout.decode().split()
     assert released == "True"
     assert int(before) - int(after) >= 200, (before, after)  # ~390 MB were freed
+
+
+# Arrow's pool and polars' jemalloc settings are read when each is imported: a fresh interpreter shows them.
+ALLOCATORS = textwrap.dedent(
+    """
+    import os
+    import boostqa_assets  # noqa: F401
+    import polars  # noqa: F401
+    import pyarrow as pa
+    print(pa.default_memory_pool().backend_name, os.environ["_RJEM_MALLOC_CONF"].split(",")[-1])
+    """
+)
+
+
+def _allocators(**env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "_RJEM_MALLOC_CONF")}
+    found = subprocess.run(
+        [sys.executable, "-c", ALLOCATORS], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    return found.stdout.split()
+
+
+def test_importing_the_package_puts_arrow_and_polars_on_allocators_that_release() -> None:
+    assert _allocators() == ["system", "muzzy_decay_ms:0"]  # not mimalloc, and polars' freed pages go back
+    assert _allocators(ARROW_DEFAULT_MEMORY_POOL="mimalloc", _RJEM_MALLOC_CONF="narenas:2") == [
+        "mimalloc",
+        "narenas:2",
+    ]  # what the environment says wins
