@@ -136,10 +136,11 @@ class PartitionWriter:
             logger.warning("%s: staged parts are missing; writing the partition again", self.folder)
             return
         self.entries = entries
+        self._save_staging()  # at work again: other writers' commits must spare these parts, however old
         logger.info("%s: resuming after %d staged chunks (%d rows)", self.folder, len(entries), self.rows)
 
     def _save_staging(self) -> None:
-        staged = {"generation": self.generation, "entries": self.entries, "updated_at": time.time()}
+        staged = {"generation": self.generation, "entries": self.entries, "updated_at": _now()}
         self.store.put_bytes(self._staging, json.dumps(staged).encode())
 
     def truncate_to_progress(self, progress: int) -> None:
@@ -236,7 +237,7 @@ class PartitionWriter:
                 continue
             except (ValueError, TypeError, AttributeError):
                 updated = 0.0
-            if time.time() - updated < ABANDONED_AFTER_S:
+            if _now() - updated < ABANDONED_AFTER_S:
                 live.add(posixpath.basename(path).removesuffix(".json"))
             else:
                 abandoned.append(path)
@@ -250,10 +251,14 @@ class PartitionWriter:
             self.commit()
 
 
+def _now() -> float:
+    return time.time()
+
+
 def _generation_of(part: str) -> str | None:
     """``part-<generation>-<n>.parquet`` -> generation; None for names before manifests (``part-0000.parquet``)."""
-    pieces = part.removesuffix(".parquet").split("-")
-    return pieces[1] if len(pieces) == 3 else None
+    generation, _, _ = part.removesuffix(".parquet").removeprefix("part-").rpartition("-")
+    return generation or None
 
 
 def chunked(df: pl.DataFrame, rows: int) -> list[pl.DataFrame]:

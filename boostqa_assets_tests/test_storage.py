@@ -141,13 +141,20 @@ def test_two_runs_of_one_partition_at_once_do_not_delete_each_others_parts(store
 
 
 def test_a_dead_runs_staged_parts_go_once_abandoned(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = manifests._now
     dead = store.partition_writer("t", PHYSICS_HIGH, SCHEMA, resume_key="killed-run")
     dead.write(rows(2, value=1))
     with store.partition_writer("t", PHYSICS_HIGH, SCHEMA) as other:
         other.write(rows(1, value=2))
     assert store.exists(f"{dead.folder}/{dead.parts[0]}")  # a day to come back and resume
+    monkeypatch.setattr(manifests, "ABANDONED_AFTER_S", 3600.0)
+    monkeypatch.setattr(manifests, "_now", lambda: now() + 7200)  # two hours later, it resumes
     resumed = store.partition_writer("t", PHYSICS_HIGH, SCHEMA, resume_key="killed-run")
     assert resumed.chunks_done == 1
+    with store.partition_writer("t", PHYSICS_HIGH, SCHEMA) as meanwhile:  # the resumed run is at work again
+        meanwhile.write(rows(1, value=5))
+    assert store.exists(f"{dead.folder}/{dead.parts[0]}")
+    del resumed  # killed once more
     monkeypatch.setattr(manifests, "ABANDONED_AFTER_S", -1.0)  # as if a day had passed
     with store.partition_writer("t", PHYSICS_HIGH, SCHEMA) as later:
         later.write(rows(1, value=3))
