@@ -371,6 +371,25 @@ def test_suite_sees_an_even_sample_of_a_big_frame(tax: TaxonomyConfig, monkeypat
     assert 90 <= sample.height <= 100 and sample["i"][0] == 0 and sample["i"][-1] > 900
 
 
+def test_no_validated_frame_is_kept_once_its_suite_has_run(tax: TaxonomyConfig) -> None:
+    """GX's engine would keep each asset's last batch (its pandas frame) for good: a one-process run carried
+    one per asset into every later stage. After ``validate`` none of the frames it handed GX is alive."""
+    import gc
+
+    import pandas as pd
+
+    def validated_frames_alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, pd.DataFrame) and len(o) == 777)
+
+    for asset, rows, schema in (
+        ("seeds", [_seed(i) for i in range(777)], SEED_SCHEMA),
+        ("refined_qa", [_refined(i, tax) for i in range(777)], REFINED_SCHEMA),
+    ):
+        assert expectations.validate(asset, frame(rows, schema), tax).passed
+    assert validated_frames_alive() == 0
+
+
 def test_mixture_check_reads_shard_by_shard_and_still_sees_every_row(
     tax: TaxonomyConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
