@@ -123,15 +123,24 @@ def read_good_sources(
     ``columns``, only those columns are read (the plan needs labels and ids, not the seeds' texts)."""
     if columns is not None:
         schema = pl.Schema({c: schema[c] for c in columns})
+    frames = []
+    for path in good_source_files(store, asset):
+        df = store.read_parquet(path, schema, columns=columns)
+        frames.append(df if discipline is None else df.filter(pl.col("discipline") == discipline))
+    return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
+
+
+def good_source_files(store: Store, asset: str) -> list[str]:
+    """The part files of ``asset``'s source partitions that ``read_good_sources`` reads (failed sources' left
+    out and named in the log): for a reader that streams them (``manifests.stream_parquet``)."""
     failed = failed_sources(store)
-    frames, skipped = [], []
+    files, skipped = [], set()
     for path in store.list_partition_files(asset):
         key = source_key_of(path)
         if key is not None and key in failed:
-            skipped.append(key)
-            continue
-        df = store.read_parquet(path, schema, columns=columns)
-        frames.append(df if discipline is None else df.filter(pl.col("discipline") == discipline))
+            skipped.add(key)
+        else:
+            files.append(path)
     if skipped:
         logger.warning("%s: leaving out failed source partitions %s", asset, ", ".join(sorted(skipped)))
-    return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
+    return files

@@ -271,13 +271,15 @@ def chunked(df: pl.DataFrame, rows: int) -> list[pl.DataFrame]:
 def stream_parquet(
     store: Store, files: list[str], batch_rows: int, schema: pl.Schema | None = None
 ) -> Iterator[pl.DataFrame]:
-    """Yield frames of at most ``batch_rows`` rows from ``files`` in order, one file open at a time."""
+    """Yield frames of at most ``batch_rows`` rows from ``files`` in order, one file open at a time; with
+    ``schema``, only its columns are read (cast to its types)."""
     import pyarrow.parquet as pq
 
+    columns = list(schema) if schema is not None else None
     for path in files:
         with store.fs.open(path, "rb") as f:
             reader = pq.ParquetFile(f)
-            for batch in reader.iter_batches(batch_size=batch_rows):
+            for batch in reader.iter_batches(batch_size=batch_rows, columns=columns):
                 df = pl.from_arrow(batch)
                 assert isinstance(df, pl.DataFrame)
                 yield df if schema is None else df.select([pl.col(c).cast(t) for c, t in schema.items()])

@@ -18,10 +18,11 @@ from boostqa_assets.defs.support import (
     progress_logger,
     unsent_rows,
 )
-from boostqa_assets.failures import read_good_sources
+from boostqa_assets.failures import good_source_files
 from boostqa_assets.llm.types import LLMResult
 from boostqa_assets.logic import probe
 from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heatmaps
+from boostqa_assets.manifests import stream_parquet
 from boostqa_assets.partitions import Partitions
 from boostqa_assets.prompting import prompt_fingerprint
 from boostqa_assets.records import ANNOTATED_SCHEMA, PROBE_CELL_SCHEMA, PROBE_ITEM_SCHEMA, REJECT_SCHEMA, ProbeCell
@@ -116,12 +117,15 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 }
             )
 
-        annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA, columns=probe.SEED_COLUMNS)
-        sample, cands = probe.stratified_sample(annotated, cfg)
+        # Streamed a chunk at a time: a cell keeps only its sample, so memory does not grow with the seeds.
+        columns = pl.Schema({c: ANNOTATED_SCHEMA[c] for c in probe.SEED_COLUMNS})
+        files = good_source_files(st, "annotated_seeds")
+        chunks = stream_parquet(st, files, project.pipeline.streaming.chunk_rows, columns)
+        sample, cands = probe.stratified_sample(chunks, cfg)
         requests = probe.build_probe_requests(sample, cfg.max_chars_in_prompt)
         context.log.info(
-            f"deficiency_probe: {len(requests)} questions over {len(sample)} cells from {annotated.height} "
-            f"annotated seeds ({sum(len(v) for v in cands.by_cell.values())} candidates)"
+            f"deficiency_probe: {len(requests)} questions over {len(sample)} cells from {cands.seeds_read} "
+            f"annotated seeds ({sum(cands.counts.values())} candidates)"
         )
         target = llm.client("probe")
         results = target.run(requests, probe.validate_reply, progress_logger(context.log, "deficiency_probe"))
@@ -138,8 +142,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
 
         items = probe.items_frame(graded)
         rejects = probe.rejects_frame(graded)
-        counts = {cell: len(rows) for cell, rows in cands.by_cell.items()}
-        cells = probe.aggregate(items, cfg, counts, cells=list(sample))
+        cells = probe.aggregate(items, cfg, cands.counts, cells=list(sample))
         st.write_partition(probe.ASSET, {}, cells)
         st.write_partition(probe.ITEMS_ASSET, {}, items)
         st.write_rejects(probe.ASSET, probe.REJECTS_PARTITION, rejects)

@@ -18,11 +18,13 @@ answers, grade its replies, and report accuracy per discipline x grade cell with
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from statistics import NormalDist
@@ -156,31 +158,12 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 
 @dataclass(frozen=True)
 class Candidates:
-    """Probe candidates per cell, and what was left out (reported, not rejected)."""
+    """How many probe candidates each cell has, and what was left out (reported, not rejected)."""
 
-    by_cell: dict[tuple[str, str], list[dict[str, Any]]]
+    counts: dict[tuple[str, str], int]
     without_reference: int = 0
     too_long: int = 0
-
-
-def candidates(annotated: pl.DataFrame, max_chars_in_prompt: int) -> Candidates:
-    """Annotated seeds that can be probed, grouped by (discipline, grade), each cell sorted by ``seed_id``."""
-    by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    seen: set[str] = set()
-    without_reference = too_long = 0
-    for row in annotated.sort("seed_id").iter_rows(named=True):
-        if row["seed_id"] in seen:
-            continue
-        seen.add(row["seed_id"])
-        question = one_line(row.get("question"))
-        if not question or not normalize_tokens(row.get("answer")):
-            without_reference += 1
-            continue
-        if len(question) > max_chars_in_prompt:
-            too_long += 1
-            continue
-        by_cell.setdefault((row["discipline"], row["grade"]), []).append(row)
-    return Candidates(dict(sorted(by_cell.items())), without_reference, too_long)
+    seeds_read: int = 0
 
 
 def sample_cell(rows: list[dict[str, Any]], cap: int, seed: int) -> list[dict[str, Any]]:
@@ -190,12 +173,48 @@ def sample_cell(rows: list[dict[str, Any]], cap: int, seed: int) -> list[dict[st
 
 
 def stratified_sample(
-    annotated: pl.DataFrame, cfg: ProbeConfig
+    frames: Iterable[pl.DataFrame], cfg: ProbeConfig
 ) -> tuple[dict[tuple[str, str], list[dict[str, Any]]], Candidates]:
-    """The probe sample per cell (only cells with candidates) and the candidates it was drawn from."""
-    cands = candidates(annotated, cfg.max_chars_in_prompt)
-    sample = {cell: sample_cell(rows, cfg.samples_per_cell, cfg.seed) for cell, rows in cands.by_cell.items()}
-    return sample, cands
+    """The probe sample per cell (only cells with candidates) from annotated seeds read a frame at a time, and
+    how many candidates each cell had.
+
+    A cell keeps the ``samples_per_cell`` candidates with the lowest (hash, ``seed_id``) seen so far, pruned as
+    it grows, so memory holds one frame plus a few rows per cell however many seeds there are (the sample is the
+    one ``sample_cell`` would draw from all of them). Seed ids are unique across annotated partitions (the id
+    hashes the source; a shard holds its own hash bucket; the annotated check enforces it per partition): a
+    seed read twice counts once within a frame or while it is among a cell's kept rows."""
+    cap = cfg.samples_per_cell
+    kept: dict[tuple[str, str], dict[str, tuple[tuple[str, str], dict[str, Any]]]] = {}
+    counts: Counter[tuple[str, str]] = Counter()
+    without_reference = too_long = seeds_read = 0
+    for df in frames:
+        seeds_read += df.height
+        for row in df.unique(subset="seed_id", keep="first", maintain_order=True).iter_rows(named=True):
+            cell = (row["discipline"], row["grade"])
+            rows = kept.setdefault(cell, {})
+            if row["seed_id"] in rows:
+                continue
+            question = one_line(row.get("question"))
+            if not question or not normalize_tokens(row.get("answer")):
+                without_reference += 1
+                continue
+            if len(question) > cfg.max_chars_in_prompt:
+                too_long += 1
+                continue
+            counts[cell] += 1
+            rows[row["seed_id"]] = ((stable_hash(str(cfg.seed), row["seed_id"]), row["seed_id"]), row)
+            if len(rows) >= 2 * cap + 64:  # prune to the cap lowest now and then: O(n log cap) over a cell
+                kept[cell] = dict(heapq.nsmallest(cap, rows.items(), key=lambda item: item[1][0]))
+    sample = {
+        cell: sorted((row for _, row in heapq.nsmallest(cap, rows.values(), key=lambda v: v[0])), key=_by_id)
+        for cell, rows in sorted(kept.items())
+        if counts[cell]
+    }
+    return sample, Candidates(dict(sorted(counts.items())), without_reference, too_long, seeds_read)
+
+
+def _by_id(row: dict[str, Any]) -> str:
+    return str(row["seed_id"])
 
 
 # --- requests and validators ----------------------------------------------------------------------------

@@ -205,32 +205,61 @@ def test_candidates_need_a_question_and_a_reference_answer() -> None:
         _seed(8, grade="primary"),
         _seed(1),  # the same seed twice (e.g. read twice) counts once
     ]
-    cands = probe.candidates(_annotated(rows), max_chars_in_prompt=100)
-    assert {cell: [r["seed_id"] for r in rs] for cell, rs in cands.by_cell.items()} == {
+    sample, cands = probe.stratified_sample(
+        [_annotated(rows)], ProbeConfig(samples_per_cell=50, max_chars_in_prompt=100)
+    )
+    assert {cell: [r["seed_id"] for r in rs] for cell, rs in sample.items()} == {
         ("physics", "high"): ["s_0001", "s_0007"],
         ("physics", "primary"): ["s_0008"],
     }
-    assert (cands.without_reference, cands.too_long) == (4, 1)
+    assert cands.counts == {("physics", "high"): 2, ("physics", "primary"): 1}
+    assert (cands.without_reference, cands.too_long, cands.seeds_read) == (4, 1, 9)
 
 
 def test_stratified_sample_caps_each_cell_deterministically() -> None:
     rows = [_seed(i) for i in range(30)] + [_seed(100 + i, discipline="history") for i in range(3)]
     cfg = ProbeConfig(samples_per_cell=5, seed=7)
-    sample, cands = probe.stratified_sample(_annotated(rows), cfg)
+    sample, cands = probe.stratified_sample([_annotated(rows)], cfg)
     assert {cell: len(rs) for cell, rs in sample.items()} == {("history", "high"): 3, ("physics", "high"): 5}
-    assert len(cands.by_cell[("physics", "high")]) == 30
+    assert cands.counts[("physics", "high")] == 30
     ids = [r["seed_id"] for r in sample[("physics", "high")]]
     assert ids == sorted(ids)
+    assert ids == [r["seed_id"] for r in probe.sample_cell([_seed(i) for i in range(30)], 5, seed=7)]
     # Order-independent: a shuffled input gives the same sample.
     shuffled = _annotated(rows).sample(fraction=1.0, shuffle=True, seed=3)
-    again, _ = probe.stratified_sample(shuffled, cfg)
+    again, _ = probe.stratified_sample([shuffled], cfg)
     assert [r["seed_id"] for r in again[("physics", "high")]] == ids
     # Stable when unrelated seeds are added: a chosen seed stays chosen unless a new one outranks it.
-    more, _ = probe.stratified_sample(_annotated(rows + [_seed(500 + i, grade="graduate") for i in range(9)]), cfg)
+    more, _ = probe.stratified_sample([_annotated(rows + [_seed(500 + i, grade="graduate") for i in range(9)])], cfg)
     assert [r["seed_id"] for r in more[("physics", "high")]] == ids
     # Another seed draws another sample.
-    other, _ = probe.stratified_sample(_annotated(rows), ProbeConfig(samples_per_cell=5, seed=8))
+    other, _ = probe.stratified_sample([_annotated(rows)], ProbeConfig(samples_per_cell=5, seed=8))
     assert [r["seed_id"] for r in other[("physics", "high")]] != ids
+
+
+def test_stratified_sample_streams_and_keeps_only_a_cells_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read a few rows at a time, with far more candidates than the cap, the sample is the one drawn from all
+    of them at once, and no cell ever holds more than a pruning margin over its cap."""
+    rows = [_seed(i) for i in range(700)] + [_seed(1000 + i, discipline="history") for i in range(40)]
+    cfg = ProbeConfig(samples_per_cell=4, seed=11)
+    df = _annotated(rows).sample(fraction=1.0, shuffle=True, seed=5)
+    held: list[int] = []
+    real_nsmallest = probe.heapq.nsmallest
+
+    def spy(n: int, items: Any, key: Any = None) -> list[Any]:
+        items = list(items)
+        held.append(len(items))
+        return real_nsmallest(n, items, key=key)
+
+    monkeypatch.setattr(probe.heapq, "nsmallest", spy)
+    streamed, cands = probe.stratified_sample((df.slice(i, 7) for i in range(0, df.height, 7)), cfg)
+    monkeypatch.undo()
+    whole, _ = probe.stratified_sample([_annotated(rows)], cfg)
+    assert streamed == whole
+    expected = probe.sample_cell([_seed(i) for i in range(700)], 4, seed=11)
+    assert [r["seed_id"] for r in streamed[("physics", "high")]] == [r["seed_id"] for r in expected]
+    assert cands.counts == {("history", "high"): 40, ("physics", "high"): 700} and cands.seeds_read == 740
+    assert held and max(held) <= 2 * 4 + 64  # pruned as it went: never the 700 candidates at once
 
 
 def test_sample_is_the_lowest_hashes() -> None:
