@@ -106,7 +106,19 @@ def candidates(
     annotated: pl.DataFrame, discipline: str, grade: str, tax: TaxonomyConfig, cfg: SynthesisConfig
 ) -> list[tuple[str, dict[str, Any]]]:
     """The (track, seed row) pairs partition (discipline, grade) may synthesize from, in a deterministic order."""
-    rows = annotated.filter(pl.col("discipline") == discipline).sort("seed_id").to_dicts()
+    return cell_candidates(discipline_rows(annotated, discipline), discipline, grade, tax, cfg)
+
+
+def discipline_rows(annotated: pl.DataFrame, discipline: str) -> list[dict[str, Any]]:
+    """A discipline's annotated seeds as rows, by ``seed_id``: what ``cell_candidates`` picks from. Built once
+    per discipline, its rows are shared by every grade's pairs (a STEM discipline's seeds feed all its grades)."""
+    return annotated.filter(pl.col("discipline") == discipline).sort("seed_id").to_dicts()
+
+
+def cell_candidates(
+    rows: list[dict[str, Any]], discipline: str, grade: str, tax: TaxonomyConfig, cfg: SynthesisConfig
+) -> list[tuple[str, dict[str, Any]]]:
+    """``candidates`` over a discipline's ``discipline_rows``."""
     category = tax.category_of(discipline)
     salt = f"{discipline}|{grade}"
     if category in cfg.multi_grade_categories or cfg.non_stem_grades == "all":
