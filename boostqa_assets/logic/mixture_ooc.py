@@ -4,11 +4,11 @@ The pool spill (``mixture.POOL_SCHEMA``, written chunk by chunk by ``gates_ooc``
 document text, token count and sampling key. DuckDB sorts the rows of finite key by (key, qa_id) out of core
 (``memory_limit``, spilling to the work folder); the sorted rows stream back in batches and are taken while
 the running token total stays within the budget (a prefix: token counts are never negative), so the stream
-stops at the first row that would overflow. Taken rows fill shards of ``shard_rows`` documents, each written
-as Parquet and JSONL as soon as it is full, exactly as ``mixture.shard_files`` writes them.
+stops at the first row that would overflow. Taken rows fill shards of ``shard_rows`` documents, written as
+Parquet and JSONL as they come, with the same rows as ``mixture.shard_files`` writes.
 
-Memory: DuckDB's limit, one Arrow batch, one shard (``shard_rows`` documents, 100k by default) and the
-manifest's per-label token totals.
+Memory: DuckDB's limit, one Arrow batch and the manifest's per-label token totals (a shard of ``shard_rows``
+documents, 100k by default, is written batch by batch).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from boostqa_assets.configs import Recipe
 from boostqa_assets.logic.mixture import LABELS, POOL_COLUMNS, doc_id, manifest_of
@@ -106,15 +107,19 @@ def build_mixture_streaming(
 
 
 class _ShardWriter:
-    """Documents in sampled order into ``part-NNNNN.parquet`` / ``.jsonl`` shards of ``shard_rows`` each."""
+    """Documents in sampled order into ``part-NNNNN.parquet`` / ``.jsonl`` shards of ``shard_rows`` each. A shard
+    is written as its batches arrive (a Parquet row group and a run of JSONL lines per batch), so memory holds one
+    batch, not one shard. A whole shard concatenated, cast and rendered to one JSONL string cost more: 100k
+    documents of ~1 KB arriving in batches of 50k took 328 MB over the batches, 157 MB batch by batch."""
 
     def __init__(self, out_dir: Path, recipe: Recipe) -> None:
         self.out_dir, self.recipe = out_dir, recipe
         self.rows = 0
         self.shards = 0
         self.files: list[str] = []
-        self.pending: list[pl.DataFrame] = []
-        self.pending_rows = 0
+        self.open_rows = 0  # documents in the shard being written
+        self._parquet: pq.ParquetWriter | None = None
+        self._jsonl: BinaryIO | None = None
         self.totals: dict[str, dict[str, int]] = {c: defaultdict(int) for c in _LABELS}
         self.coverage: dict[tuple[str, str], int] = defaultdict(int)
         self.rows_by_language: dict[str, int] = defaultdict(int)
@@ -129,35 +134,50 @@ class _ShardWriter:
             self.coverage[(d, g)] += int(tokens)
         start = 0
         while start < taken.height:
-            room = self.recipe.shard_rows - self.pending_rows
-            part = taken.slice(start, room)
-            self.pending.append(part)
-            self.pending_rows += part.height
+            part = taken.slice(start, self.recipe.shard_rows - self.open_rows)
+            self._append(part)
             start += part.height
-            if self.pending_rows == self.recipe.shard_rows:
-                self._write()
+            if self.open_rows == self.recipe.shard_rows:
+                self._finish_shard()
 
-    def _write(self) -> None:
-        docs = pl.concat(self.pending) if self.pending else pl.DataFrame(schema=dict.fromkeys(POOL_COLUMNS, pl.Utf8))
+    def _documents(self, part: pl.DataFrame) -> pl.DataFrame:
         recipe = self.recipe
-        docs = docs.select(
-            pl.col("qa_id").map_elements(lambda q: doc_id(recipe, q), return_dtype=pl.Utf8).alias("doc_id")
-            if docs.height
-            else pl.lit(None, pl.Utf8).alias("doc_id"),
+        if not part.height:
+            return pl.DataFrame(schema=MIXTURE_SCHEMA)
+        docs = part.select(
+            pl.col("qa_id").map_elements(lambda q: doc_id(recipe, q), return_dtype=pl.Utf8).alias("doc_id"),
             pl.lit(recipe.name).alias("recipe"),
-            *[pl.col(c) for c in docs.columns if c in MIXTURE_SCHEMA and c != "shard"],
+            *[pl.col(c) for c in part.columns if c in MIXTURE_SCHEMA and c != "shard"],
             pl.lit(self.shards, pl.Int64).alias("shard"),
         )
-        docs = pl.DataFrame(schema=MIXTURE_SCHEMA) if not docs.height else docs
-        docs = docs.select([pl.col(c).cast(t) for c, t in MIXTURE_SCHEMA.items()])
+        return docs.select([pl.col(c).cast(t) for c, t in MIXTURE_SCHEMA.items()])
+
+    def _append(self, part: pl.DataFrame) -> None:
+        docs = self._documents(part)
+        table = docs.to_arrow()
+        if self._parquet is None:
+            stem = f"part-{self.shards:05d}"
+            self._parquet = pq.ParquetWriter(self.out_dir / f"{stem}.parquet", table.schema, compression="zstd")
+            self._jsonl = open(self.out_dir / f"{stem}.jsonl", "wb")  # noqa: SIM115 - closed by _finish_shard
+        self._parquet.write_table(table)
+        if docs.height:
+            assert self._jsonl is not None
+            docs.write_ndjson(self._jsonl)
+        self.open_rows += docs.height
+
+    def _finish_shard(self) -> None:
+        assert self._parquet is not None and self._jsonl is not None
+        self._parquet.close()
+        self._jsonl.close()
+        self._parquet = self._jsonl = None
         stem = f"part-{self.shards:05d}"
-        docs.write_parquet(self.out_dir / f"{stem}.parquet", compression="zstd")
-        (self.out_dir / f"{stem}.jsonl").write_bytes(docs.write_ndjson().encode("utf-8"))
         self.files += [f"{stem}.parquet", f"{stem}.jsonl"]
-        self.rows += docs.height
-        self.shards += 1 if docs.height else 0
-        self.pending, self.pending_rows = [], 0
+        self.rows += self.open_rows
+        self.shards += 1 if self.open_rows else 0
+        self.open_rows = 0
 
     def close(self) -> None:
-        if self.pending_rows or self.shards == 0:  # the last partial shard; an empty mixture has one empty shard
-            self._write()
+        if self._parquet is None and self.shards == 0:  # an empty mixture has one empty shard
+            self._append(pl.DataFrame(schema=dict.fromkeys(POOL_COLUMNS, pl.Utf8)).head(0))
+        if self._parquet is not None:  # the last partial shard
+            self._finish_shard()
