@@ -49,6 +49,7 @@ def build_mixture_streaming(
     name = f"mixture-{recipe.name}.duckdb"
     (spill.work_dir / name).unlink(missing_ok=True)
     con = duckdb_connect(spill, name)
+    writer = _ShardWriter(out_dir, recipe)
     try:
         paths = ", ".join(f"'{p}'" for p in (pool if isinstance(pool, list) else [pool]))
         src = f"read_parquet([{paths}])"
@@ -57,7 +58,6 @@ def build_mixture_streaming(
         reader = con.sql(f"SELECT {cols} FROM {src} WHERE isfinite(key) ORDER BY key, qa_id").to_arrow_reader(
             spill.chunk_rows
         )
-        writer = _ShardWriter(out_dir, recipe)
         progress = Progress(f"mixture {recipe.name}: documents", None, "docs")
         total, full = 0, False
         for batch in reader:
@@ -77,6 +77,7 @@ def build_mixture_streaming(
         writer.close()
         progress.finish()
     finally:
+        writer.abort()  # after a failure: the open shard's files are closed (the caller drops the folder)
         con.close()
     manifest = manifest_of(
         recipe,
@@ -175,6 +176,13 @@ class _ShardWriter:
         self.rows += self.open_rows
         self.shards += 1 if self.open_rows else 0
         self.open_rows = 0
+
+    def abort(self) -> None:
+        """Close the open shard's files without counting it (a no-op once ``close`` has run)."""
+        for handle in (self._parquet, self._jsonl):
+            if handle is not None:
+                handle.close()
+        self._parquet = self._jsonl = None
 
     def close(self) -> None:
         if self._parquet is None and self.shards == 0:  # an empty mixture has one empty shard

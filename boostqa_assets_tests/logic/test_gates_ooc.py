@@ -222,3 +222,32 @@ def test_empty_pool_gives_one_empty_shard(tmp_path: Path) -> None:
     _, manifest = build_mixture(pl.DataFrame(schema=REFINED_SCHEMA), recipe)
     assert mix.manifest == manifest and mix.files == ["part-00000.parquet", "part-00000.jsonl"]
     assert run.counts == {"pool": 0, "exact_duplicate": 0, "near_duplicate": 0, "contaminated": 0}
+
+
+def test_a_mixture_that_fails_midway_leaves_no_shard_file_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard is written batch by batch, so its files stay open between batches: a failure closes them."""
+    pool = refined_pool(300)
+    store = Store(str(tmp_path / "data"))
+    files = write_partitions(store, pool, parts=2, row_group=61)
+    recipe = Recipe(name="a", token_budget=10**9, seed=3, shard_rows=1000)
+    spill = spill_cfg(tmp_path, chunk_rows=50)
+    run = gates_ooc.run_gates(store, files, QualityConfig(), None, [recipe], spill)
+    calls = {"n": 0}
+    real_doc_id = mixture_ooc.doc_id
+
+    def failing_doc_id(r: Recipe, qa_id: str) -> str:
+        calls["n"] += 1
+        if calls["n"] > 120:  # in the third batch of 50, with the shard's files open
+            raise RuntimeError("disk full")
+        return real_doc_id(r, qa_id)
+
+    monkeypatch.setattr(mixture_ooc, "doc_id", failing_doc_id)
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="disk full") as failure:
+        mixture_ooc.build_mixture_streaming(run.pools["a"], recipe, spill, out)
+    assert (out / "part-00000.parquet").exists()  # it failed with the shard open
+    # The traceback (kept, as a caller logging it would) holds the writer: its files must be closed already.
+    assert failure.traceback
+    fd_dir = Path("/proc/self/fd")
+    open_files = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir) if (fd_dir / fd).is_symlink()]
+    assert not [f for f in open_files if f.startswith(str(out))]
