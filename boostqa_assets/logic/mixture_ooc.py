@@ -186,6 +186,6 @@ class _ShardWriter:
 
     def close(self) -> None:
         if self._parquet is None and self.shards == 0:  # an empty mixture has one empty shard
-            self._append(pl.DataFrame(schema=dict.fromkeys(POOL_COLUMNS, pl.Utf8)).head(0))
+            self._append(pl.DataFrame())
         if self._parquet is not None:  # the last partial shard
             self._finish_shard()

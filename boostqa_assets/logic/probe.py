@@ -206,15 +206,11 @@ def stratified_sample(
             if len(rows) >= 2 * cap + 64:  # prune to the cap lowest now and then: O(n log cap) over a cell
                 kept[cell] = dict(heapq.nsmallest(cap, rows.items(), key=lambda item: item[1][0]))
     sample = {
-        cell: sorted((row for _, row in heapq.nsmallest(cap, rows.values(), key=lambda v: v[0])), key=_by_id)
+        cell: sample_cell([row for _, row in rows.values()], cap, cfg.seed)
         for cell, rows in sorted(kept.items())
         if counts[cell]
     }
     return sample, Candidates(dict(sorted(counts.items())), without_reference, too_long, seeds_read)
-
-
-def _by_id(row: dict[str, Any]) -> str:
-    return str(row["seed_id"])
 
 
 # --- requests and validators ----------------------------------------------------------------------------
