@@ -17,10 +17,11 @@ from boostqa_assets import checks, expectations
 from boostqa_assets.configs import ProjectConfig
 from boostqa_assets.defs.metadata import column_schema, grid_table, table_preview
 from boostqa_assets.defs.support import asset_ui, backfill_policy, md_table, report_partition_checks
-from boostqa_assets.failures import read_good_sources
+from boostqa_assets.failures import good_source_files
 from boostqa_assets.logic import plan as plan_logic
 from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heatmaps
 from boostqa_assets.logic.probe import read_probe_cells
+from boostqa_assets.manifests import stream_parquet
 from boostqa_assets.partitions import Partitions, contiguous_ranges, qa_key, qa_key_parts
 from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, PlanCell, stable_hash
 from boostqa_assets.resources import StoreResource, project_config
@@ -29,9 +30,12 @@ from boostqa_assets.storage import Store
 
 def compute_plan(st: Store, project: ProjectConfig) -> tuple[pl.DataFrame, bool]:
     """The whole plan from what is in the store now; the flag says whether a probe table was found."""
-    annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA, columns=plan_logic.SEED_COLUMNS)
+    files = good_source_files(st, "annotated_seeds")
+    columns = pl.Schema({c: ANNOTATED_SCHEMA[c] for c in plan_logic.SEED_COLUMNS})
+    chunk_rows = project.pipeline.streaming.chunk_rows
     probe_cells = read_probe_cells(st)
-    return plan_logic.build_plan(annotated, probe_cells, project), probe_cells is not None
+    plan = plan_logic.build_plan(lambda: stream_parquet(st, files, chunk_rows, columns), probe_cells, project)
+    return plan, probe_cells is not None
 
 
 def stored_fingerprints(st: Store) -> dict[str, str]:

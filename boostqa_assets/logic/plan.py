@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,10 +115,95 @@ def probe_needs(cells: pl.DataFrame | None) -> dict[str, CellNeed]:
 # texts, as dicts for each of a STEM discipline's 5 cells, took the plan to 1.6 GB).
 SEED_COLUMNS = ["seed_id", "discipline", "grade", "difficulty", "annotate_request_hash"]
 
+# Each call streams the annotated seeds (``SEED_COLUMNS``) once more, a frame at a time. The plan reads them
+# twice: once to count every cell's candidates, once to pick the seeds the budgets use. Neither pass holds more
+# than a frame and the picked seeds, so the plan's memory follows the budgets, not the seeds.
+SeedStream = Callable[[], Iterable[pl.DataFrame]]
 
-def build_plan(annotated: pl.DataFrame, probe_cells: pl.DataFrame | None, project: ProjectConfig) -> pl.DataFrame:
+
+def seed_counts(frames: Iterable[pl.DataFrame]) -> dict[tuple[str, str, str], int]:
+    """Seeds per (discipline, grade, difficulty): all a cell's candidate count depends on."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for df in frames:
+        for discipline, grade, difficulty, n in df.group_by("discipline", "grade", "difficulty").len().iter_rows():
+            key = (discipline, grade, difficulty)
+            counts[key] = counts.get(key, 0) + n
+    return counts
+
+
+@dataclass(frozen=True)
+class TrackPick:
+    """The first ``take`` seeds of one cell's track, in ``synthesize.candidates`` order: by ``seed_id``, or by
+    the hash of ``salt`` and ``seed_id`` when the track is capped (``max_seeds_per_partition``)."""
+
+    key: str
+    discipline: str
+    track: str
+    takes: Callable[[str, str], bool]
+    take: int
+    salt: str | None
+
+
+class _FirstRows:
+    """The ``take`` lowest rows by ``_order`` of the frames added: at most 2 x take + one frame held."""
+
+    def __init__(self, take: int) -> None:
+        self.take = take
+        self.frames: list[pl.DataFrame] = []
+        self.rows = 0
+        self.bound: str | None = None  # the take-th lowest order so far: nothing at or above it can enter
+
+    def add(self, df: pl.DataFrame) -> None:
+        if self.bound is not None:
+            df = df.filter(pl.col("_order") < self.bound)
+        if df.is_empty():
+            return
+        self.frames.append(df)
+        self.rows += df.height
+        if self.rows > 2 * self.take:
+            self._prune()
+
+    def _prune(self) -> None:
+        kept = pl.concat(self.frames).sort("_order").head(self.take)
+        self.frames, self.rows = [kept], kept.height
+        if kept.height == self.take:
+            self.bound = kept["_order"][-1]
+
+    def result(self) -> list[dict[str, Any]]:
+        if not self.frames:
+            return []
+        self._prune()
+        return self.frames[0].drop("_order").to_dicts()
+
+
+def first_seeds(frames: Iterable[pl.DataFrame], picks: list[TrackPick]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Each pick's seeds (``seed_id``, ``annotate_request_hash``), by (cell key, track), in one streamed pass."""
+    firsts = {(p.key, p.track): _FirstRows(p.take) for p in picks}
+    by_discipline: dict[str, list[TrackPick]] = {}
+    for p in picks:
+        by_discipline.setdefault(p.discipline, []).append(p)
+    for df in frames:
+        for discipline, own in by_discipline.items():
+            part = df.filter(pl.col("discipline") == discipline)
+            if part.is_empty():
+                continue
+            combos = part.select("grade", "difficulty").unique()
+            for p in own:
+                # The track's test runs once per (grade, difficulty) present, not once per seed.
+                allowed = combos.filter(pl.Series([p.takes(g, d) for g, d in combos.iter_rows()], dtype=pl.Boolean))
+                rows = part.join(allowed, on=["grade", "difficulty"], how="semi").select(
+                    "seed_id", "annotate_request_hash"
+                )
+                if p.salt is None:
+                    order = rows["seed_id"]
+                else:  # the hash is fixed-width: hash + seed_id sorts as (hash, seed_id)
+                    order = pl.Series([stable_hash(p.salt, s) + s for s in rows["seed_id"]], dtype=pl.String)
+                firsts[(p.key, p.track)].add(rows.with_columns(order.alias("_order")))
+    return {k: f.result() for k, f in firsts.items()}
+
+
+def build_plan(seeds: SeedStream, probe_cells: pl.DataFrame | None, project: ProjectConfig) -> pl.DataFrame:
     """One row per discipline x grade cell (all of them, in partition-key order): budget, why, and from what."""
-    annotated = annotated.select(SEED_COLUMNS)
     tax = project.taxonomy
     syn = project.pipeline.synthesis
     cfg = project.pipeline.plan
@@ -131,16 +217,20 @@ def build_plan(annotated: pl.DataFrame, probe_cells: pl.DataFrame | None, projec
     )
     unbudgeted = recipe.qa_budget is None
     probed = bool(measured)
+    counts = seed_counts(seeds())
     rows: list[dict[str, Any]] = []
-    pairs_by_key: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    tracks_by_key: dict[str, list[tuple[str, Callable[[str, str], bool], int, bool]]] = {}
     for discipline in sorted(tax.discipline_names):
-        # One set of row dicts per discipline, shared by its grades' pairs: built per cell, a STEM discipline's
-        # seeds were copied into each of its grades (the plan alone at 100k seeds peaked at 441 MB, 336 shared).
-        seed_rows = synthesize.discipline_rows(annotated, discipline)
+        own = [(g, d, n) for (disc, g, d), n in counts.items() if disc == discipline]
         for grade in sorted(tax.grades):
             key = qa_key(discipline, grade)
-            pairs = synthesize.cell_candidates(seed_rows, discipline, grade, tax, syn)
-            pairs_by_key[key] = pairs
+            tracks = []
+            for track, takes in synthesize.track_rules(discipline, grade, tax, syn):
+                n = sum(c for g, d, c in own if takes(g, d))
+                capped = syn.max_seeds_per_partition is not None and n > syn.max_seeds_per_partition
+                tracks.append((track, takes, min(n, syn.max_seeds_per_partition) if capped else n, capped))
+            tracks_by_key[key] = tracks
+            n_pairs = sum(t[2] for t in tracks)
             category = tax.category_of(discipline)
             is_stem = tax.is_stem(discipline)
             is_hd = grade in syn.high_difficulty_grades
@@ -159,7 +249,7 @@ def build_plan(annotated: pl.DataFrame, probe_cells: pl.DataFrame | None, projec
                 need, basis = float(mean_need), "probe_mean"  # type: ignore[arg-type]
             else:
                 need, basis = 1.0, "static"
-            capacity = len(pairs) * (syn.qa_per_seed if unbudgeted else cfg.max_qa_per_seed)
+            capacity = n_pairs * (syn.qa_per_seed if unbudgeted else cfg.max_qa_per_seed)
             rows.append(
                 {
                     "discipline": discipline,
@@ -167,7 +257,7 @@ def build_plan(annotated: pl.DataFrame, probe_cells: pl.DataFrame | None, projec
                     "category": category,
                     "is_stem": is_stem,
                     "is_high_difficulty": is_hd,
-                    "candidates": len(pairs),
+                    "candidates": n_pairs,
                     "capacity": capacity,
                     "accuracy": info.accuracy if info else None,
                     "ci_low": info.ci_low if info else None,
@@ -191,18 +281,32 @@ def build_plan(annotated: pl.DataFrame, probe_cells: pl.DataFrame | None, projec
             cfg.floor,
             cfg.cap,
         )
+    # The budget deals variant 0 of the pairs in order before any variant 1 (``synthesize.tasks_for``), so a cell
+    # uses the first min(budget, pairs) of its pairs: its tracks in order, each track's first seeds.
+    picks = []
     for r in rows:
         key = qa_key(r["discipline"], r["grade"])
         r["budget"] = budgets[key]
+        left = r["candidates"] if unbudgeted else min(r["budget"], r["candidates"])
+        for track, takes, n, capped in tracks_by_key[key]:
+            take = min(left, n)
+            left -= take
+            if take:
+                salt = synthesize.track_salt(r["discipline"], r["grade"], track) if capped else None
+                picks.append(TrackPick(key, r["discipline"], track, takes, take, salt))
+    firsts = first_seeds(seeds(), picks) if picks else {}
+    for r in rows:
+        key = qa_key(r["discipline"], r["grade"])
+        pairs = [(t[0], s) for t in tracks_by_key[key] for s in firsts.get((key, t[0]), [])]
         used = synthesize.tasks_for(
-            pairs_by_key[key],
+            pairs,
             r["discipline"],
             r["grade"],
             None if unbudgeted else r["budget"],
             syn.qa_per_seed if unbudgeted else cfg.max_qa_per_seed,
         )
-        seeds = sorted({t.seed["seed_id"] for t in used})
-        r["seed_ids"] = json.dumps(seeds)
+        seeds_used = sorted({t.seed["seed_id"] for t in used})
+        r["seed_ids"] = json.dumps(seeds_used)
         r["fingerprint"] = stable_hash(
             PLAN_RULE_VERSION,
             str(r["budget"]),

@@ -17,6 +17,7 @@ reply whose question or answer is detected in another language is rejected as ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,37 +103,38 @@ def _capped(rows: list[dict[str, Any]], cap: int | None, salt: str) -> list[dict
     return sorted(rows, key=lambda r: stable_hash(salt, r["seed_id"]))[:cap]
 
 
+def track_salt(discipline: str, grade: str, track: str) -> str:
+    """What a capped track's seeds are ordered by the hash of, with their ``seed_id`` (``_capped``)."""
+    return f"{discipline}|{grade}|{track}"
+
+
+def track_rules(
+    discipline: str, grade: str, tax: TaxonomyConfig, cfg: SynthesisConfig
+) -> list[tuple[str, Callable[[str, str], bool]]]:
+    """The tracks of partition (discipline, grade), in order, each with which of the discipline's seeds it takes
+    (a test on the seed's grade and difficulty). The one statement of the rules of the module docstring: the
+    synthesis plan counts and picks seeds with it without reading them whole (``logic/plan.py``)."""
+    category = tax.category_of(discipline)
+    any_grade = category in cfg.multi_grade_categories or cfg.non_stem_grades == "all"
+    rules: list[tuple[str, Callable[[str, str], bool]]] = [("multi_grade", lambda g, d: any_grade or g == grade)]
+    if grade in cfg.high_difficulty_grades:
+        floor = tax.difficulty_rank(cfg.high_difficulty_min_seed_difficulty)
+        rules.append(("high_difficulty", lambda g, d: tax.difficulty_rank(d) >= floor))
+    return rules
+
+
 def candidates(
     annotated: pl.DataFrame, discipline: str, grade: str, tax: TaxonomyConfig, cfg: SynthesisConfig
 ) -> list[tuple[str, dict[str, Any]]]:
-    """The (track, seed row) pairs partition (discipline, grade) may synthesize from, in a deterministic order."""
-    return cell_candidates(discipline_rows(annotated, discipline), discipline, grade, tax, cfg)
-
-
-def discipline_rows(annotated: pl.DataFrame, discipline: str) -> list[dict[str, Any]]:
-    """A discipline's annotated seeds as rows, by ``seed_id``: what ``cell_candidates`` picks from. Built once
-    per discipline, its rows are shared by every grade's pairs (a STEM discipline's seeds feed all its grades)."""
-    return annotated.filter(pl.col("discipline") == discipline).sort("seed_id").to_dicts()
-
-
-def cell_candidates(
-    rows: list[dict[str, Any]], discipline: str, grade: str, tax: TaxonomyConfig, cfg: SynthesisConfig
-) -> list[tuple[str, dict[str, Any]]]:
-    """``candidates`` over a discipline's ``discipline_rows``."""
-    category = tax.category_of(discipline)
-    salt = f"{discipline}|{grade}"
-    if category in cfg.multi_grade_categories or cfg.non_stem_grades == "all":
-        multi = rows
-    else:
-        multi = [r for r in rows if r["grade"] == grade]
-    tracks: list[tuple[str, list[dict[str, Any]]]] = [
-        ("multi_grade", _capped(multi, cfg.max_seeds_per_partition, salt + "|multi_grade"))
-    ]
-    if grade in cfg.high_difficulty_grades:
-        floor = tax.difficulty_rank(cfg.high_difficulty_min_seed_difficulty)
-        hard = [r for r in rows if tax.difficulty_rank(r["difficulty"]) >= floor]
-        tracks.append(("high_difficulty", _capped(hard, cfg.max_seeds_per_partition, salt + "|high_difficulty")))
-    return [(track, seed) for track, seeds in tracks for seed in seeds]
+    """The (track, seed row) pairs partition (discipline, grade) may synthesize from, in a deterministic order:
+    track by track, a track's seeds by ``seed_id`` (or, above ``max_seeds_per_partition``, the first of them by
+    a hash of (partition, track, seed))."""
+    rows = annotated.filter(pl.col("discipline") == discipline).sort("seed_id").to_dicts()
+    pairs = []
+    for track, takes in track_rules(discipline, grade, tax, cfg):
+        seeds = [r for r in rows if takes(r["grade"], r["difficulty"])]
+        pairs += [(track, s) for s in _capped(seeds, cfg.max_seeds_per_partition, track_salt(discipline, grade, track))]
+    return pairs
 
 
 def tasks_for(

@@ -138,13 +138,19 @@ def _probe(acc: dict[tuple[str, str], float | None]) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def _stream(df: pl.DataFrame, size: int | None = None) -> plan_logic.SeedStream:
+    """The seeds as the asset streams them: frames of ``size`` rows (whole without one), anew on each call."""
+    step = size or max(df.height, 1)
+    return lambda: (df.slice(i, step) for i in range(0, df.height, step))
+
+
 def _budget(plan: pl.DataFrame, d: str, g: str) -> int:
     return plan.filter((pl.col("discipline") == d) & (pl.col("grade") == g))["budget"].item()
 
 
 def test_without_a_probe_the_plan_uses_static_weights_and_says_so() -> None:
     project = _project()
-    plan = plan_logic.build_plan(ANNOTATED, None, project)
+    plan = plan_logic.build_plan(_stream(ANNOTATED), None, project)
     assert plan.height == 22 * 5
     assert set(plan["basis"]) == {"static"}
     assert "static weights" in plan_logic.plan_basis(plan)
@@ -161,7 +167,7 @@ def test_probe_budgets_favour_the_cells_the_target_gets_wrong() -> None:
     acc = {("physics", g): 1.0 for g in project.taxonomy.grades} | {
         ("mathematics", g): 0.0 for g in project.taxonomy.grades
     }
-    plan = plan_logic.build_plan(ANNOTATED, _probe(acc), project)
+    plan = plan_logic.build_plan(_stream(ANNOTATED), _probe(acc), project)
     cfg = project.pipeline.plan
     for g in project.taxonomy.grades:
         phys, math = _budget(plan, "physics", g), _budget(plan, "mathematics", g)
@@ -186,7 +192,7 @@ def test_probe_budgets_favour_the_cells_the_target_gets_wrong() -> None:
 def test_insufficient_probe_cells_are_not_treated_as_measured() -> None:
     project = _project()
     acc = {("physics", "high"): None, ("mathematics", "high"): 0.5}
-    plan = plan_logic.build_plan(ANNOTATED, _probe(acc), project)
+    plan = plan_logic.build_plan(_stream(ANNOTATED), _probe(acc), project)
     row = plan.filter((pl.col("discipline") == "physics") & (pl.col("grade") == "high")).row(0, named=True)
     assert row["basis"] == "probe_mean" and row["accuracy"] is None
     assert row["probe_status"] == "insufficient_samples"
@@ -195,28 +201,28 @@ def test_insufficient_probe_cells_are_not_treated_as_measured() -> None:
 def test_the_plan_is_deterministic_and_independent_of_row_order() -> None:
     project = _project()
     probe = _probe({("physics", "high"): 0.3, ("mathematics", "high"): 0.9})
-    a = plan_logic.build_plan(ANNOTATED, probe, project)
-    b = plan_logic.build_plan(ANNOTATED.sample(fraction=1.0, shuffle=True, seed=3), probe.reverse(), project)
+    a = plan_logic.build_plan(_stream(ANNOTATED), probe, project)
+    b = plan_logic.build_plan(_stream(ANNOTATED.sample(fraction=1.0, shuffle=True, seed=3)), probe.reverse(), project)
     assert a.equals(b)
 
 
 def test_unbudgeted_recipe_keeps_every_candidate_times_qa_per_seed() -> None:
     project = _project(qa_budget=None)
-    plan = plan_logic.build_plan(ANNOTATED, None, project)
+    plan = plan_logic.build_plan(_stream(ANNOTATED), None, project)
     assert set(plan["basis"]) == {"unbudgeted"}
     assert (plan["budget"] == plan["candidates"] * project.pipeline.synthesis.qa_per_seed).all()
 
 
 def test_fingerprints_change_only_where_synthesis_would_change() -> None:
     project = _project()
-    before = plan_logic.build_plan(ANNOTATED, None, project)
+    before = plan_logic.build_plan(_stream(ANNOTATED), None, project)
     stored = {qa_key(r["discipline"], r["grade"]): r["fingerprint"] for r in before.to_dicts()}
     assert plan_logic.changed_cells(before, stored) == []
     # One more history seed at middle grade (history is not multi-grade: only cells whose budget or seeds
     # move may change, and those must).
     extra = _annotated([("history", "middle", "medium")]).with_columns(pl.lit("s_new").alias("seed_id"))
     more = pl.concat([ANNOTATED, extra])
-    after = plan_logic.build_plan(more, None, project)
+    after = plan_logic.build_plan(_stream(more), None, project)
     changed = plan_logic.changed_cells(after, stored)
     changed_budget = {
         qa_key(r["discipline"], r["grade"])
@@ -229,14 +235,14 @@ def test_fingerprints_change_only_where_synthesis_would_change() -> None:
         before.filter(pl.col("discipline") == "history").filter(pl.col("grade") == "middle")["seed_ids"][0]
     )
     fewer = ANNOTATED.filter(pl.col("seed_id") != used[0])
-    changed = plan_logic.changed_cells(plan_logic.build_plan(fewer, None, project), stored)
+    changed = plan_logic.changed_cells(plan_logic.build_plan(_stream(fewer), None, project), stored)
     assert "history|middle" in changed
     assert not any(k.startswith("physics|") for k in changed)
 
 
 def test_cell_tasks_follow_the_plan_budget_round_robin() -> None:
     project = _project()
-    plan = plan_logic.build_plan(ANNOTATED, None, project)
+    plan = plan_logic.build_plan(_stream(ANNOTATED), None, project)
     cell = plan.filter((pl.col("discipline") == "mathematics") & (pl.col("grade") == "high")).row(0, named=True)
     tasks, missing = plan_logic.cell_tasks(ANNOTATED, cell, project)
     assert missing == 0 and len(tasks) == cell["budget"]
@@ -244,6 +250,40 @@ def test_cell_tasks_follow_the_plan_budget_round_robin() -> None:
     # Variant 0 of every seed before any variant 1.
     assert seeds[:3] == sorted(set(seeds))[:3] or len(set(seeds[:3])) == min(3, len(seeds))
     assert sorted(set(seeds)) == json.loads(cell["seed_ids"])
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_the_streamed_plan_names_exactly_the_seeds_synthesis_uses(trial: int) -> None:
+    # The plan counts and picks seeds from 7-row frames in any order; synthesis reads the cell's seeds whole.
+    # Every cell's tasks must fill its budget from exactly the seeds the plan names, capped tracks included.
+    rng = random.Random(trial)
+    labels = [("physics", "mathematics", "history", "law"), ("primary", "middle", "high", "graduate")]
+    rows = [(rng.choice(labels[0]), rng.choice(labels[1]), rng.choice(["easy", "medium", "hard"])) for _ in range(90)]
+    annotated = _annotated(rows).with_columns(pl.Series([f"s{rng.random():.9f}" for _ in rows]).alias("seed_id"))
+    project = _project(rng.choice([None, 7, 60, 400]), cap=rng.choice([None, 9]))
+    syn = project.pipeline.synthesis.model_copy(
+        update={"max_seeds_per_partition": rng.choice([None, 2, 5]), "non_stem_grades": rng.choice(["own", "all"])}
+    )
+    project = project.model_copy(update={"pipeline": project.pipeline.model_copy(update={"synthesis": syn})})
+    shuffled = annotated.sample(fraction=1.0, shuffle=True, seed=trial)
+    plan = plan_logic.build_plan(_stream(shuffled, 7), None, project)
+    assert plan.equals(plan_logic.build_plan(_stream(annotated), None, project))
+    for cell in plan.to_dicts():
+        tasks, missing = plan_logic.cell_tasks(annotated, cell, project)
+        assert missing == 0
+        assert len(tasks) == cell["budget"], cell
+        assert sorted({t.seed["seed_id"] for t in tasks}) == json.loads(cell["seed_ids"])
+
+
+def test_picking_a_tracks_first_seeds_holds_at_most_twice_its_take_and_a_frame() -> None:
+    rng = random.Random(5)
+    ids = [f"s{rng.random():.9f}" for _ in range(1000)]
+    firsts = plan_logic._FirstRows(take=25)
+    for i in range(0, len(ids), 10):
+        frame_ids = ids[i : i + 10]
+        firsts.add(pl.DataFrame({"seed_id": frame_ids, "_order": frame_ids}))
+        assert firsts.rows <= 2 * 25 + 10
+    assert [r["seed_id"] for r in firsts.result()] == sorted(ids)[:25]
 
 
 def test_contiguous_ranges() -> None:
