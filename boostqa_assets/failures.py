@@ -14,6 +14,7 @@ import json
 import logging
 import posixpath
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import polars as pl
@@ -114,19 +115,20 @@ def read_good_sources(
     asset: str,
     schema: pl.Schema,
     discipline: str | None = None,
-    columns: list[str] | None = None,
+    seed_ids: Collection[str] | None = None,
 ) -> pl.DataFrame:
     """Every partition of a source-partitioned ``asset`` except those of sources with a failure record: what the
     discipline x grade stages may read. A failed source's file may be missing or hold data from before the failure;
     either way it is not the source as it is now, so it is left out (and named in the log). With ``discipline``,
-    only that discipline's rows (read one part file at a time, so memory holds that discipline only); with
-    ``columns``, only those columns are read (the plan needs labels and ids, not the seeds' texts)."""
-    if columns is not None:
-        schema = pl.Schema({c: schema[c] for c in columns})
+    only that discipline's rows, and with ``seed_ids`` only those seeds (read one part file at a time, so memory
+    holds only the rows asked for)."""
+    wanted = pl.Series(sorted(seed_ids), dtype=pl.String) if seed_ids is not None else None
     frames = []
     for path in good_source_files(store, asset):
-        df = store.read_parquet(path, schema, columns=columns)
-        frames.append(df if discipline is None else df.filter(pl.col("discipline") == discipline))
+        df = store.read_parquet(path, schema)
+        if discipline is not None:
+            df = df.filter(pl.col("discipline") == discipline)
+        frames.append(df if wanted is None else df.filter(pl.col("seed_id").is_in(wanted)))
     return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
 
 

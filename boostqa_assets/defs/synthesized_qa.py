@@ -1,5 +1,6 @@
 """``synthesized_qa[discipline x grade]``: new QA pairs at the partition's grade, from annotated seeds."""
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,7 +69,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         another language is rejected as `language_mismatch` (`synthesis.check_language`); checked rows and the
         mismatch rate per language are in `language_fidelity`, kept rows per language in `rows_by_language`.
 
-        Streams one discipline at a time (only its annotated seeds in memory), tasks in pooled chunks of
+        Streams one discipline at a time (only the seeds its cells' plans name in memory), tasks in pooled chunks of
         `streaming.chunk_rows`, each partition's rows written as part files and committed at the end; a run
         killed half way resumes after its last chunk.
         """
@@ -96,13 +97,12 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
         progress = progress_logger(context.log, "synthesized_qa")
 
         def cell_tasks(
-            annotated: pl.DataFrame, discipline: str, keys: list[str]
+            annotated: pl.DataFrame, cells: dict[str, dict[str, Any]]
         ) -> Iterator[tuple[str, list[synthesize.SynthTask]]]:
             """Each cell's tasks when the chunks reach it: one cell's tasks (and its seeds' dicts) at a time."""
             nonlocal n_tasks
-            for key in keys:
-                part = {"discipline": discipline, "grade": qa_key_parts(key)[1]}
-                cell = st.read_partition("synthesis_plan", part, PLAN_SCHEMA).row(0, named=True)
+            for key, cell in cells.items():
+                part = {"discipline": cell["discipline"], "grade": cell["grade"]}
                 tasks, missing = plan_logic.cell_tasks(annotated, cell, project)
                 if missing:
                     context.log.warning(
@@ -126,12 +126,21 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                 n_tasks += len(tasks)
                 yield key, tasks[out.done :]
 
-        # One discipline at a time: only its annotated seeds are in memory; its cells' tasks are built as the
-        # chunks reach them and stream through in pooled chunks, so small cells share an LLM batch and the endpoint
-        # stays busy.
+        # One discipline at a time: only the seeds its cells' plans name are in memory (the plan holds each cell's
+        # budget to the seeds it uses); its cells' tasks are built as the chunks reach them and stream through in
+        # pooled chunks, so small cells share an LLM batch and the endpoint stays busy.
         for discipline, keys in by_discipline.items():
-            annotated = read_good_sources(st, "annotated_seeds", ANNOTATED_SCHEMA, discipline=discipline)
-            pending = cell_tasks(annotated, discipline, keys)
+            cells = {
+                key: st.read_partition(
+                    "synthesis_plan", {"discipline": discipline, "grade": qa_key_parts(key)[1]}, PLAN_SCHEMA
+                ).row(0, named=True)
+                for key in keys
+            }
+            named = {s for cell in cells.values() for s in json.loads(cell["seed_ids"])}
+            annotated = read_good_sources(
+                st, "annotated_seeds", ANNOTATED_SCHEMA, discipline=discipline, seed_ids=named
+            )
+            pending = cell_tasks(annotated, cells)
             for batch in pooled_lists(pending, chunk_rows):
                 tasks = [t for _, ts in batch for t in ts]
                 requests = synthesize.build_requests(
