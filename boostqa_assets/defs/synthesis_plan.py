@@ -23,29 +23,42 @@ from boostqa_assets.logic.heatmap import HeatmapPanel, png_markdown, render_heat
 from boostqa_assets.logic.probe import read_probe_cells
 from boostqa_assets.manifests import stream_parquet
 from boostqa_assets.partitions import Partitions, contiguous_ranges, qa_key, qa_key_parts
-from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, PlanCell, stable_hash
+from boostqa_assets.records import ANNOTATED_SCHEMA, PLAN_SCHEMA, PlanCell, frame, stable_hash
 from boostqa_assets.resources import StoreResource, project_config
 from boostqa_assets.storage import Store
 
 
-def compute_plan(st: Store, project: ProjectConfig) -> tuple[pl.DataFrame, bool]:
-    """The whole plan from what is in the store now; the flag says whether a probe table was found."""
+def plan_rows(st: Store, project: ProjectConfig) -> tuple[Iterator[dict[str, Any]], bool]:
+    """The plan's cells from what is in the store now, one at a time (``plan_logic.plan_cells``); the flag says
+    whether a probe table was found."""
     files = good_source_files(st, "annotated_seeds")
     columns = pl.Schema({c: ANNOTATED_SCHEMA[c] for c in plan_logic.SEED_COLUMNS})
     chunk_rows = project.pipeline.streaming.chunk_rows
     probe_cells = read_probe_cells(st)
-    plan = plan_logic.build_plan(lambda: stream_parquet(st, files, chunk_rows, columns), probe_cells, project)
-    return plan, probe_cells is not None
+    rows = plan_logic.plan_cells(lambda: stream_parquet(st, files, chunk_rows, columns), probe_cells, project)
+    return rows, probe_cells is not None
+
+
+def compute_plan(st: Store, project: ProjectConfig) -> pl.DataFrame:
+    """The whole plan without its cells' ``seed_ids`` (null): budgets, weights and fingerprints of every cell."""
+    rows, _ = plan_rows(st, project)
+    return frame([{k: v for k, v in r.items() if k != "seed_ids"} for r in rows], PLAN_SCHEMA)
 
 
 def stored_fingerprints(st: Store) -> dict[str, str]:
-    stored = st.read_asset("synthesis_plan", PLAN_SCHEMA)
-    return {qa_key(r["discipline"], r["grade"]): r["fingerprint"] for r in stored.to_dicts()}
+    """Each stored cell's fingerprint (its seed ids are not read)."""
+    out = {}
+    for path in st.list_partition_files("synthesis_plan"):
+        for discipline, grade, fingerprint in st.read_parquet(
+            path, columns=["discipline", "grade", "fingerprint"]
+        ).rows():
+            out[qa_key(discipline, grade)] = fingerprint
+    return out
 
 
 def pending_ranges(st: Store, project: ProjectConfig, all_keys: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """The cells whose plan changed since the stored plan, and the fewest key ranges that cover exactly them."""
-    new_plan, _ = compute_plan(st, project)
+    new_plan = compute_plan(st, project)
     changed = plan_logic.changed_cells(new_plan, stored_fingerprints(st))
     return changed, contiguous_ranges(all_keys, changed)
 
@@ -109,17 +122,19 @@ def build(parts: Partitions) -> list[Any]:
         """
         project = project_config()
         st = store.get()
-        plan, probed = compute_plan(st, project)
+        rows, probed = plan_rows(st, project)
         before = stored_fingerprints(st)
         keys = set(context.partition_keys)
-        written = []
-        for row in plan.iter_rows(named=True):
+        written, light = [], []
+        # Each cell is written as it comes and only its figures kept: the cells' seed ids are never all held.
+        for row in rows:
             key = qa_key(row["discipline"], row["grade"])
+            light.append({k: v for k, v in row.items() if k != "seed_ids"})
             if key not in keys:
                 continue
-            cell = plan.filter((pl.col("discipline") == row["discipline"]) & (pl.col("grade") == row["grade"]))
+            cell = frame([row], PLAN_SCHEMA)
             st.write_partition("synthesis_plan", {"discipline": row["discipline"], "grade": row["grade"]}, cell)
-            written.append(row)
+            written.append(light[-1])
             context.add_asset_metadata(
                 {
                     "rows": 1,
@@ -137,6 +152,7 @@ def build(parts: Partitions) -> list[Any]:
                 },
                 partition_key=key,
             )
+        plan = frame(light, PLAN_SCHEMA)
         changed = [r for r in written if before.get(qa_key(r["discipline"], r["grade"])) != r["fingerprint"]]
         basis = plan_logic.plan_basis(plan)
         recipe = project.recipes.plan_recipe(project.pipeline.plan.recipe)

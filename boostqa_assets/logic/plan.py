@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,20 +169,44 @@ class _FirstRows:
         if kept.height == self.take:
             self.bound = kept["_order"][-1]
 
-    def result(self) -> list[dict[str, Any]]:
+    def result(self) -> pl.DataFrame:
         if not self.frames:
-            return []
+            return pl.DataFrame(schema={"seed_id": pl.String, "annotate_request_hash": pl.String})
         self._prune()
-        return self.frames[0].drop("_order").to_dicts()
+        return self.frames[0].drop("_order")
 
 
-def first_seeds(frames: Iterable[pl.DataFrame], picks: list[TrackPick]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Each pick's seeds (``seed_id``, ``annotate_request_hash``), by (cell key, track), in one streamed pass."""
+# The pick pass works on frames of this many seeds (the files' own batches joined): each frame costs a few
+# polars calls per pick, so the stream's small batches (a part file each) made the pass 3x slower.
+PICK_FRAME_ROWS = 65_536
+
+
+def _rebatched(frames: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
+    held: list[pl.DataFrame] = []
+    n = 0
+    for df in frames:
+        held.append(df)
+        n += df.height
+        if n >= rows:
+            yield pl.concat(held)
+            held, n = [], 0
+    if held:
+        yield pl.concat(held)
+
+
+# A pick pass holds at most this many picked seeds (twice that while pruning, ~100 B each): past it, the next
+# cells are picked in another pass over the seeds. A 10^8-QA plan then takes ~100 passes, and no more memory.
+PICKS_PER_PASS = 1_000_000
+
+
+def first_seeds(frames: Iterable[pl.DataFrame], picks: list[TrackPick]) -> dict[tuple[str, str], pl.DataFrame]:
+    """Each pick's seeds (``seed_id``, ``annotate_request_hash``, in order), by (cell key, track), in one streamed
+    pass."""
     firsts = {(p.key, p.track): _FirstRows(p.take) for p in picks}
     by_discipline: dict[str, list[TrackPick]] = {}
     for p in picks:
         by_discipline.setdefault(p.discipline, []).append(p)
-    for df in frames:
+    for df in _rebatched(frames, PICK_FRAME_ROWS):
         for discipline, own in by_discipline.items():
             part = df.filter(pl.col("discipline") == discipline)
             if part.is_empty():
@@ -202,8 +226,10 @@ def first_seeds(frames: Iterable[pl.DataFrame], picks: list[TrackPick]) -> dict[
     return {k: f.result() for k, f in firsts.items()}
 
 
-def build_plan(seeds: SeedStream, probe_cells: pl.DataFrame | None, project: ProjectConfig) -> pl.DataFrame:
-    """One row per discipline x grade cell (all of them, in partition-key order): budget, why, and from what."""
+def plan_cells(seeds: SeedStream, probe_cells: pl.DataFrame | None, project: ProjectConfig) -> Iterator[dict[str, Any]]:
+    """One row per discipline x grade cell (all of them, in partition-key order): budget, why, and from what.
+    The rows come a pass at a time: a row's ``seed_ids`` (one per seed its budget uses) need not be held once the
+    caller has written it, so a 10^8-QA plan never holds all of them."""
     tax = project.taxonomy
     syn = project.pipeline.synthesis
     cfg = project.pipeline.plan
@@ -283,38 +309,50 @@ def build_plan(seeds: SeedStream, probe_cells: pl.DataFrame | None, project: Pro
         )
     # The budget deals variant 0 of the pairs in order before any variant 1 (``synthesize.tasks_for``), so a cell
     # uses the first min(budget, pairs) of its pairs: its tracks in order, each track's first seeds.
-    picks = []
+    passes: list[tuple[list[dict[str, Any]], list[TrackPick]]] = [([], [])]
     for r in rows:
         key = qa_key(r["discipline"], r["grade"])
         r["budget"] = budgets[key]
         left = r["candidates"] if unbudgeted else min(r["budget"], r["candidates"])
+        cell_picks = []
         for track, takes, n, capped in tracks_by_key[key]:
             take = min(left, n)
             left -= take
             if take:
                 salt = synthesize.track_salt(r["discipline"], r["grade"], track) if capped else None
-                picks.append(TrackPick(key, r["discipline"], track, takes, take, salt))
-    firsts = first_seeds(seeds(), picks) if picks else {}
-    for r in rows:
-        key = qa_key(r["discipline"], r["grade"])
-        pairs = [(t[0], s) for t in tracks_by_key[key] for s in firsts.get((key, t[0]), [])]
-        used = synthesize.tasks_for(
-            pairs,
-            r["discipline"],
-            r["grade"],
-            None if unbudgeted else r["budget"],
-            syn.qa_per_seed if unbudgeted else cfg.max_qa_per_seed,
-        )
-        seeds_used = sorted({t.seed["seed_id"] for t in used})
-        r["seed_ids"] = json.dumps(seeds_used)
-        r["fingerprint"] = stable_hash(
-            PLAN_RULE_VERSION,
-            str(r["budget"]),
-            json.dumps(
-                [[t.track, t.variant, t.seed["seed_id"], t.seed.get("annotate_request_hash") or ""] for t in used]
-            ),
-        )
-    return frame(rows, PLAN_SCHEMA)
+                cell_picks.append(TrackPick(key, r["discipline"], track, takes, take, salt))
+        held = sum(p.take for p in passes[-1][1])
+        if held and held + sum(p.take for p in cell_picks) > PICKS_PER_PASS:
+            passes.append(([], []))
+        passes[-1][0].append(r)
+        passes[-1][1].extend(cell_picks)
+    for cells, picks in passes:
+        firsts = first_seeds(seeds(), picks) if picks else {}
+        for r in cells:  # one cell's seeds as dicts at a time
+            key = qa_key(r["discipline"], r["grade"])
+            pairs = [
+                (t[0], s)
+                for t in tracks_by_key[key]
+                if (key, t[0]) in firsts
+                for s in firsts.pop((key, t[0])).to_dicts()
+            ]
+            used = synthesize.task_order(
+                pairs, None if unbudgeted else r["budget"], syn.qa_per_seed if unbudgeted else cfg.max_qa_per_seed
+            )
+            r["seed_ids"] = json.dumps(sorted({seed["seed_id"] for _, seed, _ in used}))
+            r["fingerprint"] = stable_hash(
+                PLAN_RULE_VERSION,
+                str(r["budget"]),
+                json.dumps(
+                    [[track, v, seed["seed_id"], seed.get("annotate_request_hash") or ""] for track, seed, v in used]
+                ),
+            )
+            yield r
+
+
+def build_plan(seeds: SeedStream, probe_cells: pl.DataFrame | None, project: ProjectConfig) -> pl.DataFrame:
+    """The whole plan as one frame (``plan_cells``): for tests and small runs; it holds every cell's seed ids."""
+    return frame(list(plan_cells(seeds, probe_cells, project)), PLAN_SCHEMA)
 
 
 def cell_tasks(

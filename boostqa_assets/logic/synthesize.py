@@ -137,18 +137,24 @@ def candidates(
     return pairs
 
 
+def task_order(
+    pairs: list[tuple[str, dict[str, Any]]], budget: int | None, qa_per_seed: int
+) -> list[tuple[str, dict[str, Any], int]]:
+    """The (track, seed, variant) of each task over candidate pairs, in order. ``budget`` None: ``qa_per_seed``
+    variants of every pair. Otherwise exactly ``budget`` tasks (at most what the pairs hold at ``qa_per_seed``
+    variants each), dealt round-robin: variant 0 of every pair, then variant 1, ... so a budget spreads over seeds
+    before repeating one."""
+    if budget is None:
+        return [(track, seed, v) for track, seed in pairs for v in range(qa_per_seed)]
+    return [(track, seed, v) for v in range(qa_per_seed) for track, seed in pairs][:budget]
+
+
 def tasks_for(
     pairs: list[tuple[str, dict[str, Any]]], discipline: str, grade: str, budget: int | None, qa_per_seed: int
 ) -> list[SynthTask]:
-    """Synthesis tasks over candidate pairs. ``budget`` None: ``qa_per_seed`` variants of every pair. Otherwise
-    exactly ``budget`` tasks (at most what the pairs hold at ``qa_per_seed`` variants each), dealt round-robin:
-    variant 0 of every pair, then variant 1, ... so a budget spreads over seeds before repeating one."""
-    if budget is None:
-        order = [(track, seed, v) for track, seed in pairs for v in range(qa_per_seed)]
-    else:
-        order = [(track, seed, v) for v in range(qa_per_seed) for track, seed in pairs][:budget]
+    """Synthesis tasks over candidate pairs, in ``task_order``."""
     tasks = []
-    for track, seed, variant in order:
+    for track, seed, variant in task_order(pairs, budget, qa_per_seed):
         qa_id = "q_" + stable_hash(seed["seed_id"], discipline, grade, track, str(variant))
         tasks.append(SynthTask(qa_id, track, discipline, grade, variant, seed))
     return tasks

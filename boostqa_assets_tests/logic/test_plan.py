@@ -253,7 +253,7 @@ def test_cell_tasks_follow_the_plan_budget_round_robin() -> None:
 
 
 @pytest.mark.parametrize("trial", range(12))
-def test_the_streamed_plan_names_exactly_the_seeds_synthesis_uses(trial: int) -> None:
+def test_the_streamed_plan_names_exactly_the_seeds_synthesis_uses(trial: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # The plan counts and picks seeds from 7-row frames in any order; synthesis reads the cell's seeds whole.
     # Every cell's tasks must fill its budget from exactly the seeds the plan names, capped tracks included.
     rng = random.Random(trial)
@@ -266,8 +266,14 @@ def test_the_streamed_plan_names_exactly_the_seeds_synthesis_uses(trial: int) ->
     )
     project = project.model_copy(update={"pipeline": project.pipeline.model_copy(update={"synthesis": syn})})
     shuffled = annotated.sample(fraction=1.0, shuffle=True, seed=trial)
-    plan = plan_logic.build_plan(_stream(shuffled, 7), None, project)
-    assert plan.equals(plan_logic.build_plan(_stream(annotated), None, project))
+    whole = plan_logic.build_plan(_stream(annotated), None, project)
+    # With room for 10 picked seeds per pass, the cells are picked over several passes: the same plan.
+    monkeypatch.setattr(plan_logic, "PICKS_PER_PASS", 10)
+    calls = []
+    stream = _stream(shuffled, 7)
+    plan = plan_logic.build_plan(lambda: calls.append(1) or stream(), None, project)
+    assert plan.equals(whole)
+    assert len(calls) - 1 >= whole["seed_ids"].str.json_decode().list.len().sum() / 2 / 10
     for cell in plan.to_dicts():
         tasks, missing = plan_logic.cell_tasks(annotated, cell, project)
         assert missing == 0
@@ -283,7 +289,7 @@ def test_picking_a_tracks_first_seeds_holds_at_most_twice_its_take_and_a_frame()
         frame_ids = ids[i : i + 10]
         firsts.add(pl.DataFrame({"seed_id": frame_ids, "_order": frame_ids}))
         assert firsts.rows <= 2 * 25 + 10
-    assert [r["seed_id"] for r in firsts.result()] == sorted(ids)[:25]
+    assert firsts.result()["seed_id"].to_list() == sorted(ids)[:25]
 
 
 def test_contiguous_ranges() -> None:
