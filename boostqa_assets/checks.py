@@ -42,7 +42,7 @@ def schema_matches(df: pl.DataFrame, schema: pl.Schema) -> CheckOutcome:
     )
 
 
-def no_nulls(df: pl.DataFrame, columns: list[str], non_empty_strings: bool = True) -> CheckOutcome:
+def _null_counts(df: pl.DataFrame, columns: list[str], non_empty_strings: bool = True) -> dict[str, int]:
     bad: dict[str, int] = {}
     for c in columns:
         expr = pl.col(c).is_null()
@@ -51,16 +51,31 @@ def no_nulls(df: pl.DataFrame, columns: list[str], non_empty_strings: bool = Tru
         n = int(df.select(expr.sum()).item()) if df.height else 0
         if n:
             bad[c] = n
-    return CheckOutcome(not bad, {"rows": df.height, "null_or_empty": str(bad) if bad else "none"})
+    return bad
+
+
+def _nulls_outcome(rows: int, bad: dict[str, int]) -> CheckOutcome:
+    return CheckOutcome(not bad, {"rows": rows, "null_or_empty": str(bad) if bad else "none"})
+
+
+def no_nulls(df: pl.DataFrame, columns: list[str], non_empty_strings: bool = True) -> CheckOutcome:
+    return _nulls_outcome(df.height, _null_counts(df, columns, non_empty_strings))
+
+
+def _outside(df: pl.DataFrame, allowed: dict[str, list[str]]) -> dict[str, set[Any]]:
+    return {
+        c: set(df.filter(~pl.col(c).is_in(values))[c].unique().to_list()) if df.height else set()
+        for c, values in allowed.items()
+    }
+
+
+def _values_outcome(outside: dict[str, set[Any]]) -> CheckOutcome:
+    bad = {c: sorted(str(v) for v in values)[:10] for c, values in outside.items() if values}
+    return CheckOutcome(not bad, {"values_outside_taxonomy": str(bad) if bad else "none"})
 
 
 def values_in(df: pl.DataFrame, allowed: dict[str, list[str]]) -> CheckOutcome:
-    bad: dict[str, list[str]] = {}
-    for c, values in allowed.items():
-        outside = df.filter(~pl.col(c).is_in(values))[c].unique().to_list() if df.height else []
-        if outside:
-            bad[c] = sorted(str(v) for v in outside)[:10]
-    return CheckOutcome(not bad, {"values_outside_taxonomy": str(bad) if bad else "none"})
+    return _values_outcome(_outside(df, allowed))
 
 
 def unique(df: pl.DataFrame, column: str) -> CheckOutcome:
@@ -72,8 +87,12 @@ def non_empty(df: pl.DataFrame) -> CheckOutcome:
     return CheckOutcome(df.height > 0, {"rows": df.height})
 
 
+def _other_rows(df: pl.DataFrame, column: str, value: str) -> int:
+    return df.filter(pl.col(column) != value).height if df.height else 0
+
+
 def column_equals(df: pl.DataFrame, column: str, value: str) -> CheckOutcome:
-    bad = df.filter(pl.col(column) != value).height if df.height else 0
+    bad = _other_rows(df, column, value)
     return CheckOutcome(bad == 0, {f"rows_with_other_{column}": bad})
 
 
@@ -110,6 +129,75 @@ def table_checks(
     for column, value in (equals or {}).items():
         parts.append(column_equals(df, column, value))
     return CheckOutcome.all_of(*parts)
+
+
+class PartTableChecks:
+    """``table_checks`` over a partition fed one part file at a time (``add``): the same rules and the same numbers,
+    holding only a part and the ``unique_on`` column (a 10^6-row cell with its reasoning traces is gigabytes)."""
+
+    def __init__(
+        self,
+        schema: pl.Schema,
+        *,
+        not_null: list[str],
+        unique_on: str | None = None,
+        allowed: dict[str, list[str]] | None = None,
+        equals: dict[str, str] | None = None,
+        require_rows: bool = False,
+    ) -> None:
+        self.schema, self.not_null, self.unique_on = schema, not_null, unique_on
+        self.allowed, self.equals, self.require_rows = allowed or {}, equals or {}, require_rows
+        self.mismatch: CheckOutcome | None = None  # the first part whose schema is wrong: nothing else counts
+        self.schema_meta: dict[str, Any] | None = None
+        self.rows = 0
+        self.nulls: dict[str, int] = {}
+        self.outside: dict[str, set[Any]] = {c: set() for c in self.allowed}
+        self.other = dict.fromkeys(self.equals, 0)
+        self.keys: list[pl.Series] = []
+
+    def add(self, df: pl.DataFrame) -> None:
+        if self.mismatch is not None:
+            return
+        schema = schema_matches(df, self.schema)
+        if not schema.passed:
+            self.mismatch = schema
+            return
+        self.schema_meta = schema.metadata
+        self.rows += df.height
+        for c, n in _null_counts(df, self.not_null).items():
+            self.nulls[c] = self.nulls.get(c, 0) + n
+        for c, values in _outside(df, self.allowed).items():
+            self.outside[c] |= values
+        for c, value in self.equals.items():
+            self.other[c] += _other_rows(df, c, value)
+        if self.unique_on:
+            self.keys.append(df[self.unique_on])
+
+    def outcome(self) -> CheckOutcome:
+        if self.mismatch is not None:
+            return self.mismatch
+        if self.schema_meta is None:  # no part file: what table_checks says of an empty read
+            return table_checks(
+                pl.DataFrame(),
+                self.schema,
+                not_null=self.not_null,
+                unique_on=self.unique_on,
+                allowed=self.allowed,
+                equals=self.equals,
+                require_rows=self.require_rows,
+            )
+        nulls = {c: self.nulls[c] for c in self.not_null if c in self.nulls}
+        parts = [CheckOutcome(True, self.schema_meta), _nulls_outcome(self.rows, nulls)]
+        if self.require_rows:
+            parts.append(CheckOutcome(self.rows > 0, {"rows": self.rows}))
+        if self.unique_on:
+            dupes = self.rows - pl.concat(self.keys).n_unique() if self.rows else 0
+            parts.append(CheckOutcome(dupes == 0, {f"duplicate_{self.unique_on}": dupes}))
+        if self.allowed:
+            parts.append(_values_outcome(self.outside))
+        for c, n in self.other.items():
+            parts.append(CheckOutcome(n == 0, {f"rows_with_other_{c}": n}))
+        return CheckOutcome.all_of(*parts)
 
 
 # Reject reasons that mean "never answered": the request failed all its retries on the wire, the run stopped

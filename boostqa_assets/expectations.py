@@ -365,20 +365,36 @@ def _build_suite(asset: str, taxonomy_json: str) -> Any:
     return spec, gx.ExpectationSuite(name=f"{asset}_suite", expectations=exps)
 
 
+def length_columns(asset: str, taxonomy: TaxonomyConfig) -> tuple[str, ...]:
+    """The text columns whose length distribution ``asset``'s suite reports (``text_lengths`` of them)."""
+    return _build_suite(asset, taxonomy.model_dump_json())[0].length_stats
+
+
+def text_lengths(df: pl.DataFrame, columns: tuple[str, ...] | list[str]) -> pl.DataFrame:
+    """The character length of each row's text in ``columns`` (those present as text): what ``length_stats`` reads,
+    small enough to keep for every row of a partition read a part at a time."""
+    present = [c for c in columns if c in df.columns and df.schema[c] == pl.Utf8]
+    return df.select(pl.col(c).str.len_chars() for c in present)
+
+
 def length_stats(df: pl.DataFrame, columns: tuple[str, ...] | list[str]) -> dict[str, float | int]:
     """Mean, median, p95 and max character length of each text column (nulls ignored)."""
+    return lengths_summary(text_lengths(df, columns))
+
+
+def lengths_summary(lengths: pl.DataFrame) -> dict[str, float | int]:
+    """``length_stats`` from ``text_lengths``."""
     out: dict[str, float | int] = {}
-    present = [c for c in columns if c in df.columns and df.schema[c] == pl.Utf8]
-    if not df.height or not present:
+    if not lengths.height or not lengths.width:
         return out
-    row = df.select(
+    row = lengths.select(
         expr
-        for c in present
+        for c in lengths.columns
         for expr in (
-            pl.col(c).str.len_chars().mean().alias(f"{c}_len_mean"),
-            pl.col(c).str.len_chars().median().alias(f"{c}_len_p50"),
-            pl.col(c).str.len_chars().quantile(0.95, "nearest").alias(f"{c}_len_p95"),
-            pl.col(c).str.len_chars().max().alias(f"{c}_len_max"),
+            pl.col(c).mean().alias(f"{c}_len_mean"),
+            pl.col(c).median().alias(f"{c}_len_p50"),
+            pl.col(c).quantile(0.95, "nearest").alias(f"{c}_len_p95"),
+            pl.col(c).max().alias(f"{c}_len_max"),
         )
     ).row(0, named=True)
     for k, v in row.items():
@@ -439,17 +455,27 @@ def run_deferred(state: _Deferred) -> CheckOutcome:
     return outcome
 
 
-def validate(asset: str, df: pl.DataFrame, taxonomy: TaxonomyConfig) -> CheckOutcome:
+def validate(
+    asset: str,
+    df: pl.DataFrame,
+    taxonomy: TaxonomyConfig,
+    *,
+    rows: int | None = None,
+    lengths: pl.DataFrame | None = None,
+) -> CheckOutcome:
     """Run ``asset``'s expectation suite on one partition's frame.
 
-    An empty frame passes with ``rows: 0`` (whether a partition may be empty is the rules' call).
+    An empty frame passes with ``rows: 0`` (whether a partition may be empty is the rules' call). With ``rows``
+    and ``lengths``, ``df`` is already the partition's even sample, ``rows`` its row count and ``lengths`` its
+    ``text_lengths`` (``partition_checks.py`` reads a partition a part file at a time).
     """
+    height = df.height if rows is None else rows
     state = _deferred.get()
     if state is not None and state.asset == asset:
         state.frames.append(spread_sample(df, state.per_partition_rows))
-        return CheckOutcome(True, {"rows": df.height, "gx": "run once for the whole run (see the run's check)"})
+        return CheckOutcome(True, {"rows": height, "gx": "run once for the whole run (see the run's check)"})
     spec, suite = _build_suite(asset, taxonomy.model_dump_json())
-    meta: dict[str, Any] = {"rows": df.height}
+    meta: dict[str, Any] = {"rows": height}
     if df.is_empty():
         meta.update({"gx_evaluated_expectations": 0, "gx_failed_expectations": 0, "gx_failed": "-"})
         return CheckOutcome(True, meta)
@@ -495,5 +521,5 @@ def validate(asset: str, df: pl.DataFrame, taxonomy: TaxonomyConfig) -> CheckOut
             "gx_seconds": round(time.perf_counter() - started, 3),
         }
     )
-    meta.update(length_stats(df, spec.length_stats))
+    meta.update(length_stats(df, spec.length_stats) if lengths is None else lengths_summary(lengths))
     return CheckOutcome(bool(result.success) and not failed, meta)

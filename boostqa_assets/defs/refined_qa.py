@@ -6,7 +6,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from boostqa_assets import checks, expectations
+from boostqa_assets import checks, partition_checks
 from boostqa_assets.defs.metadata import LLMTally, column_schema, log_run_llm, row_figures, table_preview
 from boostqa_assets.defs.support import (
     asset_ui,
@@ -187,22 +187,29 @@ def _interleave(pending: list[tuple[str, Iterator[pl.DataFrame]]]) -> Iterator[t
 def evaluate_partition(st: Store, key: str, reject_flags: list[str]) -> checks.CheckOutcome:
     """The `refined_qa_valid` rules and expectation suite for one partition (a store and a key in, numbers out)."""
     discipline, grade = qa_key_parts(key)
-    df = st.read_partition("refined_qa", {"discipline": discipline, "grade": grade})
-    outcome = checks.table_checks(
-        df,
+    rules = checks.PartTableChecks(
         REFINED_SCHEMA,
         unique_on="qa_id",
         equals={"discipline": discipline, "grade": grade},
         not_null=["qa_id", "seed_id", "question", "refined_answer", "refine_request_hash"],
         allowed={"status": ["kept"]},
     )
-    if outcome.passed and df.height:
-        flagged = df.filter(pl.col("flags").list.eval(pl.element().is_in(reject_flags)).list.any()).height
+    flagged = 0
+
+    def count_flagged(df: pl.DataFrame) -> None:
+        nonlocal flagged
+        flagged += df.filter(pl.col("flags").list.eval(pl.element().is_in(reject_flags)).list.any()).height
+
+    # A part file at a time: a cell of a 10^8-row run is ~10^6 rows.
+    part = partition_checks.scan(
+        st, "refined_qa", {"discipline": discipline, "grade": grade}, rules, project_config().taxonomy, count_flagged
+    )
+    outcome = part.rules
+    if outcome.passed and rules.rows:
         outcome.metadata["kept_rows_with_reject_flags"] = flagged
         outcome.passed = flagged == 0
     sent = checks.all_sent(checks.read_stage_rejects(st, "refined_qa", key))
-    suite = expectations.validate("refined_qa", df, project_config().taxonomy)
-    return checks.CheckOutcome.all_of(outcome, sent, suite)
+    return checks.CheckOutcome.all_of(outcome, sent, part.suite)
 
 
 def failing_partitions(st: Store, reject_flags: list[str]) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from boostqa_assets import checks, expectations
+from boostqa_assets import checks, partition_checks
 from boostqa_assets.defs.metadata import LLMTally, column_schema, log_run_llm, row_figures, table_preview
 from boostqa_assets.defs.support import (
     asset_ui,
@@ -234,9 +234,7 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
 
         def evaluate(key: str) -> checks.CheckOutcome:
             discipline, grade = qa_key_parts(key)
-            df = st.read_partition("synthesized_qa", {"discipline": discipline, "grade": grade})
-            rules = checks.table_checks(
-                df,
+            rules = checks.PartTableChecks(
                 SYNTHESIZED_SCHEMA,
                 unique_on="qa_id",
                 equals={"discipline": discipline, "grade": grade},
@@ -247,8 +245,10 @@ def build(parts: Partitions) -> list[dg.AssetsDefinition | dg.AssetChecksDefinit
                     "seed_grade": tax.grades,
                 },
             )
+            # A part file at a time: a cell of a 10^8-row run is ~10^6 rows with their reasoning traces.
+            part = partition_checks.scan(st, "synthesized_qa", {"discipline": discipline, "grade": grade}, rules, tax)
             sent = checks.all_sent(checks.read_stage_rejects(st, "synthesized_qa", key))
-            return checks.CheckOutcome.all_of(rules, sent, expectations.validate("synthesized_qa", df, tax))
+            return checks.CheckOutcome.all_of(part.rules, sent, part.suite)
 
         yield from report_partition_checks(context, "synthesized_qa", "synthesized_qa_valid", evaluate)
 
