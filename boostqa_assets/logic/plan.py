@@ -17,6 +17,10 @@ The rule (``pipeline.yaml`` ``plan``, the recipe named there or the first one):
    integers by largest remainder, ties broken by partition key. The same inputs give the same plan.
 5. No ``qa_budget``: every candidate pair gets ``synthesis.qa_per_seed`` variants (``basis: unbudgeted``).
 
+The seeds are streamed, never held (``SeedStream``): one pass counts them per (discipline, grade, difficulty),
+which sizes every cell; pick passes of at most ``PICKS_PER_PASS`` seeds then keep each budgeted track's first
+seeds, and the cells come out one at a time (``plan_cells``).
+
 Each cell's ``fingerprint`` hashes what ``synthesized_qa`` will do there (budget, seeds and their
 annotations, rule version): a cell whose fingerprint did not change needs no new synthesis.
 """
