@@ -145,6 +145,13 @@ class PartTableChecks:
         equals: dict[str, str] | None = None,
         require_rows: bool = False,
     ) -> None:
+        self.rules: dict[str, Any] = {
+            "not_null": not_null,
+            "unique_on": unique_on,
+            "allowed": allowed,
+            "equals": equals,
+            "require_rows": require_rows,
+        }
         self.schema, self.not_null, self.unique_on = schema, not_null, unique_on
         self.allowed, self.equals, self.require_rows = allowed or {}, equals or {}, require_rows
         self.mismatch: CheckOutcome | None = None  # the first part whose schema is wrong: nothing else counts
@@ -177,15 +184,7 @@ class PartTableChecks:
         if self.mismatch is not None:
             return self.mismatch
         if self.schema_meta is None:  # no part file: what table_checks says of an empty read
-            return table_checks(
-                pl.DataFrame(),
-                self.schema,
-                not_null=self.not_null,
-                unique_on=self.unique_on,
-                allowed=self.allowed,
-                equals=self.equals,
-                require_rows=self.require_rows,
-            )
+            return table_checks(pl.DataFrame(), self.schema, **self.rules)
         nulls = {c: self.nulls[c] for c in self.not_null if c in self.nulls}
         parts = [CheckOutcome(True, self.schema_meta), _nulls_outcome(self.rows, nulls)]
         if self.require_rows:
